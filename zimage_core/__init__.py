@@ -1,0 +1,50 @@
+"""Z-Image-Turbo (S3-DiT, Qwen3-4B text encoder, FLUX VAE) in plain PyTorch, free of ComfyUI.
+
+Public names are imported lazily so `import zimage_core` stays cheap and each part loads
+only when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CheckpointError": "errors",
+    "SamplingError": "errors",
+    "open_checkpoint": "safetensors_io",
+    # transformer
+    "ZImageTransformer": "transformer",
+    "TransformerConfig": "transformer",
+    "load_transformer": "transformer_loading",
+    # schedule and samplers
+    "flow_sigmas": "schedule",
+    "img2img_sigmas": "schedule",
+    "make_noise": "sampling",
+    "sample_text_to_image": "sampling",
+    "sample_img2img": "sampling",
+    # text encoder
+    "load_text_encoder": "text_encoder",
+    "ZImageTextEncoder": "text_encoder",
+    "load_tokenizer": "tokenizer",
+    # VAE
+    "load_vae": "vae",
+    "FluxVAE": "vae",
+    "LATENT_SCALE": "vae",
+    "LATENT_SHIFT": "vae",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'zimage_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
