@@ -13,10 +13,12 @@ import pathlib
 
 GUARD = '''
 def _zimage_guarded_register_fake(name):  # patched by ComfyUI-ZImage scripts/setup.sh
-    try:
-        return torch.library.register_fake(name)
-    except Exception:
-        return lambda fn: fn
+    def decorate(fn):
+        try:
+            return torch.library.register_fake(name)(fn)
+        except RuntimeError:  # the op is missing on CPU torch
+            return fn
+    return decorate
 '''
 
 
