@@ -1,0 +1,31 @@
+"""ComfyUI nodes of ComfyUI-ZImage. Thin: types and ComfyUI services here, model code in zimage_core."""
+
+from .conditioning import ZImageTextEncode
+from .latent import ZImageEmptyLatent
+from .loaders import ZImageModelLoader, ZImageTextEncoderLoader, ZImageVAELoader
+from .sampling import ZImageImg2ImgSampler, ZImageTurboSampler
+from .vae import ZImageVAEDecode, ZImageVAEEncode
+
+NODE_CLASS_MAPPINGS = {
+    "ZImageModelLoader": ZImageModelLoader,
+    "ZImageTextEncoderLoader": ZImageTextEncoderLoader,
+    "ZImageVAELoader": ZImageVAELoader,
+    "ZImageTextEncode": ZImageTextEncode,
+    "ZImageEmptyLatent": ZImageEmptyLatent,
+    "ZImageTurboSampler": ZImageTurboSampler,
+    "ZImageImg2ImgSampler": ZImageImg2ImgSampler,
+    "ZImageVAEEncode": ZImageVAEEncode,
+    "ZImageVAEDecode": ZImageVAEDecode,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "ZImageModelLoader": "Z-Image Model Loader",
+    "ZImageTextEncoderLoader": "Z-Image Text Encoder Loader (Qwen3-4B)",
+    "ZImageVAELoader": "Z-Image VAE Loader",
+    "ZImageTextEncode": "Z-Image Text Encode",
+    "ZImageEmptyLatent": "Z-Image Empty Latent",
+    "ZImageTurboSampler": "Z-Image Turbo Sampler",
+    "ZImageImg2ImgSampler": "Z-Image Img2Img Sampler",
+    "ZImageVAEEncode": "Z-Image VAE Encode",
+    "ZImageVAEDecode": "Z-Image VAE Decode",
+}

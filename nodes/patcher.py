@@ -1,0 +1,231 @@
+"""ComfyUI model-management glue: the objects our loaders return (ZIMAGE_MODEL / _TEXT_ENCODER / _VAE).
+
+Each wraps a zimage_core module in `comfy.model_patcher.ModelPatcher` with ComfyUI's load and offload
+devices, so `comfy.model_management.load_models_gpu` decides what stays on the GPU: loading the DiT
+evicts the text encoder when room is short, `--lowvram` streams the DiT's `comfy.ops` layers, and a
+second run re-uses what is already loaded. No model math lives here: only dtype/device choices,
+memory estimates and calls into zimage_core.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.ops
+import torch
+
+from ..zimage_core import vae as core_vae
+from ..zimage_core.errors import CheckpointError
+
+log = logging.getLogger("ComfyUI-ZImage")
+
+# Z-Image is trained in bf16; fp16 activations overflow (black images), so compute runs in bf16 where
+# the device has it and in fp32 otherwise, whatever the storage dtype.
+COMPUTE_DTYPES = [torch.bfloat16, torch.float32]
+WEIGHT_DTYPES = {
+    "default": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp8_e4m3fn": torch.float8_e4m3fn,
+}
+
+
+def _compute_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
+
+
+def _move_loose_params(patcher: comfy.model_patcher.ModelPatcher, device_to, *_args) -> None:
+    """ModelPatcher moves only leaf modules' weights in --lowvram mode; parameters registered directly on
+    a container module (the DiT's pad tokens) would stay behind. They are tiny: move them along."""
+    for module in patcher.model.modules():
+        children = list(module.children())
+        if not children:
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if device_to is not None and param.device != torch.device(device_to):
+                setattr(module, name, torch.nn.Parameter(param.to(device_to), requires_grad=False))
+
+
+def _wrap(module: torch.nn.Module, load_device, offload_device) -> comfy.model_patcher.ModelPatcher:
+    patcher = comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
+    patcher.add_callback(comfy.model_patcher.CallbacksMP.ON_LOAD, _move_loose_params)
+    return patcher
+
+
+def _cast_loose_params(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Parameters outside `comfy.ops` layers (pad tokens, plain norms) are not cast per call, so they must
+    already be in the compute dtype when the weights are stored as fp8/fp16."""
+    for module in model.modules():
+        if hasattr(module, "comfy_cast_weights"):
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if param.dtype != dtype and param.is_floating_point():
+                setattr(module, name, torch.nn.Parameter(param.to(dtype), requires_grad=False))
+
+
+def _reraise_as_checkpoint_error(path: str, what: str, error: Exception, fix: str) -> CheckpointError:
+    # zimage_core raises CheckpointError for files it recognises as wrong; anything else from deep
+    # inside loading still becomes one clear message naming the file.
+    return CheckpointError(path, what, f"a file that could not be loaded ({type(error).__name__}: {error})", fix)
+
+
+@dataclass
+class ZImageModel:
+    """ZIMAGE_MODEL: the S3-DiT in a ModelPatcher plus the dtype it computes in."""
+
+    patcher: comfy.model_patcher.ModelPatcher
+    compute_dtype: torch.dtype
+    path: str
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.patcher.model
+
+    def memory_estimate(self, latent_shape: tuple[int, ...], caption_tokens: int, passes: int = 1) -> int:
+        """Bytes of activations one denoiser call needs at this size (weights are counted by ComfyUI).
+
+        Per token the widest live tensors in a block are the SwiGLU hidden (2 × ffn) and q/k/v/out
+        (4 × dim); attention itself runs through SDPA without materialising the score matrix.
+        """
+        cfg = getattr(self.module, "config", None)
+        dim = getattr(cfg, "dim", 3840)
+        ffn = getattr(cfg, "ffn_hidden", int(dim / 3 * 8))
+        b, _, h, w = latent_shape
+        image_tokens = math.ceil((h // 2) * (w // 2) / 32) * 32
+        tokens = image_tokens + math.ceil(caption_tokens / 32) * 32
+        per_token = (4 * dim + 3 * ffn) * mm.dtype_size(self.compute_dtype)
+        return int(b * passes * tokens * per_token * 1.5) + 64 * 1024 * 1024
+
+    def load(self, latent_shape: tuple[int, ...], caption_tokens: int, passes: int = 1) -> None:
+        mm.load_models_gpu([self.patcher], memory_required=self.memory_estimate(latent_shape, caption_tokens, passes))
+
+    def denoiser(self):
+        """A zimage_core Denoiser running on ComfyUI's load device in the compute dtype; the sampler
+        state stays float32 (as in ComfyUI) and only the network sees the compute dtype."""
+        device = self.patcher.load_device
+        dtype = self.compute_dtype
+        module = self.module
+
+        def call(x: torch.Tensor, sigma: torch.Tensor, cap_feats: list[torch.Tensor]) -> torch.Tensor:
+            out = module(x.to(device, dtype), sigma.to(device, torch.float32),
+                         [c.to(device, dtype) for c in cap_feats])
+            return out.to(x.dtype)
+
+        return call
+
+
+def load_zimage_model(path: str, weight_dtype: str) -> ZImageModel:
+    from ..zimage_core.transformer_loading import load_transformer
+
+    load_device = mm.get_torch_device()
+    offload_device = mm.unet_offload_device()
+    compute = _compute_dtype(load_device)
+    storage = WEIGHT_DTYPES[weight_dtype]
+    if storage is None:
+        # "default": what ComfyUI picks for this device (respects --bf16-unet, --fp8_e4m3fn-unet ...).
+        storage = mm.unet_dtype(load_device, supported_dtypes=COMPUTE_DTYPES)
+    if storage in COMPUTE_DTYPES:
+        compute = storage
+    ops = comfy.ops.disable_weight_init if storage == compute else comfy.ops.manual_cast
+    try:
+        model = load_transformer(path, dtype=storage, device=offload_device, operations=ops)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - turned into one clear message
+        raise _reraise_as_checkpoint_error(
+            path, "a Z-Image-Turbo diffusion model (e.g. z_image_turbo_bf16.safetensors)", e,
+            "Put the Z-Image transformer file in models/diffusion_models and select it.") from e
+    model.eval().requires_grad_(False)
+    if storage != compute:
+        _cast_loose_params(model, compute)
+    log.info("Z-Image model %s: weights %s, compute %s, load device %s", path, storage, compute, load_device)
+    return ZImageModel(_wrap(model, load_device, offload_device), compute, path)
+
+
+@dataclass
+class ZImageTextEncoderHandle:
+    """ZIMAGE_TEXT_ENCODER: zimage_core's Qwen3 text encoder whose module lives in a ModelPatcher."""
+
+    encoder: object
+    patcher: comfy.model_patcher.ModelPatcher
+    path: str
+
+    def encode(self, prompts: list[str]) -> list[torch.Tensor]:
+        tokens = sum(len(p) for p in prompts) + 32 * len(prompts)  # chars bound the token count from above
+        cfg = getattr(self.encoder.model, "config", None)
+        hidden = getattr(cfg, "hidden_size", 2560)
+        inter = getattr(cfg, "intermediate_size", 9728)
+        dtype_size = mm.dtype_size(next(self.encoder.model.parameters()).dtype)
+        mm.load_models_gpu([self.patcher], memory_required=tokens * (4 * hidden + 3 * inter) * dtype_size * 2)
+        feats = self.encoder.encode(prompts)
+        # Hand the features to ComfyUI's intermediate device in fp32 so CONDITIONING is device-neutral.
+        return [f.to(mm.intermediate_device(), torch.float32) for f in feats]
+
+
+def load_zimage_text_encoder(path: str) -> ZImageTextEncoderHandle:
+    from ..zimage_core.text_encoder import load_text_encoder
+
+    load_device = mm.text_encoder_device()
+    offload_device = mm.text_encoder_offload_device()
+    dtype = _compute_dtype(load_device)
+    try:
+        encoder = load_text_encoder(path, dtype=dtype, device=offload_device)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise _reraise_as_checkpoint_error(
+            path, "the Qwen3-4B text encoder of Z-Image (qwen_3_4b.safetensors)", e,
+            "Put qwen_3_4b.safetensors in models/text_encoders and select it.") from e
+    encoder.model.eval().requires_grad_(False)
+    patcher = _wrap(encoder.model, load_device, offload_device)
+    return ZImageTextEncoderHandle(encoder, patcher, path)
+
+
+@dataclass
+class ZImageVAEHandle:
+    """ZIMAGE_VAE: the FLUX autoencoder in a ModelPatcher. Works on ComfyUI's RAW latents (the
+    LATENT convention for Flux-family models) and converts to/from zimage_core's normalized ones."""
+
+    vae: torch.nn.Module
+    patcher: comfy.model_patcher.ModelPatcher
+    dtype: torch.dtype
+    path: str
+
+    def _load(self, pixels: int) -> None:
+        # Decoder activations at full resolution dominate: ~128-channel maps at several widths.
+        mm.load_models_gpu([self.patcher], memory_required=int(pixels * 128 * 12 * mm.dtype_size(self.dtype)))
+
+    def decode(self, raw_latents: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = raw_latents.shape
+        self._load(b * h * w * 64)
+        device = self.patcher.load_device
+        latents = core_vae.normalize_latents(raw_latents.to(device, torch.float32))
+        images = self.vae.decode(latents.to(self.dtype))
+        return images.to(mm.intermediate_device(), torch.float32).clamp(0, 1)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        b, h, w, _ = images.shape
+        self._load(b * h * w)
+        device = self.patcher.load_device
+        latents = self.vae.encode(images.to(device, self.dtype))
+        return core_vae.denormalize_latents(latents.to(torch.float32)).to(mm.intermediate_device())
+
+
+def load_zimage_vae(path: str) -> ZImageVAEHandle:
+    load_device = mm.vae_device()
+    offload_device = mm.vae_offload_device()
+    dtype = mm.vae_dtype(load_device, COMPUTE_DTYPES)
+    try:
+        vae = core_vae.load_vae(path, dtype=dtype, device=offload_device)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise _reraise_as_checkpoint_error(
+            path, "the FLUX.1 VAE used by Z-Image (ae.safetensors)", e,
+            "Put ae.safetensors in models/vae and select it.") from e
+    vae.eval().requires_grad_(False)
+    return ZImageVAEHandle(vae, _wrap(vae, load_device, offload_device), dtype, path)

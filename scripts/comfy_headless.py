@@ -1,0 +1,275 @@
+"""Run ComfyUI workflows headless, in-process, in a real (unmodified) ComfyUI backend.
+
+Used by the main job (scripts/run_workflow.py) and the tests. Two parts:
+
+* `ui_to_api(workflow, node_classes)`: converts a UI-format workflow (what the frontend saves and
+  what users drag in: nodes with widgets_values, a links array) to the API "prompt" format that
+  ComfyUI's executor runs. Widget values map onto each node's INPUT_TYPES order, skipping the extra
+  values the frontend stores for `control_after_generate` and image-upload widgets; links become
+  `[node_id, slot]`; Note/MarkdownNote nodes are dropped and Reroutes are followed.
+* `HeadlessComfyUI`: boots ComfyUI in this process (its own `nodes.init_extra_nodes`, with this
+  pack loaded by ComfyUI's custom-node loader through an extra-model-paths file), then validates and
+  executes prompts with `execution.validate_prompt` and `execution.PromptExecutor`.
+
+ComfyUI keeps global state (argument object, folder paths, loaded models), so there is one
+HeadlessComfyUI per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK_NAME = "ComfyUI-ZImage"
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+
+
+def default_comfyui_dir() -> Path:
+    return Path(os.environ.get("ZIMAGE_COMFYUI_DIR") or ROOT / ".comfyui" / "ComfyUI")
+
+
+class WorkflowError(ValueError):
+    """A UI workflow that cannot be converted (unknown node type, broken link...)."""
+
+
+# ----------------------------------------------------------------------------- UI → API conversion
+
+def _widget_inputs(node_class: Any) -> list[tuple[str, dict]]:
+    """The inputs the frontend shows as widgets, in INPUT_TYPES order, with their options."""
+    spec = node_class.INPUT_TYPES()
+    widgets = []
+    for section in ("required", "optional"):
+        for name, entry in spec.get(section, {}).items():
+            kind = entry[0]
+            options = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+            is_combo = isinstance(kind, (list, tuple))
+            if (is_combo or kind in WIDGET_TYPES) and not options.get("forceInput"):
+                widgets.append((name, options))
+    return widgets
+
+
+def _extra_widget_values(name: str, options: dict) -> set[str] | None:
+    """Values the frontend stores after a widget for its companion widget, if it has one."""
+    if options.get("control_after_generate") or name in ("seed", "noise_seed"):
+        return CONTROL_VALUES
+    if options.get("image_upload"):
+        return {"image"}
+    return None
+
+
+def ui_to_api(workflow: dict, node_classes: dict[str, Any]) -> dict[str, dict]:
+    """Convert a UI-format workflow to an API prompt for ComfyUI's executor."""
+    nodes = {int(n["id"]): n for n in workflow["nodes"]}
+    links = {int(link[0]): link for link in workflow.get("links", [])}
+
+    def source(link_id: int) -> list:
+        link = links.get(int(link_id))
+        if link is None:
+            raise WorkflowError(f"link {link_id} is missing from the workflow's links")
+        _, from_node, from_slot = link[0], int(link[1]), int(link[2])
+        origin = nodes.get(from_node)
+        if origin is None:
+            raise WorkflowError(f"link {link_id} comes from node {from_node}, which is not in the workflow")
+        if origin["type"] == "Reroute":
+            upstream = origin["inputs"][0].get("link")
+            if upstream is None:
+                raise WorkflowError(f"Reroute node {from_node} has no input")
+            return source(upstream)
+        return [str(from_node), from_slot]
+
+    prompt: dict[str, dict] = {}
+    for node_id, node in sorted(nodes.items()):
+        kind = node["type"]
+        if kind in VIRTUAL_NODES or node.get("mode", 0) in (2, 4):  # 2 = muted, 4 = bypassed
+            continue
+        node_class = node_classes.get(kind)
+        if node_class is None:
+            raise WorkflowError(f"node {node_id} has type {kind!r}, which this ComfyUI does not know; "
+                                "is the custom node pack that provides it installed?")
+        inputs: dict[str, Any] = {}
+        values = node.get("widgets_values", [])
+        widgets = _widget_inputs(node_class)
+        if isinstance(values, dict):
+            inputs.update({name: values[name] for name, _ in widgets if name in values})
+        else:
+            i = 0
+            for name, options in widgets:
+                if i >= len(values):
+                    break
+                inputs[name] = values[i]
+                i += 1
+                extra = _extra_widget_values(name, options)
+                if extra and i < len(values) and isinstance(values[i], str) and values[i] in extra:
+                    i += 1
+        for entry in node.get("inputs", []):
+            if entry.get("link") is not None:
+                inputs[entry["name"]] = source(entry["link"])
+        api_node = {"class_type": kind, "inputs": inputs}
+        if node.get("title"):
+            api_node["_meta"] = {"title": node["title"]}
+        prompt[str(node_id)] = api_node
+    return prompt
+
+
+def load_workflow(path: str | os.PathLike) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+# ----------------------------------------------------------------------------- in-process ComfyUI
+
+class HeadlessServer:
+    """What PromptExecutor needs from a server in a headless run: ComfyUI's own server interface
+    (send_sync/queue_updated, client id, last node, socket metadata). Messages are recorded."""
+
+    def __init__(self) -> None:
+        self.client_id: str | None = None
+        self.last_node_id: str | None = None
+        self.last_prompt_id: str | None = None
+        self.sockets_metadata: dict = {}
+        self.messages: list[tuple[str, Any]] = []
+
+    def send_sync(self, event: str, data: Any, sid: str | None = None) -> None:
+        self.messages.append((event, data))
+
+    def queue_updated(self) -> None:
+        pass
+
+
+@dataclass
+class RunResult:
+    prompt_id: str
+    ok: bool
+    outputs: dict = field(default_factory=dict)  # node id → ui output (e.g. {"images": [...]})
+    error: dict | None = None  # validation error or the execution_error message
+    node_errors: dict = field(default_factory=dict)
+    messages: list = field(default_factory=list)
+
+    @property
+    def error_message(self) -> str:
+        if not self.error:
+            return ""
+        parts = [str(self.error.get(k, "")) for k in ("message", "details", "exception_message")]
+        for node_error in self.node_errors.values():
+            for e in node_error.get("errors", []):
+                parts += [str(e.get("message", "")), str(e.get("details", ""))]
+        return " | ".join(p for p in parts if p)
+
+    def images(self, output_dir: str | os.PathLike) -> list[Path]:
+        paths = []
+        for out in self.outputs.values():
+            for image in out.get("images", []):
+                if image.get("type") == "output":
+                    paths.append(Path(output_dir) / image.get("subfolder", "") / image["filename"])
+        return paths
+
+
+def write_extra_paths_yaml(path: Path, models_dir: Path, custom_nodes_dir: Path) -> Path:
+    """An extra_model_paths file: our models folder first (is_default) and a custom_nodes folder."""
+    lines = ["zimage:", f"  base_path: {json.dumps(str(models_dir))}", "  is_default: true"]
+    for folder in ("diffusion_models", "text_encoders", "vae", "checkpoints", "loras"):
+        lines.append(f"  {folder}: {folder}")
+    lines += ["zimage_nodes:", f"  custom_nodes: {json.dumps(str(custom_nodes_dir))}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def link_pack(custom_nodes_dir: Path) -> Path:
+    """A custom_nodes folder holding a symlink to this checkout, as a user's git clone would be."""
+    custom_nodes_dir.mkdir(parents=True, exist_ok=True)
+    link = custom_nodes_dir / PACK_NAME
+    if not link.exists():
+        link.symlink_to(ROOT, target_is_directory=True)
+    return custom_nodes_dir
+
+
+class HeadlessComfyUI:
+    """A real ComfyUI backend booted in this process (see module docstring)."""
+
+    _started = False
+
+    def __init__(self, models_dir: str | os.PathLike, work_dir: str | os.PathLike | None = None, *,
+                 comfyui_dir: str | os.PathLike | None = None, cpu: bool = True) -> None:
+        self.comfyui_dir = Path(comfyui_dir) if comfyui_dir else default_comfyui_dir()
+        if not (self.comfyui_dir / "execution.py").is_file():
+            raise FileNotFoundError(f"no ComfyUI at {self.comfyui_dir}: run scripts/setup.sh (or set "
+                                    "ZIMAGE_COMFYUI_DIR to a ComfyUI checkout)")
+        self.models_dir = Path(models_dir)
+        self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="zimage-comfy-"))
+        self.output_dir = self.work_dir / "output"
+        self.input_dir = self.work_dir / "input"
+        self.cpu = cpu
+        self.server = HeadlessServer()
+        self.executor = None
+
+    def start(self) -> HeadlessComfyUI:
+        if HeadlessComfyUI._started:
+            raise RuntimeError("ComfyUI is already running in this process (one HeadlessComfyUI per process)")
+        HeadlessComfyUI._started = True
+        for d in (self.output_dir, self.input_dir, self.work_dir / "temp", self.work_dir / "user"):
+            d.mkdir(parents=True, exist_ok=True)
+        # ComfyUI's top-level modules (nodes, execution, utils, ...) must win over same-named folders
+        # elsewhere on sys.path, e.g. this pack's own `nodes/` package.
+        sys.path.insert(0, str(self.comfyui_dir))
+        for name in ("nodes", "utils"):
+            mod = sys.modules.get(name)
+            if mod is not None and not str(getattr(mod, "__file__", "")).startswith(str(self.comfyui_dir)):
+                del sys.modules[name]
+        from comfy.cli_args import args  # parses no command line unless ComfyUI's main enabled it
+
+        args.cpu = self.cpu
+        args.disable_auto_launch = True
+        args.preview_method = args.preview_method  # keep ComfyUI's default (auto → latent2rgb)
+        import folder_paths
+
+        folder_paths.set_output_directory(str(self.output_dir))
+        folder_paths.set_input_directory(str(self.input_dir))
+        folder_paths.set_temp_directory(str(self.work_dir / "temp"))
+        folder_paths.set_user_directory(str(self.work_dir / "user"))
+        custom_nodes = link_pack(self.work_dir / "custom_nodes")
+        yaml_path = write_extra_paths_yaml(self.work_dir / "extra_model_paths.yaml", self.models_dir, custom_nodes)
+        import utils.extra_config
+
+        utils.extra_config.load_extra_path_config(str(yaml_path))
+        import execution
+        import nodes
+
+        self.failed_imports = asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC,
+                                                 cache_args={"lru": 0, "ram": 0})
+        return self
+
+    @property
+    def node_classes(self) -> dict[str, Any]:
+        import nodes
+
+        return nodes.NODE_CLASS_MAPPINGS
+
+    def to_api(self, workflow: dict) -> dict[str, dict]:
+        return ui_to_api(workflow, self.node_classes)
+
+    def run(self, prompt: dict[str, dict]) -> RunResult:
+        """Validate and execute one API prompt, like ComfyUI's queue worker does."""
+        import execution
+
+        prompt_id = str(uuid.uuid4())
+        valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+        if not valid[0]:
+            return RunResult(prompt_id, False, error=valid[1], node_errors=valid[3])
+        self.server.messages.clear()
+        self.server.last_prompt_id = prompt_id
+        self.executor.execute(prompt, prompt_id, {"client_id": None}, valid[2])
+        messages = list(self.executor.status_messages)
+        error = next((data for event, data in messages if event in ("execution_error", "execution_interrupted")),
+                     None)
+        outputs = self.executor.history_result.get("outputs", {}) if self.executor.success else {}
+        return RunResult(prompt_id, self.executor.success and error is None, outputs, error, {}, messages)
