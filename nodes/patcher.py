@@ -50,21 +50,21 @@ def _move_loose_params(patcher: comfy.model_patcher.ModelPatcher, device_to, *_a
                 setattr(module, name, torch.nn.Parameter(param.to(device_to), requires_grad=False))
 
 
+class _Holder(torch.nn.Module):
+    """Container for modules with a read-only `device` property (transformers models, FluxVAE):
+    ModelPatcher records the current device as `model.device`. Moving the holder moves the module."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+
 def _wrap(module: torch.nn.Module, load_device, offload_device) -> comfy.model_patcher.ModelPatcher:
+    if isinstance(getattr(type(module), "device", None), property):
+        module = _Holder(module)
     patcher = comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
     patcher.add_callback(comfy.model_patcher.CallbacksMP.ON_LOAD, _move_loose_params)
     return patcher
-
-
-def _cast_loose_params(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Parameters outside `comfy.ops` layers (pad tokens, plain norms) are not cast per call, so they must
-    already be in the compute dtype when the weights are stored as fp8/fp16."""
-    for module in model.modules():
-        if hasattr(module, "comfy_cast_weights"):
-            continue
-        for name, param in module.named_parameters(recurse=False):
-            if param.dtype != dtype and param.is_floating_point():
-                setattr(module, name, torch.nn.Parameter(param.to(dtype), requires_grad=False))
 
 
 def _reraise_as_checkpoint_error(path: str, what: str, error: Exception, fix: str) -> CheckpointError:
@@ -78,12 +78,9 @@ class ZImageModel:
     """ZIMAGE_MODEL: the S3-DiT in a ModelPatcher plus the dtype it computes in."""
 
     patcher: comfy.model_patcher.ModelPatcher
+    module: torch.nn.Module  # the ZImageTransformer inside the patcher
     compute_dtype: torch.dtype
     path: str
-
-    @property
-    def module(self) -> torch.nn.Module:
-        return self.patcher.model
 
     def memory_estimate(self, latent_shape: tuple[int, ...], caption_tokens: int, passes: int = 1) -> int:
         """Bytes of activations one denoiser call needs at this size (weights are counted by ComfyUI).
@@ -103,19 +100,21 @@ class ZImageModel:
     def load(self, latent_shape: tuple[int, ...], caption_tokens: int, passes: int = 1) -> None:
         mm.load_models_gpu([self.patcher], memory_required=self.memory_estimate(latent_shape, caption_tokens, passes))
 
-    def denoiser(self):
-        """A zimage_core Denoiser running on ComfyUI's load device in the compute dtype; the sampler
-        state stays float32 (as in ComfyUI) and only the network sees the compute dtype."""
-        device = self.patcher.load_device
-        dtype = self.compute_dtype
-        module = self.module
+    def denoiser(self) -> _Denoiser:
+        return _Denoiser(self.module, self.patcher.load_device, self.compute_dtype)
 
-        def call(x: torch.Tensor, sigma: torch.Tensor, cap_feats: list[torch.Tensor]) -> torch.Tensor:
-            out = module(x.to(device, dtype), sigma.to(device, torch.float32),
-                         [c.to(device, dtype) for c in cap_feats])
-            return out.to(x.dtype)
 
-        return call
+class _Denoiser:
+    """A zimage_core Denoiser on ComfyUI's load device. `device`/`dtype` tell zimage_core's sampler
+    where to run (it keeps its state in float32, as ComfyUI does, and feeds the network `dtype`)."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+        self.module, self.device, self.dtype = module, device, dtype
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cap_feats: list[torch.Tensor]) -> torch.Tensor:
+        out = self.module(x.to(self.device, self.dtype), sigma.to(self.device, torch.float32),
+                          [c.to(self.device, self.dtype) for c in cap_feats])
+        return out.to(x.dtype)
 
 
 def load_zimage_model(path: str, weight_dtype: str) -> ZImageModel:
@@ -141,9 +140,9 @@ def load_zimage_model(path: str, weight_dtype: str) -> ZImageModel:
             "Put the Z-Image transformer file in models/diffusion_models and select it.") from e
     model.eval().requires_grad_(False)
     if storage != compute:
-        _cast_loose_params(model, compute)
+        model.compute_dtype = compute  # e.g. fp8/fp16 storage computed in bf16 (or fp32 on the CPU)
     log.info("Z-Image model %s: weights %s, compute %s, load device %s", path, storage, compute, load_device)
-    return ZImageModel(_wrap(model, load_device, offload_device), compute, path)
+    return ZImageModel(_wrap(model, load_device, offload_device), model, compute, path)
 
 
 @dataclass

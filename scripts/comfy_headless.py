@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import sys
 import tempfile
 import uuid
@@ -198,14 +199,15 @@ class HeadlessComfyUI:
     _started = False
 
     def __init__(self, models_dir: str | os.PathLike, work_dir: str | os.PathLike | None = None, *,
-                 comfyui_dir: str | os.PathLike | None = None, cpu: bool = True) -> None:
+                 comfyui_dir: str | os.PathLike | None = None, output_dir: str | os.PathLike | None = None,
+                 cpu: bool = True) -> None:
         self.comfyui_dir = Path(comfyui_dir) if comfyui_dir else default_comfyui_dir()
         if not (self.comfyui_dir / "execution.py").is_file():
             raise FileNotFoundError(f"no ComfyUI at {self.comfyui_dir}: run scripts/setup.sh (or set "
                                     "ZIMAGE_COMFYUI_DIR to a ComfyUI checkout)")
         self.models_dir = Path(models_dir)
         self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="zimage-comfy-"))
-        self.output_dir = self.work_dir / "output"
+        self.output_dir = Path(output_dir) if output_dir else self.work_dir / "output"
         self.input_dir = self.work_dir / "input"
         self.cpu = cpu
         self.server = HeadlessServer()
@@ -217,6 +219,9 @@ class HeadlessComfyUI:
         HeadlessComfyUI._started = True
         for d in (self.output_dir, self.input_dir, self.work_dir / "temp", self.work_dir / "user"):
             d.mkdir(parents=True, exist_ok=True)
+        example = self.comfyui_dir / "input" / "example.png"  # what the img2img workflow loads
+        if example.is_file() and not (self.input_dir / example.name).exists():
+            shutil.copyfile(example, self.input_dir / example.name)
         # ComfyUI's top-level modules (nodes, execution, utils, ...) must win over same-named folders
         # elsewhere on sys.path, e.g. this pack's own `nodes/` package.
         sys.path.insert(0, str(self.comfyui_dir))

@@ -1,0 +1,149 @@
+"""The shipped workflows executed by ComfyUI's own executor on demo checkpoints (tiny sizes for CPU CI)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.comfy_harness import (
+    BATCH,
+    IMG2IMG,
+    T2I,
+    add_save_latent,
+    comfy,
+    comfy_module,
+    demo_prompt,
+    fresh_run,
+    nodes_of,
+    run_ok,
+    saved_images,
+    saved_latents,
+)
+
+
+def test_text_to_image_size_and_seed_reproducibility():
+    prompt = demo_prompt(T2I, width=64, height=48, seed=7)
+    (first,) = saved_images(fresh_run(prompt))
+    assert first.shape == (48, 64, 3)
+    (again,) = saved_images(fresh_run(prompt))
+    assert np.array_equal(first, again), "the same seed must reproduce the same image"
+    (other,) = saved_images(fresh_run(demo_prompt(T2I, width=64, height=48, seed=8)))
+    assert not np.array_equal(first, other), "a different seed must change the image"
+
+
+def test_batch_and_seed_variation_workflow():
+    prompt = demo_prompt(BATCH, width=48, height=32, batch_size=2)
+    seeds = [prompt[n]["inputs"]["seed"] for n in nodes_of(prompt, "ZImageTurboSampler")]
+    assert len(set(seeds)) == 2
+    images = saved_images(fresh_run(prompt))
+    assert len(images) == 4 and all(im.shape == (32, 48, 3) for im in images)
+    a1, a2, b1, b2 = images
+    assert not np.array_equal(a1, a2), "images of one batch get different noise"
+    assert not np.array_equal(a1, b1) and not np.array_equal(a2, b2), "the two seeds differ"
+
+
+def test_img2img_strength_zero_returns_the_source_latent():
+    prompt = demo_prompt(IMG2IMG, ZImageImg2ImgSampler__strength=0.0)
+    (encode,) = nodes_of(prompt, "ZImageVAEEncode")
+    (sampler,) = nodes_of(prompt, "ZImageImg2ImgSampler")
+    add_save_latent(prompt, encode, "latents/source")
+    add_save_latent(prompt, sampler, "latents/result")
+    result = fresh_run(prompt)
+    source, out = saved_latents(result)
+    # The 80x72 test picture is centre-cropped to 80x64 (multiples of 16) before encoding.
+    assert source.shape == (1, 16, 8, 10)
+    assert torch.equal(source, out)
+    (image,) = saved_images(result)
+    assert image.shape == (64, 80, 3)
+
+
+def test_img2img_with_strength_changes_the_image():
+    prompt = demo_prompt(IMG2IMG, ZImageImg2ImgSampler__strength=0.5)
+    (encode,) = nodes_of(prompt, "ZImageVAEEncode")
+    (sampler,) = nodes_of(prompt, "ZImageImg2ImgSampler")
+    add_save_latent(prompt, encode, "latents/source")
+    add_save_latent(prompt, sampler, "latents/result")
+    source, out = saved_latents(fresh_run(prompt))
+    assert out.shape == source.shape and not torch.equal(source, out)
+    assert torch.isfinite(out).all()
+
+
+def test_sampler_node_equals_zimage_core_direct_sampling():
+    """No drift through the node layer: the LATENT ComfyUI saves equals zimage_core's own result."""
+    from zimage_core.sampling import make_noise, sample_text_to_image
+    from zimage_core.text_encoder import load_text_encoder
+    from zimage_core.transformer_loading import load_transformer
+    from zimage_core.vae import denormalize_latents
+
+    from zimage_core.demo_weights import DEMO_FILES
+
+    prompt = demo_prompt(T2I, width=64, height=32, seed=123)
+    (sampler,) = nodes_of(prompt, "ZImageTurboSampler")
+    add_save_latent(prompt, sampler, "latents/drift")
+    (node_latent,) = saved_latents(fresh_run(prompt))
+
+    models = comfy().models_dir
+    text = prompt[nodes_of(prompt, "ZImageTextEncode")[0]]["inputs"]["text"]
+    encoder = load_text_encoder(models / "text_encoders" / DEMO_FILES["text_encoders"], dtype=torch.float32)
+    model = load_transformer(models / "diffusion_models" / DEMO_FILES["diffusion_models"], dtype=torch.float32)
+    noise = make_noise((1, 16, 4, 8), 123)
+    direct = denormalize_latents(sample_text_to_image(model, encoder.encode([text]), noise, steps=8, shift=3.0))
+    assert node_latent.shape == direct.shape
+    torch.testing.assert_close(node_latent, direct.float(), rtol=1e-5, atol=1e-6)
+
+
+class _ProgressRecorder:
+    def __init__(self, interrupt_after: int | None = None) -> None:
+        self.updates: list[tuple[int, int, object]] = []
+        self.interrupt_after = interrupt_after
+
+    def __call__(self, value, total, preview, node_id=None):
+        self.updates.append((value, total, preview))
+        if self.interrupt_after is not None and len(self.updates) >= self.interrupt_after:
+            comfy_module("nodes").interrupt_processing(True)
+
+
+@pytest.fixture
+def progress_hook():
+    utils = comfy_module("comfy.utils")
+    recorders = []
+
+    def install(**kwargs):
+        recorder = _ProgressRecorder(**kwargs)
+        recorders.append(recorder)
+        utils.set_progress_bar_global_hook(recorder)
+        return recorder
+
+    yield install
+    utils.set_progress_bar_global_hook(None)
+    comfy_module("nodes").interrupt_processing(False)
+
+
+def test_sampler_reports_progress_with_latent_previews(progress_hook):
+    cli = comfy_module("comfy.cli_args")
+    recorder = progress_hook()
+    before = cli.args.preview_method
+    cli.args.preview_method = cli.LatentPreviewMethod.Auto  # as `main.py --preview-method auto`
+    try:
+        fresh_run(demo_prompt(T2I, width=64, height=48, seed=3))
+    finally:
+        cli.args.preview_method = before
+    steps = [(v, t) for v, t, p in recorder.updates if t == 8]
+    assert steps == [(i, 8) for i in range(1, 9)]
+    previews = [p for _, t, p in recorder.updates if t == 8]
+    for fmt, image, _size in previews:  # ComfyUI's (format, PIL image, max size) preview tuple
+        assert fmt == "JPEG" and image.size == (64 // 8, 48 // 8)
+
+
+def test_cancel_stops_sampling_promptly_and_next_job_runs(progress_hook):
+    recorder = progress_hook(interrupt_after=1)  # press Cancel right after the first step
+    comfy().executor.reset()
+    result = comfy().run(demo_prompt(T2I, width=64, height=48, seed=4))
+    assert not result.ok
+    events = [event for event, _ in result.messages]
+    assert "execution_interrupted" in events
+    assert len([u for u in recorder.updates if u[1] == 8]) == 1, "sampling went on after Cancel"
+    progress_hook()  # no interruption
+    (image,) = saved_images(run_ok(demo_prompt(T2I, width=64, height=48, seed=4)))
+    assert image.shape == (48, 64, 3)
