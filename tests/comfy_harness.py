@@ -33,6 +33,7 @@ LOADER_INPUTS = {
 }
 
 _instance: HeadlessComfyUI | None = None
+_models: Path | None = None
 
 
 def require_comfyui() -> None:
@@ -41,15 +42,27 @@ def require_comfyui() -> None:
                     "(the README's test command does)")
 
 
+def session_dir(name: str) -> Path:
+    path = Path(tempfile.mkdtemp(prefix=f"zimage-{name}-"))
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+def demo_models() -> Path:
+    """A models folder with the demo checkpoints, written once per session (tests may add files)."""
+    global _models
+    if _models is None:
+        _models = session_dir("models")
+        write_demo_models(_models)
+    return _models
+
+
 def comfy() -> HeadlessComfyUI:
     """The session's in-process ComfyUI with the demo models in its model folders."""
     global _instance
     if _instance is None:
         require_comfyui()
-        work = Path(tempfile.mkdtemp(prefix="zimage-comfy-test-"))
-        atexit.register(shutil.rmtree, work, True)
-        write_demo_models(work / "models")
-        _instance = HeadlessComfyUI(work / "models", work).start()
+        _instance = HeadlessComfyUI(demo_models(), session_dir("comfy-test")).start()
         _write_source_image(_instance.input_dir / SOURCE_IMAGE)
     return _instance
 
