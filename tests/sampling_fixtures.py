@@ -129,7 +129,7 @@ def make_denoiser(transformer: ZImageTransformer2DModel, workdir: str | Path | N
 
         folder = Path(workdir or tempfile.mkdtemp(prefix="zimage-sampler-")) / "transformer"
         transformer.save_pretrained(folder, safe_serialization=True)
-        return load_transformer(folder, dtype=torch.float32)
+        return load_transformer(folder, dtype=transformer.dtype)
     return DiffusersDenoiser(transformer)
 
 

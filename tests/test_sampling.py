@@ -16,6 +16,7 @@ from tests.sampling_fixtures import (
     build_diffusers_transformer,
     build_flux_vae,
     caption_feats,
+    diffusers_sigma_to_timestep,
     img2img_inputs_like_pipeline,
     img2img_pipeline,
     make_denoiser,
@@ -45,10 +46,10 @@ def denoiser(transformer, tmp_path_factory):
 class CountingDenoiser:
     """Records each call's batch size and input dtype, then defers to the wrapped Denoiser."""
 
-    def __init__(self, inner, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, inner) -> None:
         self.inner = inner
-        self.dtype = dtype
-        self.device = torch.device("cpu")
+        self.dtype = inner.dtype
+        self.device = inner.device
         self.calls: list[tuple[int, torch.dtype, torch.Tensor]] = []
 
     def __call__(self, x, sigma, cap_feats):
@@ -177,6 +178,35 @@ def test_text_to_image_matches_pipeline(transformer, denoiser, lengths):
     assert len(counting.calls) == 8 and all(b == len(lengths) for b, _, _ in counting.calls)
     # The sampler really moved the latents (guards against comparing two no-ops).
     assert rel_err(got, noise) > 0.1
+
+
+def test_pipeline_passes_one_minus_sigma_as_timestep(transformer, monkeypatch):
+    # The convention our transformer must follow: diffusers hands the network t = (1000 − 1000σ)/1000 = 1 − σ.
+    seen = []
+    forward = transformer.forward
+
+    def recording_forward(x, t, *args, **kwargs):
+        seen.append(t.clone())
+        return forward(x, t, *args, **kwargs)
+
+    monkeypatch.setattr(transformer, "forward", recording_forward)
+    run_pipeline(transformer, make_noise((1, *LATENT), 1), caption_feats([4], seed=0), guidance_scale=0.0)
+    sig = flow_sigmas(8)[:-1]
+    assert torch.equal(torch.stack(seen)[:, 0], diffusers_sigma_to_timestep(sig))
+    assert torch.allclose(torch.stack(seen)[:, 0], 1 - sig, atol=1e-6, rtol=0)
+
+
+def test_bf16_model_matches_bf16_pipeline(transformer):
+    bf16 = build_diffusers_transformer(seed=0).to(torch.bfloat16)
+    noise = make_noise((1, *LATENT), 15)
+    positive = [c.to(torch.bfloat16) for c in caption_feats([7], seed=9)]
+    expected = run_pipeline(bf16, noise, positive, guidance_scale=0.0)
+    counting = CountingDenoiser(make_denoiser(bf16))
+    got = sample_text_to_image(counting, [c.float() for c in positive], noise)
+    err = rel_err(got, expected)
+    print(f"txt2img bf16: rel err {err:.2e}")
+    assert err <= TOL
+    assert got.dtype == torch.float32 and all(dt == torch.bfloat16 for _, dt, _ in counting.calls)
 
 
 def test_single_positive_broadcasts_to_batch(transformer, denoiser):
@@ -398,6 +428,16 @@ def test_model_runs_in_its_dtype_and_latents_stay_float32(denoiser):
     model = Bf16Denoiser()
     out = sample_text_to_image(model, [torch.randn(5, 32)], torch.randn(1, *LATENT), steps=3)
     assert model.seen == [torch.bfloat16] * 3 and out.dtype == torch.float32
+
+
+def test_model_placement_of_fp8_storage_is_bf16():
+    class Fp8(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float8_e4m3fn), requires_grad=False)
+
+    assert sampling_mod.model_placement(Fp8()) == (torch.device("cpu"), torch.bfloat16)
+    assert sampling_mod.model_placement(lambda *a: None, "cpu") == (torch.device("cpu"), torch.float32)
 
 
 def test_input_validation(denoiser):

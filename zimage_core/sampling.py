@@ -87,19 +87,25 @@ def model_placement(
 ) -> tuple[torch.device, torch.dtype]:
     """Device and compute dtype to run `model` in.
 
-    The model's own `device`/`dtype` attributes if it has them, else its first float parameter that is
-    not an fp8 storage type, else float32 on `fallback_device`.
+    The model's own `device`/`dtype` attributes if it has them (a wrapper can set them to override),
+    else its first float parameter that is not an fp8 storage type (bfloat16 if all are fp8), else
+    float32 on `fallback_device`.
     """
     device = getattr(model, "device", None)
     dtype = getattr(model, "dtype", None)
     if not isinstance(dtype, torch.dtype) or dtype not in _COMPUTE_DTYPES or device is None:
         params = getattr(model, "parameters", None)
-        first = None
+        first = compute = None
         if callable(params):
-            first = next((p for p in params() if p.dtype in _COMPUTE_DTYPES), None)
+            for p in params():
+                first = p if first is None else first
+                if p.dtype in _COMPUTE_DTYPES:
+                    compute = p
+                    break
         if first is not None:
             if not isinstance(dtype, torch.dtype) or dtype not in _COMPUTE_DTYPES:
-                dtype = first.dtype
+                # fp8 weights are upcast per layer; bf16 is the safe compute dtype for this model.
+                dtype = compute.dtype if compute is not None else torch.bfloat16
             if device is None:
                 device = first.device
     if not isinstance(dtype, torch.dtype) or dtype not in _COMPUTE_DTYPES:
