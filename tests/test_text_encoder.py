@@ -64,7 +64,11 @@ def enc(files) -> ZImageTextEncoder:
 
 
 def _reference_encode(pipe, prompts):
-    embeds, _ = pipe.encode_prompt(list(prompts), device="cpu", do_classifier_free_guidance=False)
+    # diffusers pads every prompt to max_sequence_length (512 by default); 64 holds these prompts
+    # untruncated and keeps the reference cheap (padding never changes the unpadded rows).
+    assert all(len(pipe.tokenizer(chat_prompt(p))["input_ids"]) < 64 for p in prompts)
+    embeds, _ = pipe.encode_prompt(list(prompts), device="cpu", do_classifier_free_guidance=False,
+                                   max_sequence_length=64)
     return embeds
 
 
@@ -138,6 +142,12 @@ def test_prompt_over_limit_is_cut_with_warning(enc, lm, hf_tok, caplog):
     assert f"is {len(ids)} tokens" in caplog.text and "cut to 100 tokens" in caplog.text
     cut = ids[:95] + ids[-5:]  # the template's closing `<|im_end|>\n<|im_start|>assistant\n` is kept
     assert hf_tok.decode(ids[-5:]) == "<|im_end|>\n<|im_start|>assistant\n"
+    enc.max_tokens = 8  # no room for any prompt token
+    try:
+        with pytest.raises(ValueError, match="max_tokens"):
+            enc.encode(["x"])
+    finally:
+        enc.max_tokens = MAX_CAPTION_TOKENS
     _check([out], [_hidden_minus_2(lm.model, cut)], "cut prompt vs transformers")
 
 

@@ -39,6 +39,7 @@ TEMPLATE_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
 # The DiT's caption RoPE axis has 1536 positions (axes_lens[0]); captions are padded to a multiple
 # of 32 and numbered from 1, and image tokens take position padded_len + 1, so padded_len <= 1504.
 MAX_CAPTION_TOKENS = 1504
+_TEMPLATE_TOKENS = 8  # <|im_start|> user \n ... <|im_end|> \n <|im_start|> assistant \n
 ROPE_THETA = 1_000_000.0
 RMS_NORM_EPS = 1e-6
 
@@ -95,6 +96,9 @@ class ZImageTextEncoder:
     def tokenize(self, prompts: str | Sequence[str]) -> list[list[int]]:
         """Token ids per prompt, template included, cut to `max_tokens` (warning) if longer."""
         prompts = _as_prompt_list(prompts)
+        if self.max_tokens < _TEMPLATE_TOKENS + 1:
+            raise ValueError(f"max_tokens must leave room for the prompt: at least {_TEMPLATE_TOKENS + 1} "
+                             f"(the chat template alone is {_TEMPLATE_TOKENS} tokens), got {self.max_tokens}")
         out = []
         for i, prompt in enumerate(prompts):
             ids = self.tokenizer.encode(chat_prompt(prompt))
@@ -132,7 +136,8 @@ class ZImageTextEncoder:
 
     def __repr__(self) -> str:
         c = self.model.config
-        return (f"ZImageTextEncoder({self.path!r}, hidden={c.hidden_size}, layers run={c.num_hidden_layers}, "
+        return (f"ZImageTextEncoder({self.path!r}, hidden={c.hidden_size}, "
+                f"layers run={c.num_hidden_layers} of {c.num_hidden_layers + 1}, "
                 f"dtype={self.dtype}, device={self.device})")
 
 
@@ -243,7 +248,6 @@ def _infer_config(ckpt: Checkpoint, prefix: str):
         max_position_embeddings=max(40960, MAX_CAPTION_TOKENS), attention_bias=False, use_cache=False,
     )
     config._attn_implementation = "sdpa"
-    config.file_num_hidden_layers = n_layers
     return config
 
 
