@@ -107,6 +107,8 @@ def test_diffusers_folder_matches_diffusers_encode_prompt(files, pipe):
     enc = load_text_encoder(root / "text_encoder")
     assert enc.tokenizer.path == (root / "tokenizer" / "tokenizer.json").resolve()
     _check(enc.encode(BATCH), _reference_encode(pipe, BATCH), "diffusers sharded folder vs diffusers")
+    assert load_text_encoder(root / "text_encoder", tokenizer=str(root / "tokenizer")).tokenizer.source \
+        == "explicit path"
     # the pipeline root works too
     assert load_text_encoder(root, tokenizer=enc.tokenizer).encode("x")[0].shape == enc.encode("x")[0].shape
 
@@ -210,6 +212,17 @@ def test_fp8_uint8_container_with_metadata(lm, tmp_path):
     save_file(sd, str(tmp_path / "u8.safetensors"), metadata=meta)
     enc = load_text_encoder(tmp_path / "u8.safetensors", tokenizer=load_tokenizer(), dtype=torch.float32)
     assert torch.equal(dict(enc.model.named_parameters())["layers.0.self_attn.q_proj.weight"], expected)
+    # newer ComfyUI: the format in a per-layer uint8 JSON tensor "<layer>.comfy_quant", no metadata
+    sd["model.layers.0.self_attn.q_proj.comfy_quant"] = torch.tensor(
+        list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
+    save_file(sd, str(tmp_path / "cq.safetensors"))
+    enc = load_text_encoder(tmp_path / "cq.safetensors", tokenizer=load_tokenizer(), dtype=torch.float32)
+    assert torch.equal(dict(enc.model.named_parameters())["layers.0.self_attn.q_proj.weight"], expected)
+    # an integer weight with no known fp8 format is refused with a clear message
+    del sd["model.layers.0.self_attn.q_proj.comfy_quant"]
+    save_file(sd, str(tmp_path / "unknown.safetensors"))
+    with pytest.raises(CheckpointError, match="q_proj.weight stored as torch.uint8.*not supported"):
+        load_text_encoder(tmp_path / "unknown.safetensors", tokenizer=load_tokenizer())
 
 
 def test_matches_comfyui_native_text_encoder(files, enc):
