@@ -1,0 +1,335 @@
+"""Qwen3 text encoder: prompt -> caption features for the Z-Image DiT.
+
+Matches diffusers' `ZImagePipeline._encode_prompt`: the prompt is wrapped in Qwen3's chat template
+(`apply_chat_template(..., add_generation_prompt=True, enable_thinking=True)`, which adds no think
+block), run through transformers' `Qwen3Model`, and `hidden_states[-2]` (the output of the
+second-to-last decoder layer, before the final norm) is returned per prompt with padding removed.
+Every template token goes to the DiT.
+
+Differences from diffusers, on purpose:
+- No cut at 512 tokens (like ComfyUI). Captions are cut at `max_tokens` (default 1504, see
+  `MAX_CAPTION_TOKENS`) with a logged warning, keeping the template's closing tokens.
+- The last decoder layer and the final norm are never loaded or run: their output is not used.
+
+Weights: ComfyUI's `qwen_3_4b*.safetensors` (HF `Qwen3ForCausalLM` names, bf16/fp16/fp32 or fp8 with
+optional per-tensor scales) or a diffusers `text_encoder/` folder (sharded or not, with or without
+the `model.` prefix). The config is inferred from tensor shapes; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+from .safetensors_io import Checkpoint, open_checkpoint
+from .tokenizer import QwenTokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+TEMPLATE_PREFIX = "<|im_start|>user\n"
+TEMPLATE_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
+# The DiT's caption RoPE axis has 1536 positions (axes_lens[0]); captions are padded to a multiple
+# of 32 and numbered from 1, and image tokens take position padded_len + 1, so padded_len <= 1504.
+MAX_CAPTION_TOKENS = 1504
+_TEMPLATE_TOKENS = 8  # <|im_start|> user \n ... <|im_end|> \n <|im_start|> assistant \n
+ROPE_THETA = 1_000_000.0
+RMS_NORM_EPS = 1e-6
+
+WHAT = ("a Qwen3-4B text encoder (qwen_3_4b.safetensors with keys like "
+        "model.layers.0.self_attn.q_norm.weight, or a diffusers text_encoder/ folder)")
+FIX = ("Z-Image-Turbo uses Qwen3-4B: choose qwen_3_4b.safetensors (or qwen_3_4b_fp8_mixed) from "
+       "models/text_encoders, or the text_encoder/ folder of Tongyi-MAI/Z-Image-Turbo.")
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+_FP8_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+
+
+def chat_prompt(prompt: str) -> str:
+    """The text the tokenizer sees: Qwen3's chat template for one user turn plus the generation prompt."""
+    return f"{TEMPLATE_PREFIX}{prompt}{TEMPLATE_SUFFIX}"
+
+
+class ZImageTextEncoder:
+    """Qwen3 features for Z-Image captions. `encode(prompts)` -> one (L_i, hidden) tensor per prompt.
+
+    `model` is a transformers `Qwen3Model` holding only the layers that produce `hidden_states[-2]`
+    (the last layer and the final norm are dropped; its `norm` is an Identity). An empty prompt is
+    allowed: the template alone gives 8 tokens, as diffusers does for its empty negative prompt.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: QwenTokenizer, *, path: str = "",
+                 max_tokens: int = MAX_CAPTION_TOKENS) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.path = path
+        self.max_tokens = max_tokens
+        self._suffix_ids = tokenizer.encode(TEMPLATE_SUFFIX)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ZImageTextEncoder:
+        """Move and/or cast the weights; RoPE buffers stay float32 (casting them would change results)."""
+        if dtype is not None:
+            for p in self.model.parameters():
+                p.data = p.data.to(dtype)
+        if device is not None:
+            self.model.to(device)
+        return self
+
+    def tokenize(self, prompts: str | Sequence[str]) -> list[list[int]]:
+        """Token ids per prompt, template included, cut to `max_tokens` (warning) if longer."""
+        prompts = _as_prompt_list(prompts)
+        if self.max_tokens < _TEMPLATE_TOKENS + 1:
+            raise ValueError(f"max_tokens must leave room for the prompt: at least {_TEMPLATE_TOKENS + 1} "
+                             f"(the chat template alone is {_TEMPLATE_TOKENS} tokens), got {self.max_tokens}")
+        out = []
+        for i, prompt in enumerate(prompts):
+            ids = self.tokenizer.encode(chat_prompt(prompt))
+            if len(ids) > self.max_tokens:
+                n = len(self._suffix_ids)
+                # The template's end is its own segment (special tokens split first), so it is
+                # always these ids; keep it so the DiT still sees a closed user turn.
+                log.warning("Z-Image prompt %d is %d tokens with the chat template; cut to %d tokens "
+                            "(the Z-Image caption limit). The end of the prompt is ignored.",
+                            i, len(ids), self.max_tokens)
+                ids = ids[: self.max_tokens - n] + ids[-n:]
+            out.append(ids)
+        return out
+
+    @torch.no_grad()
+    def encode(self, prompts: str | Sequence[str]) -> list[torch.Tensor]:
+        """Caption features per prompt: (L_i, hidden) in the model's dtype, on its device."""
+        ids = self.tokenize(prompts)
+        lengths = [len(x) for x in ids]
+        longest = max(lengths)
+        device = self.device
+        input_ids = torch.full((len(ids), longest), self.tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), longest), dtype=torch.long)
+        for row, x in enumerate(ids):
+            input_ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+            mask[row, : len(x)] = 1
+        # Right padding + causal attention: real tokens never see pads. Without pads the plain
+        # causal path is used (no mask tensor).
+        attention_mask = None if min(lengths) == longest else mask.to(device)
+        hidden = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask,
+                            use_cache=False).last_hidden_state
+        if len(ids) == 1:
+            return [hidden[0]]
+        return [hidden[row, :n].clone() for row, n in enumerate(lengths)]
+
+    def __repr__(self) -> str:
+        c = self.model.config
+        return (f"ZImageTextEncoder({self.path!r}, hidden={c.hidden_size}, "
+                f"layers run={c.num_hidden_layers} of {c.num_hidden_layers + 1}, "
+                f"dtype={self.dtype}, device={self.device})")
+
+
+def _as_prompt_list(prompts: str | Sequence[str]) -> list[str]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    bad = [type(p).__name__ for p in prompts if not isinstance(p, str)]
+    if bad or not prompts:
+        raise TypeError(f"prompts must be a non-empty list of strings; got {len(prompts)} item(s)"
+                        + (f" including {', '.join(sorted(set(bad)))}" if bad else ""))
+    return prompts
+
+
+def load_text_encoder(path: str | os.PathLike, *, tokenizer: QwenTokenizer | str | os.PathLike | None = None,
+                      dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> ZImageTextEncoder:
+    """Load a Qwen3 text encoder for Z-Image from local files.
+
+    `tokenizer`: a loaded `QwenTokenizer`, a tokenizer path, or None to search (see `load_tokenizer`,
+    starting beside `path`). `dtype`: None keeps the stored dtype (fp8 storage -> bfloat16).
+    Weights are assigned one tensor at a time onto a meta-initialised model (no second copy in RAM).
+    """
+    path = Path(path)
+    if path.is_dir() and not any(path.glob("*.safetensors")) and (path / "text_encoder").is_dir():
+        path = path / "text_encoder"  # the root of a diffusers layout
+    ckpt = open_checkpoint(path, WHAT)
+    if not isinstance(tokenizer, QwenTokenizer):
+        tokenizer = load_tokenizer(tokenizer, search_near=path) if tokenizer is not None \
+            else load_tokenizer(search_near=path)
+    prefix = _find_prefix(ckpt)
+    config = _infer_config(ckpt, prefix)
+    if dtype is None:
+        stored = ckpt.dtype(prefix + "embed_tokens.weight")
+        dtype = stored if stored in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
+    model = _build(ckpt, prefix, config, dtype, torch.device(device))
+    ckpt.close()
+    return ZImageTextEncoder(model, tokenizer, path=str(path))
+
+
+def _find_prefix(ckpt: Checkpoint) -> str:
+    """The key prefix before `layers.N...` (e.g. "model." for ComfyUI files, "" for Qwen3Model saves)."""
+    for key in ckpt:
+        m = re.match(r"^(.*?)layers\.0\.self_attn\.q_proj\.weight$", key)
+        if m and f"{m.group(1)}embed_tokens.weight" in ckpt.infos:
+            prefix = m.group(1)
+            if f"{prefix}layers.0.self_attn.q_norm.weight" not in ckpt.infos:
+                bias = f"{prefix}layers.0.self_attn.k_proj.bias" in ckpt.infos
+                raise CheckpointError(ckpt.path, WHAT,
+                                      "a Qwen2/Qwen2.5 or Llama-style text encoder (no q_norm weights"
+                                      + (", q/k/v biases" if bias else "") + "), not Qwen3", FIX)
+            return prefix
+    raise CheckpointError(ckpt.path, WHAT, _identify(ckpt), FIX)
+
+
+def _identify(ckpt: Checkpoint) -> str:
+    keys = list(ckpt.infos)
+
+    def has(pattern: str) -> bool:
+        return any(re.search(pattern, k) for k in keys)
+
+    if has(r"text_model\.encoder\.layers\.") or has(r"^(clip_[lg]\.)?transformer\.text_model\."):
+        return "a CLIP text encoder (keys text_model.encoder.layers...), used by SD/SDXL/Flux"
+    if has(r"encoder\.block\.\d+\.layer\."):
+        return "a T5 text encoder (keys encoder.block...)"
+    if has(r"(^|\.)(cap_embedder|noise_refiner|context_refiner)\.") or has(r"layers\.0\.attention\.qkv\."):
+        return ("a Z-Image diffusion transformer (keys cap_embedder/noise_refiner...); load it with the "
+                "diffusion model loader instead")
+    if has(r"(^|\.)(decoder\.(conv_in|up|up_blocks|mid)|encoder\.down(_blocks)?)\."):
+        return "a VAE (keys encoder.down.../decoder.up...); load it with the VAE loader instead"
+    if has(r"(double_blocks|single_blocks|input_blocks|joint_blocks|transformer_blocks)\."):
+        return "a diffusion model, not a text encoder"
+    sample = ", ".join(keys[:4])
+    return f"{len(keys)} tensors with unrelated names (e.g. {sample})"
+
+
+def _infer_config(ckpt: Checkpoint, prefix: str):
+    from transformers import Qwen3Config
+
+    def shape(name: str) -> tuple[int, ...]:
+        try:
+            return ckpt.shape(prefix + name)
+        except KeyError:
+            raise CheckpointError(ckpt.path, WHAT, f"no tensor {prefix + name!r} (incomplete checkpoint)",
+                                  FIX) from None
+
+    layer_ids = {int(m.group(1)) for k in ckpt.infos
+                 if (m := re.match(re.escape(prefix) + r"layers\.(\d+)\.", k))}
+    n_layers = max(layer_ids) + 1
+    if layer_ids != set(range(n_layers)) or n_layers < 2:
+        raise CheckpointError(ckpt.path, WHAT, f"decoder layers {sorted(layer_ids)[:8]}... "
+                              "(layers missing or fewer than 2)", FIX)
+    vocab, hidden = shape("embed_tokens.weight")
+    head_dim = shape("layers.0.self_attn.q_norm.weight")[0]
+    q_out, k_out = shape("layers.0.self_attn.q_proj.weight")[0], shape("layers.0.self_attn.k_proj.weight")[0]
+    intermediate = shape("layers.0.mlp.gate_proj.weight")[0]
+    if q_out % head_dim or k_out % head_dim or shape("layers.0.self_attn.o_proj.weight") != (hidden, q_out):
+        raise CheckpointError(ckpt.path, WHAT, f"inconsistent attention shapes (q_proj {q_out} rows, k_proj "
+                              f"{k_out} rows, head_dim {head_dim} from q_norm)", FIX)
+    # A diffusers folder's own config.json may refine RoPE theta / eps; shapes always come from the file.
+    cfg = ckpt.config or {}
+    theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", ROPE_THETA))
+    eps = cfg.get("rms_norm_eps", RMS_NORM_EPS)
+    # Build one layer fewer than the file has: hidden_states[-2] is the second-to-last layer's output.
+    config = Qwen3Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=n_layers - 1,
+        num_attention_heads=q_out // head_dim, num_key_value_heads=k_out // head_dim, head_dim=head_dim,
+        rope_theta=float(theta), rms_norm_eps=float(eps), tie_word_embeddings=True,
+        max_position_embeddings=max(40960, MAX_CAPTION_TOKENS), attention_bias=False, use_cache=False,
+    )
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def _build(ckpt: Checkpoint, prefix: str, config, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    from transformers import Qwen3Model
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+
+    with torch.device("meta"):
+        model = Qwen3Model(config)
+    model.norm = nn.Identity()  # hidden_states[-2] is taken before the final norm
+    quant_layers = _quant_layers(ckpt)
+    missing = []
+    for name, param in list(model.named_parameters()):
+        key = prefix + name
+        if key not in ckpt.infos:
+            missing.append(key)
+            continue
+        tensor = _dequantize(ckpt, key, quant_layers, device)
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise CheckpointError(ckpt.path, f"{WHAT}; tensor {key} of shape {tuple(param.shape)}",
+                                  f"shape {tuple(tensor.shape)}", FIX)
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        module._parameters[attr] = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
+    if missing:
+        raise CheckpointError(ckpt.path, WHAT, f"{len(missing)} missing tensor(s), e.g. {', '.join(missing[:3])}",
+                              "The file is incomplete or not a Qwen3 model. " + FIX)
+    # RoPE frequencies are computed, not stored: build them for real outside the meta context.
+    model.rotary_emb = Qwen3RotaryEmbedding(config=config).to(device)
+    model.eval()
+    return model
+
+
+def _quant_layers(ckpt: Checkpoint) -> dict[str, str]:
+    """ComfyUI "mixed" quantization metadata: layer name -> format, if the file has it."""
+    raw = ckpt.metadata.get("_quantization_metadata")
+    if not raw:
+        return {}
+    try:
+        layers = json.loads(raw).get("layers", {})
+    except (json.JSONDecodeError, AttributeError):
+        return {}
+    return {k: (v.get("format") if isinstance(v, dict) else v) for k, v in layers.items()}
+
+
+def _dequantize(ckpt: Checkpoint, key: str, quant_layers: dict[str, str], device: torch.device) -> torch.Tensor:
+    """Read one tensor; fp8 weights become float32 times their per-tensor scale, if one is stored."""
+    tensor = ckpt[key]
+    layer = key[: -len(".weight")] if key.endswith(".weight") else None
+    if tensor.dtype in (torch.uint8, torch.int8) and layer is not None:
+        fmt = quant_layers.get(layer) or _comfy_quant_format(ckpt, layer)
+        if fmt not in _FP8_FORMATS:
+            raise CheckpointError(ckpt.path, f"{WHAT} in bf16/fp16/fp32 or fp8",
+                                  f"tensor {key} stored as {tensor.dtype} with quantization format {fmt!r}",
+                                  "This quantization format is not supported; use the bf16 or fp8 file.")
+        tensor = tensor.view(_FP8_FORMATS[fmt])
+    if tensor.dtype not in _FP8:
+        if not tensor.is_floating_point():
+            raise CheckpointError(ckpt.path, WHAT, f"tensor {key} stored as {tensor.dtype}", FIX)
+        return tensor
+    tensor = tensor.to(device).to(torch.float32)
+    for scale_key in (f"{layer}.weight_scale", f"{layer}.scale_weight"):  # ComfyUI mixed / scaled_fp8
+        if layer is not None and scale_key in ckpt.infos:
+            scale = ckpt[scale_key].to(device=device, dtype=torch.float32)
+            if scale.numel() == 1:
+                tensor = tensor * scale.reshape(())
+            elif scale.numel() == tensor.shape[0]:
+                tensor = tensor * scale.reshape(-1, *([1] * (tensor.dim() - 1)))
+            else:
+                raise CheckpointError(ckpt.path, f"a per-tensor or per-row fp8 scale for {key}",
+                                      f"{scale_key} of shape {tuple(scale.shape)}",
+                                      "This quantization layout is not supported; use the bf16 file.")
+            break
+    return tensor
+
+
+def _comfy_quant_format(ckpt: Checkpoint, layer: str) -> str | None:
+    # Newer ComfyUI stores per-layer quantization info as a uint8 JSON tensor "<layer>.comfy_quant".
+    key = f"{layer}.comfy_quant"
+    if key not in ckpt.infos:
+        return None
+    try:
+        return json.loads(bytes(ckpt[key].tolist()).decode("utf-8")).get("format")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return None
