@@ -12,6 +12,7 @@ the real file formats) and used instead; the picture is then noise, and the scri
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import tempfile
 import time
@@ -80,7 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     # The real weights decide whether this is a demo run; check before starting ComfyUI.
     workflow = load_workflow(args.workflow)
     demo = False
+    # ComfyUI warns about optional extras it cannot import (e.g. audio nodes without torchaudio); those
+    # do not concern this job, so only errors are shown while it boots.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.ERROR)
     comfy.start()
+    logging.getLogger().setLevel(logging.WARNING)
     prompt = comfy.to_api(workflow)
     missing = missing_models(prompt, models_dir)
     if missing:
