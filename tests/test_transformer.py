@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +12,7 @@ import torch.nn.functional as F
 from tests.transformer_fixtures import (
     TINY,
     diffusers_velocity,
+    import_comfy,
     make_diffusers_model,
     max_abs,
     ragged_inputs,
@@ -21,10 +20,6 @@ from tests.transformer_fixtures import (
     to_comfy,
 )
 from zimage_core.transformer import TransformerConfig, ZImageTransformer
-
-COMFYUI_DIR = Path(__file__).resolve().parents[1] / ".comfyui" / "ComfyUI"
-if not COMFYUI_DIR.is_dir():
-    COMFYUI_DIR = Path("/work/main/.comfyui/ComfyUI")
 
 
 def tiny_config(**overrides) -> TransformerConfig:
@@ -162,17 +157,7 @@ def test_fp16_overflow_is_clamped(ref, monkeypatch):
 
 
 def test_matches_comfyui_nextdit():
-    if not (COMFYUI_DIR / "comfy" / "ldm" / "lumina" / "model.py").is_file():
-        pytest.skip(f"ComfyUI is not installed at {COMFYUI_DIR} (scripts/setup.sh installs it)")
-    sys.path.insert(0, str(COMFYUI_DIR))
-    try:
-        import comfy.cli_args
-
-        comfy.cli_args.args.cpu = True  # CPU-only torch here; ComfyUI would probe CUDA otherwise
-        import comfy.ops
-        from comfy.ldm.lumina.model import NextDiT
-    finally:
-        sys.path.remove(str(COMFYUI_DIR))
+    comfy_ops, NextDiT = import_comfy()
     # ComfyUI's timestep MLP is only the Z-Image shape (256 -> 1024 -> 256) for dim >= 1024, so this
     # test uses dim 1024 with the real head layout (8 heads of 128, axes 32/48/48), one layer each.
     cfg = TransformerConfig(dim=1024, n_layers=1, n_refiner_layers=1, n_heads=8, n_kv_heads=8, cap_feat_dim=64)
@@ -186,7 +171,7 @@ def test_matches_comfyui_nextdit():
                      n_kv_heads=8, multiple_of=1, ffn_dim_multiplier=8.0 / 3.0, norm_eps=1e-5, qk_norm=True,
                      cap_feat_dim=64, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512], rope_theta=256.0,
                      z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=32,
-                     operations=comfy.ops.disable_weight_init).eval()
+                     operations=comfy_ops.disable_weight_init).eval()
     sd = ours.state_dict()
     sd["norm_final.weight"] = torch.ones(1024)  # ComfyUI builds this unused norm; real files carry it
     theirs.load_state_dict(sd, strict=True)

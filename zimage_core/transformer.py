@@ -271,6 +271,15 @@ class ZImageTransformer(nn.Module):
         self.compute_dtype: torch.dtype | None = None
         self._layouts: dict[tuple, _Layout] = {}
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (inputs are cast to it; the output comes back in the input's dtype)."""
+        return self._compute_dtype()
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_pad_token.device
+
     # -- helpers -------------------------------------------------------------------------------
     def _compute_dtype(self) -> torch.dtype:
         if self.compute_dtype is not None:

@@ -137,13 +137,25 @@ def _plan(keys: Iterable[str], fmt: TransformerFormat) -> dict[str, tuple[str, .
                 continue
             name = new
         plan[name] = [key]
-    done: dict[str, tuple[str, ...]] = {}
-    for name, sources in plan.items():
-        if any(s is None for s in sources):
-            # A split qkv with a part missing: report it as missing below.
-            continue
-        done[name] = tuple(sources)  # type: ignore[arg-type]
-    return done
+    # A split qkv with a part missing is left out, so it is reported as missing.
+    return {name: tuple(src) for name, src in plan.items() if None not in src}  # type: ignore[misc]
+
+
+def _missing_source_names(missing: list[str], fmt: TransformerFormat, keys: Iterable[str]) -> list[str]:
+    """Name missing tensors as the file would (diffusers names for a diffusers checkpoint)."""
+    if fmt.kind != "diffusers":
+        return missing
+    keys = set(keys)
+    names = []
+    for name in missing:
+        if name.endswith(".attention.qkv.weight"):
+            base = fmt.prefix + name[: -len("qkv.weight")]
+            names += [f"{base[len(fmt.prefix):]}{p}.weight" for p in DIFFUSERS_QKV if f"{base}{p}.weight" not in keys]
+        else:
+            for old, new in _DIFFUSERS_RENAMES:
+                name = name.replace(new, old) if new in name and (old.startswith(".") or name.startswith(new)) else name
+            names.append(name)
+    return names
 
 
 def _shapes_of(ckpt: Checkpoint | Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
@@ -279,6 +291,7 @@ def load_transformer(path: str | os.PathLike, *, dtype: torch.dtype | None = Non
     expected = expected_shapes(config)
     missing = [k for k in expected if k not in names]
     if missing:
+        missing = _missing_source_names(missing, fmt, shapes)
         few = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(ckpt.path, f"{WHAT} with all {len(expected)} tensors",
                               f"{len(missing)} missing tensor(s): {few}",
