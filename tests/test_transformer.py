@@ -51,6 +51,16 @@ def test_ragged_batch_matches_diffusers(ref):
     assert max_abs(got, expected) <= 1e-5
 
 
+@pytest.mark.parametrize("cap_lens, hw", [((32, 1), (16, 16)), ((33,), (2, 2)), ((64, 31, 3), (4, 30))],
+                         ids=["no-pad", "single", "three-ragged"])
+def test_other_layouts_match_diffusers(ref, cap_lens, hw):
+    model = ours_from(ref)
+    x, sigma, caps = ragged_inputs(seed=5, cap_lens=cap_lens, hw=hw, batch=len(cap_lens))
+    with torch.no_grad():
+        got = model(x, sigma, caps)
+    assert rel_err(got, diffusers_velocity(ref, x, sigma, caps)) <= 1e-5
+
+
 def test_even_batch_uses_no_mask_and_matches_ragged_per_sample(ref, monkeypatch):
     model = ours_from(ref)
     x, sigma, caps = ragged_inputs(cap_lens=(7, 45))

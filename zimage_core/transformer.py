@@ -319,6 +319,11 @@ class ZImageTransformer(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cap_feats: list[torch.Tensor]) -> torch.Tensor:
+        """Velocity eps - x0 for latents x (B, C, H, W) at noise levels sigma (B,) (1 = pure noise).
+
+        cap_feats: one (L_i, cap_feat_dim) tensor per sample; lengths may differ (the batch is then
+        masked). H and W must be even. Computes in `self.dtype`; returns x's dtype.
+        """
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"ZImageTransformer: expected latents (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}.")
@@ -338,7 +343,7 @@ class ZImageTransformer(nn.Module):
                                  f"{cfg.cap_feat_dim}). Check that the right text encoder is loaded.")
         dtype = self._compute_dtype()
         device = x.device
-        sigma = sigma.reshape(-1).to(device)
+        sigma = torch.as_tensor(sigma).reshape(-1).to(device)
         if sigma.numel() == 1 and b > 1:
             sigma = sigma.expand(b)
 
