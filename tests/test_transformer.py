@@ -195,3 +195,10 @@ def test_matches_comfyui_nextdit():
     # float64; both move the output by ~3e-7 relative here, far inside 1e-5.
     assert rel_err(got, expected) <= 1e-5, rel_err(got, expected)
     assert max_abs(got, expected) <= 1e-4
+
+
+def test_one_caption_is_shared_by_the_batch(ref):
+    model = ours_from(ref)
+    x, sigma, caps = ragged_inputs()
+    with torch.no_grad():
+        assert torch.equal(model(x, sigma, caps[:1]), model(x, sigma, [caps[0], caps[0]]))

@@ -25,6 +25,7 @@ from tests.transformer_fixtures import (
 )
 from zimage_core import CheckpointError
 from zimage_core.safetensors_io import open_checkpoint
+from zimage_core.transformer import TransformerConfig, ZImageTransformer
 from zimage_core.transformer_loading import (
     comfy_state_dict_from_diffusers,
     infer_transformer_config,
@@ -140,6 +141,14 @@ def test_config_inferred_from_shapes_matches_diffusers_config(ref, tmp_path):
     assert (cfg.dim, cfg.n_layers, cfg.n_refiner_layers, cfg.n_heads, cfg.cap_feat_dim) == (
         TINY["dim"], TINY["n_layers"], TINY["n_refiner_layers"], TINY["n_heads"], TINY["cap_feat_dim"])
     assert list(cfg.axes_dims) == TINY["axes_dims"]
+
+
+def test_full_config_inferred_from_comfy_key_shapes():
+    full = ZImageTransformer(TransformerConfig.full(), device="meta").state_dict()
+    sd = {f"model.diffusion_model.{k}": v for k, v in full.items()}
+    sd["model.diffusion_model.norm_final.weight"] = torch.empty(3840, device="meta")
+    sd["vae.decoder.conv_in.weight"] = torch.empty(512, 16, 3, 3, device="meta")  # all-in-one files
+    assert infer_transformer_config(sd) == TransformerConfig.full()
 
 
 def test_product_conversion_matches_independent_converter(ref):

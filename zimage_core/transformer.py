@@ -321,8 +321,8 @@ class ZImageTransformer(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cap_feats: list[torch.Tensor]) -> torch.Tensor:
         """Velocity eps - x0 for latents x (B, C, H, W) at noise levels sigma (B,) (1 = pure noise).
 
-        cap_feats: one (L_i, cap_feat_dim) tensor per sample; lengths may differ (the batch is then
-        masked). H and W must be even. Computes in `self.dtype`; returns x's dtype.
+        cap_feats: one (L_i, cap_feat_dim) tensor per sample (or one for the whole batch); lengths may
+        differ (the batch is then masked). H and W must be even. Computes in `self.dtype`; returns x's dtype.
         """
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
@@ -334,6 +334,8 @@ class ZImageTransformer(nn.Module):
                              f"even, i.e. image width and height must be multiples of {8 * p} pixels.")
         if isinstance(cap_feats, torch.Tensor):
             cap_feats = list(cap_feats.unbind(0)) if cap_feats.ndim == 3 else [cap_feats]
+        if len(cap_feats) == 1 and b > 1:
+            cap_feats = list(cap_feats) * b  # one prompt for the whole batch
         if len(cap_feats) != b:
             raise ValueError(f"ZImageTransformer: got {len(cap_feats)} caption feature tensors for a batch of {b}.")
         for i, f in enumerate(cap_feats):
