@@ -65,6 +65,12 @@ def test_diffusers_folder(ref, case, tmp_path, sharded):
     _assert_exact(model, case)
 
 
+def test_diffusers_pipeline_root_uses_its_transformer_folder(ref, case, tmp_path):
+    write_diffusers_folder(ref, tmp_path / "transformer", sharded=True)
+    (tmp_path / "model_index.json").write_text("{}")
+    _assert_exact(load_transformer(tmp_path), case)
+
+
 @pytest.mark.parametrize("prefix", ["model.diffusion_model.", ""], ids=["prefixed", "bare"])
 def test_comfy_single_file_fp32(ref, case, tmp_path, prefix):
     path = write_comfy_file(ref, tmp_path / "z.safetensors", prefix=prefix)  # includes a stray norm_final

@@ -198,9 +198,9 @@ class TransformerBlock(nn.Module):
         if self.modulation:
             scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).unsqueeze(1).chunk(4, dim=2)
             h = self.attention(self.attention_norm1(x) * (1 + scale_msa), rope, mask)
-            x = x + gate_msa.tanh() * self.attention_norm2(_clamp_fp16(h))
+            x = torch.addcmul(x, gate_msa.tanh(), self.attention_norm2(_clamp_fp16(h)))
             h = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp))
-            return x + gate_mlp.tanh() * self.ffn_norm2(_clamp_fp16(h))
+            return torch.addcmul(x, gate_mlp.tanh(), self.ffn_norm2(_clamp_fp16(h)))
         x = x + self.attention_norm2(_clamp_fp16(self.attention(self.attention_norm1(x), rope, mask)))
         return x + self.ffn_norm2(_clamp_fp16(self.feed_forward(self.ffn_norm1(x))))
 

@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -273,6 +274,14 @@ def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
     setattr(module, attr, nn.Parameter(value, requires_grad=False))
 
 
+def _transformer_folder(path: str | os.PathLike) -> Path:
+    """A diffusers pipeline root (model_index.json, transformer/, vae/, ...) means its transformer/."""
+    path = Path(path)
+    if path.is_dir() and not any(path.glob("*.safetensors*")) and (path / "transformer").is_dir():
+        return path / "transformer"
+    return path
+
+
 def load_transformer(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                      device: torch.device | str = "cpu", operations: Any = None) -> ZImageTransformer:
     """Load a Z-Image transformer: ComfyUI single file (any prefix; bf16/fp16/fp32/fp8) or diffusers folder.
@@ -280,7 +289,7 @@ def load_transformer(path: str | os.PathLike, *, dtype: torch.dtype | None = Non
     `dtype` is the weight and compute dtype (default: the stored dtype; bf16 for fp8 files).
     `operations` is a namespace of layer classes (e.g. ComfyUI's `comfy.ops.manual_cast`).
     """
-    ckpt = open_checkpoint(path, WHAT)
+    ckpt = open_checkpoint(_transformer_folder(path), WHAT)
     shapes = _shapes_of(ckpt)
     dtypes = _dtypes_of(ckpt)
     fmt = detect_transformer_format(shapes, ckpt.path)
