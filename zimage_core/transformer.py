@@ -82,9 +82,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if w.dtype != x.dtype:
-            w = w.to(x.dtype)
+        # .to() is a no-op normally; it matters when ComfyUI offloads weights (lowvram) or stores fp8.
+        w = self.weight.to(device=x.device, dtype=x.dtype)
         return F.rms_norm(x, (x.shape[-1],), w, self.eps)
 
 
@@ -359,7 +358,8 @@ class ZImageTransformer(nn.Module):
         img = self.x_embedder(img)
         img_len = _padded(n_img)
         if img_len > n_img:
-            img = torch.cat([img, self.x_pad_token.to(img.dtype).expand(b, img_len - n_img, -1)], 1)
+            pad = self.x_pad_token.to(device=device, dtype=img.dtype)
+            img = torch.cat([img, pad.expand(b, img_len - n_img, -1)], 1)
 
         # Captions: embed unpadded tokens once, then pad each to a multiple of 32 with the learned pad
         # token. Batch padding (different lengths) is also filled with it but masked out of attention.
@@ -367,7 +367,7 @@ class ZImageTransformer(nn.Module):
         cap_lens = tuple(_padded(n) for n in lens)
         cap_max = max(cap_lens)
         emb = self.cap_embedder(torch.cat([f.to(device=device, dtype=dtype) for f in cap_feats], 0))
-        pad = self.cap_pad_token.to(emb.dtype)
+        pad = self.cap_pad_token.to(device=device, dtype=emb.dtype)
         rows = [torch.cat([e, pad.expand(cap_max - n, -1)], 0) if cap_max > n else e
                 for e, n in zip(emb.split(lens, 0), lens, strict=True)]
         cap = torch.stack(rows, 0)
