@@ -23,6 +23,9 @@ from .safetensors_io import Checkpoint, open_checkpoint
 from .transformer import TransformerConfig, ZImageTransformer
 
 WHAT = "a Z-Image transformer (S3-DiT) checkpoint"
+# The official Z-Image-Turbo transformer: tensors in a ComfyUI file (without norm_final) and parameters.
+OFFICIAL_KEY_COUNT = 453
+OFFICIAL_PARAM_COUNT = 6_154_908_736
 COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.", "")
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # Present in some ComfyUI exports, not used by the model.
