@@ -1,0 +1,392 @@
+"""The Z-Image S3-DiT ("single-stream" diffusion transformer) in plain PyTorch.
+
+Behaviour follows diffusers' `ZImageTransformer2DModel` and ComfyUI's `NextDiT` (Z-Image mode);
+parameter names are ComfyUI's single-file key names, so such a state dict loads with strict=True.
+`forward` returns the flow velocity v = eps - x0 (the raw network predicts x0 - eps).
+
+Layers that hold weights are built through an injectable `operations` namespace (default
+`torch.nn`) so ComfyUI can pass its `comfy.ops` classes (weight casting, offloading, fp8).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ADALN_DIM = 256  # width of the timestep embedding that drives all modulation
+SEQ_MULTIPLE = 32  # caption and image sequences are padded to a multiple of this
+FP16_MAX = 65504.0
+
+
+@dataclass
+class TransformerConfig:
+    """Hyper-parameters of the S3-DiT. Defaults are the official Z-Image-Turbo values."""
+
+    dim: int = 3840
+    n_layers: int = 30
+    n_refiner_layers: int = 2
+    n_heads: int = 30
+    n_kv_heads: int = 30
+    in_channels: int = 16
+    patch_size: int = 2
+    cap_feat_dim: int = 2560
+    axes_dims: tuple[int, ...] = field(default=(32, 48, 48))
+    axes_lens: tuple[int, ...] = field(default=(1536, 512, 512))
+    rope_theta: float = 256.0
+    norm_eps: float = 1e-5
+    t_scale: float = 1000.0
+
+    def __post_init__(self) -> None:
+        self.axes_dims = tuple(int(d) for d in self.axes_dims)
+        self.axes_lens = tuple(int(n) for n in self.axes_lens)
+        if self.dim % self.n_heads:
+            raise ValueError(f"TransformerConfig: dim {self.dim} is not divisible by n_heads {self.n_heads}.")
+        if self.n_kv_heads != self.n_heads:
+            raise ValueError(f"TransformerConfig: n_kv_heads {self.n_kv_heads} != n_heads {self.n_heads}; "
+                             "Z-Image uses plain multi-head attention (no grouped KV heads).")
+        if sum(self.axes_dims) != self.head_dim or any(d % 2 for d in self.axes_dims):
+            raise ValueError(f"TransformerConfig: axes_dims {list(self.axes_dims)} must be even numbers "
+                             f"summing to head_dim {self.head_dim}.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        # Same expression as the reference (int(dim / 3 * 8)); 10240 for dim 3840.
+        return int(self.dim / 3 * 8)
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.in_channels
+
+    @classmethod
+    def full(cls) -> TransformerConfig:
+        """The official Z-Image-Turbo transformer (6,154,908,736 parameters)."""
+        return cls()
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a `weight` parameter; always ours, so comfy ops never change its behaviour."""
+
+    def __init__(self, dim: int, eps: float, *, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # .to() is a no-op normally; it matters when ComfyUI offloads weights (lowvram) or stores fp8.
+        w = self.weight.to(device=x.device, dtype=x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), w, self.eps)
+
+
+def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:
+    # Z-Image's attention/FFN branches overflow fp16; clamping (as ComfyUI does) keeps images finite.
+    if x.dtype == torch.float16:
+        return torch.nan_to_num(x, nan=0.0, posinf=FP16_MAX, neginf=-FP16_MAX)
+    return x
+
+
+def _apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of the head dim. x: (B, L, H, D); rope: (B|1, L, 1, D/2, 2, 2).
+
+    rope[..., :, j] is column j of each 2x2 rotation matrix, so out = R @ (x0, x1): two fused
+    elementwise kernels. It runs in the compute dtype (the references upcast to fp32; on bf16 that
+    changes outputs by ~0.07% relative, ten times less than bf16 itself, and saves two fp32 copies).
+    """
+    xp = x.unflatten(-1, (-1, 1, 2))  # (..., D/2, 1, 2)
+    out = rope[..., 0] * xp[..., 0]
+    out.addcmul_(rope[..., 1], xp[..., 1])
+    return out.flatten(-2)
+
+
+def rope_table(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: float) -> torch.Tensor:
+    """Rotation matrices (L, D/2, 2, 2) float32 for integer position ids (L, n_axes).
+
+    Frequencies 1/theta^(2k/d) and angles are computed in float64 and rounded to float32 like the
+    reference, whose cos/sin come from float32 angles.
+    """
+    angles = []
+    for axis, d in enumerate(axes_dims):
+        freqs = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+        angles.append(torch.outer(ids[:, axis].to(torch.float64), freqs).float())
+    angle = torch.cat(angles, dim=-1).double()
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # Columns of [[cos, -sin], [sin, cos]]: col0 = (cos, sin), col1 = (-sin, cos).
+    rot = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+    return rot.float()
+
+
+def caption_ids(length: int) -> torch.Tensor:
+    """Caption slot i (pads included) sits at (i + 1, 0, 0)."""
+    ids = torch.zeros(length, 3, dtype=torch.int64)
+    ids[:, 0] = torch.arange(1, length + 1)
+    return ids
+
+
+def image_ids(cap_len_padded: int, h_tokens: int, w_tokens: int, padded_len: int) -> torch.Tensor:
+    """Image tokens at (Lcap_padded + 1, row, col) in (h, w) order; pad slots at (0, 0, 0)."""
+    ids = torch.zeros(padded_len, 3, dtype=torch.int64)
+    n = h_tokens * w_tokens
+    ids[:n, 0] = cap_len_padded + 1
+    ids[:n, 1] = torch.arange(h_tokens).repeat_interleave(w_tokens)
+    ids[:n, 2] = torch.arange(w_tokens).repeat(h_tokens)
+    return ids
+
+
+def _padded(n: int) -> int:
+    return n + (-n) % SEQ_MULTIPLE
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig, ops: Any, dd: dict[str, Any]) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim
+        self.qkv = ops.Linear(cfg.dim, 3 * cfg.dim, bias=False, **dd)  # fused rows q | k | v
+        self.out = ops.Linear(cfg.dim, cfg.dim, bias=False, **dd)
+        self.q_norm = RMSNorm(cfg.head_dim, 1e-5, **dd)
+        self.k_norm = RMSNorm(cfg.head_dim, 1e-5, **dd)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, self.head_dim).unbind(2)
+        q = _apply_rope(self.q_norm(q), rope)
+        k = _apply_rope(self.k_norm(k), rope)
+        # mask is None for equal-length batches so SDPA can pick flash/cuDNN kernels.
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask)
+        return self.out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: TransformerConfig, ops: Any, dd: dict[str, Any]) -> None:
+        super().__init__()
+        self.w1 = ops.Linear(cfg.dim, cfg.ffn_hidden, bias=False, **dd)
+        self.w2 = ops.Linear(cfg.ffn_hidden, cfg.dim, bias=False, **dd)
+        self.w3 = ops.Linear(cfg.dim, cfg.ffn_hidden, bias=False, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(_clamp_fp16(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    """Sandwich-norm block; modulated blocks get (scale, gate) pairs from the timestep embedding."""
+
+    def __init__(self, cfg: TransformerConfig, ops: Any, dd: dict[str, Any], modulation: bool) -> None:
+        super().__init__()
+        self.attention = Attention(cfg, ops, dd)
+        self.feed_forward = FeedForward(cfg, ops, dd)
+        self.attention_norm1 = RMSNorm(cfg.dim, cfg.norm_eps, **dd)
+        self.ffn_norm1 = RMSNorm(cfg.dim, cfg.norm_eps, **dd)
+        self.attention_norm2 = RMSNorm(cfg.dim, cfg.norm_eps, **dd)
+        self.ffn_norm2 = RMSNorm(cfg.dim, cfg.norm_eps, **dd)
+        self.modulation = modulation
+        if modulation:
+            # Z-Image: a bare Linear on the timestep embedding (no SiLU in front).
+            self.adaLN_modulation = nn.Sequential(ops.Linear(min(cfg.dim, ADALN_DIM), 4 * cfg.dim, bias=True, **dd))
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
+                c: torch.Tensor | None = None) -> torch.Tensor:
+        if self.modulation:
+            scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).unsqueeze(1).chunk(4, dim=2)
+            h = self.attention(self.attention_norm1(x) * (1 + scale_msa), rope, mask)
+            x = torch.addcmul(x, gate_msa.tanh(), self.attention_norm2(_clamp_fp16(h)))
+            h = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp))
+            return torch.addcmul(x, gate_mlp.tanh(), self.ffn_norm2(_clamp_fp16(h)))
+        x = x + self.attention_norm2(_clamp_fp16(self.attention(self.attention_norm1(x), rope, mask)))
+        return x + self.ffn_norm2(_clamp_fp16(self.feed_forward(self.ffn_norm1(x))))
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, cfg: TransformerConfig, ops: Any, dd: dict[str, Any]) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(ops.Linear(ADALN_DIM, 1024, bias=True, **dd), nn.SiLU(),
+                                 ops.Linear(1024, min(cfg.dim, ADALN_DIM), bias=True, **dd))
+
+    @staticmethod
+    def sinusoid(t: torch.Tensor, dim: int = ADALN_DIM, max_period: float = 10000.0) -> torch.Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.mlp(self.sinusoid(t).to(dtype))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: TransformerConfig, ops: Any, dd: dict[str, Any]) -> None:
+        super().__init__()
+        self.norm_final = ops.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6, **dd)
+        self.linear = ops.Linear(cfg.dim, cfg.patch_dim, bias=True, **dd)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), ops.Linear(min(cfg.dim, ADALN_DIM), cfg.dim, bias=True, **dd))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        scale = 1 + self.adaLN_modulation(c).unsqueeze(1)
+        return self.linear(self.norm_final(x) * scale)
+
+
+@dataclass
+class _Layout:
+    """Per-shape constants: RoPE tables and key-padding masks (None when the batch is even)."""
+
+    cap_rope: torch.Tensor
+    img_rope: torch.Tensor
+    joint_rope: torch.Tensor
+    cap_mask: torch.Tensor | None
+    joint_mask: torch.Tensor | None
+
+
+class ZImageTransformer(nn.Module):
+    """Z-Image S3-DiT. `forward(x, sigma, cap_feats)` returns the velocity eps - x0 in x's dtype."""
+
+    _LAYOUT_CACHE_SIZE = 16
+
+    def __init__(self, config: TransformerConfig, *, operations: Any = None, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        ops: Any = torch.nn if operations is None else operations  # any namespace with Linear, LayerNorm
+        cfg = self.config = config
+        dd: dict[str, Any] = {"dtype": dtype, "device": device}
+        self.x_embedder = ops.Linear(cfg.patch_dim, cfg.dim, bias=True, **dd)
+        self.t_embedder = TimestepEmbedder(cfg, ops, dd)
+        self.cap_embedder = nn.Sequential(RMSNorm(cfg.cap_feat_dim, cfg.norm_eps, **dd),
+                                          ops.Linear(cfg.cap_feat_dim, cfg.dim, bias=True, **dd))
+        self.x_pad_token = nn.Parameter(torch.zeros(1, cfg.dim, dtype=dtype, device=device))
+        self.cap_pad_token = nn.Parameter(torch.zeros(1, cfg.dim, dtype=dtype, device=device))
+        self.noise_refiner = nn.ModuleList(TransformerBlock(cfg, ops, dd, True) for _ in range(cfg.n_refiner_layers))
+        self.context_refiner = nn.ModuleList(TransformerBlock(cfg, ops, dd, False)
+                                             for _ in range(cfg.n_refiner_layers))
+        self.layers = nn.ModuleList(TransformerBlock(cfg, ops, dd, True) for _ in range(cfg.n_layers))
+        self.final_layer = FinalLayer(cfg, ops, dd)
+        # None = the dtype of the stored weights (bf16 when those are fp8). Settable by loaders.
+        self.compute_dtype: torch.dtype | None = None
+        self._layouts: dict[tuple, _Layout] = {}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (inputs are cast to it; the output comes back in the input's dtype)."""
+        return self._compute_dtype()
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_pad_token.device
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _compute_dtype(self) -> torch.dtype:
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        dtype = self.x_pad_token.dtype
+        if dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            return dtype
+        return torch.bfloat16  # fp8 storage computes in bf16
+
+    def _layout(self, cap_lens: tuple[int, ...], h_tok: int, w_tok: int, device: torch.device,
+                dtype: torch.dtype) -> _Layout:
+        key = (cap_lens, h_tok, w_tok, device, dtype)
+        layout = self._layouts.get(key)
+        if layout is not None:
+            return layout
+        cfg = self.config
+        img_len = _padded(h_tok * w_tok)
+        cap_max = max(cap_lens)
+        cap_rope = rope_table(caption_ids(cap_max), cfg.axes_dims, cfg.rope_theta)
+        # The image's first RoPE axis depends on its own caption's padded length.
+        distinct = sorted(set(cap_lens))
+        per_len = {n: rope_table(image_ids(n, h_tok, w_tok, img_len), cfg.axes_dims, cfg.rope_theta)
+                   for n in distinct}
+        img_rope = torch.stack([per_len[n] for n in (cap_lens if len(distinct) > 1 else cap_lens[:1])])
+        joint_rope = torch.cat([img_rope, cap_rope.unsqueeze(0).expand(img_rope.shape[0], -1, -1, -1, -1)], 1)
+        cap_mask = joint_mask = None
+        if len(distinct) > 1:
+            lens = torch.tensor(cap_lens)
+            cap_mask = (torch.arange(cap_max)[None] < lens[:, None])[:, None, None, :]
+            joint_mask = (torch.arange(img_len + cap_max)[None] < (lens + img_len)[:, None])[:, None, None, :]
+            cap_mask, joint_mask = cap_mask.to(device), joint_mask.to(device)
+        dd = {"device": device, "dtype": dtype}
+        layout = _Layout(cap_rope.unsqueeze(0).unsqueeze(2).to(**dd), img_rope.unsqueeze(2).to(**dd),
+                         joint_rope.unsqueeze(2).to(**dd), cap_mask, joint_mask)
+        if len(self._layouts) >= self._LAYOUT_CACHE_SIZE:
+            self._layouts.pop(next(iter(self._layouts)))
+        self._layouts[key] = layout
+        return layout
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cap_feats: list[torch.Tensor]) -> torch.Tensor:
+        """Velocity eps - x0 for latents x (B, C, H, W) at noise levels sigma (B,) (1 = pure noise).
+
+        cap_feats: one (L_i, cap_feat_dim) tensor per sample (or one for the whole batch); lengths may
+        differ (the batch is then masked). H and W must be even. Computes in `self.dtype`; returns x's dtype.
+        """
+        cfg = self.config
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"ZImageTransformer: expected latents (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}.")
+        b, c, h, w = x.shape
+        p = cfg.patch_size
+        if h % p or w % p:
+            raise ValueError(f"ZImageTransformer: latent size {h}x{w} is not divisible by {p}. Latent sizes must be "
+                             f"even, i.e. image width and height must be multiples of {8 * p} pixels.")
+        if isinstance(cap_feats, torch.Tensor):
+            cap_feats = list(cap_feats.unbind(0)) if cap_feats.ndim == 3 else [cap_feats]
+        if len(cap_feats) == 1 and b > 1:
+            cap_feats = list(cap_feats) * b  # one prompt for the whole batch
+        if len(cap_feats) != b:
+            raise ValueError(f"ZImageTransformer: got {len(cap_feats)} caption feature tensors for a batch of {b}.")
+        for i, f in enumerate(cap_feats):
+            if f.ndim != 2 or f.shape[-1] != cfg.cap_feat_dim or f.shape[0] == 0:
+                raise ValueError(f"ZImageTransformer: caption features {i} have shape {tuple(f.shape)}; expected "
+                                 f"(tokens >= 1, {cfg.cap_feat_dim}) from the Qwen3-4B text encoder (hidden size "
+                                 f"{cfg.cap_feat_dim}). Check that the right text encoder is loaded.")
+        dtype = self._compute_dtype()
+        device = x.device
+        sigma = torch.as_tensor(sigma).reshape(-1).to(device)
+        if sigma.numel() == 1 and b > 1:
+            sigma = sigma.expand(b)
+
+        # Timestep: the model counts t = 1 - sigma (t = 0 is pure noise), scaled by 1000.
+        t_emb = self.t_embedder((1.0 - sigma.float()) * cfg.t_scale, dtype)
+
+        # Image tokens in (h, w) order, each patch flattened (ph, pw, c) with c fastest.
+        ht, wt = h // p, w // p
+        n_img = ht * wt
+        img = x.to(dtype).view(b, c, ht, p, wt, p).permute(0, 2, 4, 3, 5, 1).reshape(b, n_img, cfg.patch_dim)
+        img = self.x_embedder(img)
+        img_len = _padded(n_img)
+        if img_len > n_img:
+            pad = self.x_pad_token.to(device=device, dtype=img.dtype)
+            img = torch.cat([img, pad.expand(b, img_len - n_img, -1)], 1)
+
+        # Captions: embed unpadded tokens once, then pad each to a multiple of 32 with the learned pad
+        # token. Batch padding (different lengths) is also filled with it but masked out of attention.
+        lens = [int(f.shape[0]) for f in cap_feats]
+        cap_lens = tuple(_padded(n) for n in lens)
+        cap_max = max(cap_lens)
+        emb = self.cap_embedder(torch.cat([f.to(device=device, dtype=dtype) for f in cap_feats], 0))
+        pad = self.cap_pad_token.to(device=device, dtype=emb.dtype)
+        rows = [torch.cat([e, pad.expand(cap_max - n, -1)], 0) if cap_max > n else e
+                for e, n in zip(emb.split(lens, 0), lens, strict=True)]
+        cap = torch.stack(rows, 0)
+
+        layout = self._layout(cap_lens, ht, wt, device, dtype)
+        for layer in self.noise_refiner:
+            img = layer(img, layout.img_rope, None, t_emb)
+        for layer in self.context_refiner:
+            cap = layer(cap, layout.cap_rope, layout.cap_mask)
+
+        # Joint sequence [image; caption]: every sample's valid tokens are contiguous from 0, and the
+        # image tokens sit at the same offsets in every sample.
+        seq = torch.cat([img, cap], 1)
+        for layer in self.layers:
+            seq = layer(seq, layout.joint_rope, layout.joint_mask, t_emb)
+
+        out = self.final_layer(seq[:, :n_img], t_emb)
+        out = out.view(b, ht, wt, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+        return (-out).to(x.dtype)

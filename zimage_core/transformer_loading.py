@@ -1,0 +1,343 @@
+"""Loading the Z-Image transformer from a ComfyUI single file or a diffusers `transformer/` folder.
+
+Both layouts are read lazily through `open_checkpoint`; the model is built on the meta device and each
+parameter is materialized from its tensor(s) one at a time, so RAM never holds a second full copy.
+Anything that is not a Z-Image transformer fails with a `CheckpointError` that names the file, what
+was expected, what was found and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+from .safetensors_io import Checkpoint, open_checkpoint
+from .transformer import TransformerConfig, ZImageTransformer
+
+WHAT = "a Z-Image transformer (S3-DiT) checkpoint"
+# The official Z-Image-Turbo transformer: tensors in a ComfyUI file (without norm_final) and parameters.
+OFFICIAL_KEY_COUNT = 453
+OFFICIAL_PARAM_COUNT = 6_154_908_736
+COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.", "")
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# Present in some ComfyUI exports, not used by the model.
+IGNORED_KEYS = frozenset({"norm_final.weight"})
+# Side tensors of scaled-fp8 exports: the weight scale is applied at load, the rest is not needed.
+_SCALE_SUFFIXES = ("scale_weight", "weight_scale")
+_IGNORED_SUFFIXES = ("scale_input", "input_scale", "comfy_quant")
+_IGNORED_MARKERS = frozenset({"scaled_fp8"})
+
+DIFFUSERS_QKV = ("to_q", "to_k", "to_v")
+_DIFFUSERS_RENAMES = (
+    ("all_x_embedder.2-1.", "x_embedder."),
+    ("all_final_layer.2-1.", "final_layer."),
+    (".attention.to_out.0.", ".attention.out."),
+    (".attention.norm_q.", ".attention.q_norm."),
+    (".attention.norm_k.", ".attention.k_norm."),
+)
+_QKV_RE = re.compile(r"^(.*\.attention\.)(to_q|to_k|to_v)\.weight$")
+
+
+@dataclass(frozen=True)
+class TransformerFormat:
+    """Where a transformer's tensors live in a file: naming scheme and key prefix."""
+
+    kind: str  # "comfy" or "diffusers"
+    prefix: str
+
+
+# -- key names -----------------------------------------------------------------------------------
+
+def comfy_key_for_diffusers(key: str) -> tuple[str, int | None]:
+    """Map one diffusers key to (ComfyUI key, qkv part) — part is 0/1/2 for to_q/to_k/to_v rows."""
+    m = _QKV_RE.match(key)
+    if m:
+        return m.group(1) + "qkv.weight", DIFFUSERS_QKV.index(m.group(2))
+    for old, new in _DIFFUSERS_RENAMES:
+        if old in key:
+            key = key.replace(old, new)
+    return key, None
+
+
+def comfy_state_dict_from_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Convert a diffusers `ZImageTransformer2DModel` state dict to ComfyUI single-file names (no prefix)."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, list[torch.Tensor | None]] = {}
+    for key, value in state_dict.items():
+        new, part = comfy_key_for_diffusers(key)
+        if part is None:
+            out[new] = value
+        else:
+            qkv.setdefault(new, [None, None, None])[part] = value
+    for key, parts in qkv.items():
+        if any(p is None for p in parts):
+            missing = [DIFFUSERS_QKV[i] for i, p in enumerate(parts) if p is None]
+            raise ValueError(f"{key}: diffusers state dict lacks {', '.join(missing)} for this attention layer.")
+        out[key] = torch.cat(parts, 0)  # type: ignore[arg-type]
+    return out
+
+
+def detect_transformer_format(keys: Iterable[str], path: object = "<state dict>") -> TransformerFormat:
+    """Decide naming scheme and prefix from key names; raise CheckpointError for other models."""
+    keys = set(keys)
+    for prefix in COMFY_PREFIXES:
+        if f"{prefix}all_x_embedder.2-1.weight" in keys or f"{prefix}layers.0.attention.to_q.weight" in keys:
+            return TransformerFormat("diffusers", prefix)
+        if f"{prefix}cap_embedder.1.weight" in keys or f"{prefix}layers.0.attention.qkv.weight" in keys:
+            if f"{prefix}layers.0.adaLN_modulation.1.weight" in keys:
+                raise CheckpointError(path, WHAT, "a Lumina-Image 2.0 transformer (adaLN_modulation.1 layers)",
+                                      "Lumina 2 is a different model; load z_image_turbo_bf16.safetensors.")
+            return TransformerFormat("comfy", prefix)
+    raise CheckpointError(path, WHAT, _describe_other_model(keys), _fix_for_other_model(keys))
+
+
+def _describe_other_model(keys: set[str]) -> str:
+    text = " ".join(sorted(keys)[:2000])
+    if "double_blocks." in text or "single_blocks." in text:
+        return "a FLUX-style transformer (double_blocks/single_blocks keys)"
+    if "input_blocks." in text:
+        return "a Stable Diffusion / SDXL UNet (input_blocks/output_blocks keys)"
+    if "self_attn." in text and ("embed_tokens" in text or "layers." in text):
+        return "a text encoder (Qwen3/LLM-style model.layers.N.self_attn keys)"
+    if "decoder.conv_in" in text or "encoder.down" in text or "decoder.up" in text:
+        return "a VAE (encoder/decoder keys)"
+    few = ", ".join(sorted(keys)[:5])
+    return f"no Z-Image transformer tensors (first keys: {few})"
+
+
+def _fix_for_other_model(keys: set[str]) -> str:
+    text = " ".join(sorted(keys)[:2000])
+    if "self_attn." in text:
+        return "This is the text encoder: put qwen_3_4b.safetensors in models/text_encoders and load it there."
+    if "decoder.conv_in" in text or "encoder.down" in text or "decoder.up" in text:
+        return "This is the VAE: put ae.safetensors in models/vae and load it there."
+    return ("Load the Z-Image-Turbo transformer: z_image_turbo_bf16.safetensors (models/diffusion_models) "
+            "or the transformer/ folder of Tongyi-MAI/Z-Image-Turbo.")
+
+
+# -- plan: our key -> source tensor(s) ---------------------------------------------------------------
+
+def _plan(keys: Iterable[str], fmt: TransformerFormat) -> dict[str, tuple[str, ...]]:
+    """Return {our key: source keys (1, or 3 for a split qkv)} for the tensors under the prefix."""
+    plan: dict[str, list[str | None]] = {}
+    for key in keys:
+        if not key.startswith(fmt.prefix):
+            continue  # other components of an all-in-one checkpoint
+        name = key[len(fmt.prefix):]
+        if name in IGNORED_KEYS or name in _IGNORED_MARKERS or name.endswith(_IGNORED_SUFFIXES + _SCALE_SUFFIXES):
+            continue
+        if fmt.kind == "diffusers":
+            new, part = comfy_key_for_diffusers(name)
+            if part is not None:
+                plan.setdefault(new, [None, None, None])[part] = key
+                continue
+            name = new
+        plan[name] = [key]
+    # A split qkv with a part missing is left out, so it is reported as missing.
+    return {name: tuple(src) for name, src in plan.items() if None not in src}  # type: ignore[misc]
+
+
+def _missing_source_names(missing: list[str], fmt: TransformerFormat, keys: Iterable[str]) -> list[str]:
+    """Name missing tensors as the file would (diffusers names for a diffusers checkpoint)."""
+    if fmt.kind != "diffusers":
+        return missing
+    keys = set(keys)
+    names = []
+    for name in missing:
+        if name.endswith(".attention.qkv.weight"):
+            base = fmt.prefix + name[: -len("qkv.weight")]
+            names += [f"{base[len(fmt.prefix):]}{p}.weight" for p in DIFFUSERS_QKV if f"{base}{p}.weight" not in keys]
+        else:
+            for old, new in _DIFFUSERS_RENAMES:
+                name = name.replace(new, old) if new in name and (old.startswith(".") or name.startswith(new)) else name
+            names.append(name)
+    return names
+
+
+def _shapes_of(ckpt: Checkpoint | Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    if isinstance(ckpt, Checkpoint):
+        return {k: tuple(i.shape) for k, i in ckpt.infos.items()}
+    return {k: tuple(v.shape) for k, v in ckpt.items()}
+
+
+def _dtypes_of(ckpt: Checkpoint | Mapping[str, torch.Tensor]) -> dict[str, torch.dtype]:
+    if isinstance(ckpt, Checkpoint):
+        return {k: i.dtype for k, i in ckpt.infos.items()}
+    return {k: v.dtype for k, v in ckpt.items()}
+
+
+def _source_shape(shapes: Mapping[str, tuple[int, ...]], sources: tuple[str, ...]) -> tuple[int, ...]:
+    if len(sources) == 1:
+        return shapes[sources[0]]
+    first = shapes[sources[0]]
+    return (sum(shapes[s][0] for s in sources), *first[1:])
+
+
+def _count(names: Iterable[str], group: str) -> int:
+    found = {int(m.group(1)) for n in names if (m := re.match(rf"^{group}\.(\d+)\.", n))}
+    return max(found) + 1 if found else 0
+
+
+def _default_axes(head_dim: int) -> tuple[int, int, int]:
+    # Official split of head_dim 128 is 32/48/48 (1/4, 3/8, 3/8); keep every part even.
+    a0 = 2 * round(head_dim / 8)
+    a1 = 2 * ((head_dim - a0) // 4)
+    return a0, a1, head_dim - a0 - a1
+
+
+def _config_from_shapes(names: Mapping[str, tuple[int, ...]], path: object) -> TransformerConfig:
+    def need(key: str) -> tuple[int, ...]:
+        if key not in names:
+            raise CheckpointError(path, WHAT, f"no tensor {key!r} (an incomplete or different model)",
+                                  "Download the complete transformer file again.")
+        return names[key]
+
+    dim, cap_feat_dim = need("cap_embedder.1.weight")
+    _, patch_dim = need("x_embedder.weight")
+    head_dim = need("layers.0.attention.q_norm.weight")[0]
+    in_channels = 16
+    patch = int(round((patch_dim / in_channels) ** 0.5))
+    if patch * patch * in_channels != patch_dim or head_dim <= 0 or dim % head_dim:
+        raise CheckpointError(path, WHAT, f"inconsistent shapes (x_embedder in {patch_dim}, dim {dim}, "
+                              f"head_dim {head_dim})", "The file is not a Z-Image transformer.")
+    n_heads = dim // head_dim
+    return TransformerConfig(
+        dim=dim, n_layers=_count(names, "layers"), n_refiner_layers=_count(names, "noise_refiner"),
+        n_heads=n_heads, n_kv_heads=n_heads, in_channels=in_channels, patch_size=patch,
+        cap_feat_dim=cap_feat_dim, axes_dims=_default_axes(head_dim))
+
+
+def _config_from_json(cfg: Mapping[str, Any], path: object) -> TransformerConfig:
+    try:
+        patch = cfg.get("all_patch_size", [2])
+        return TransformerConfig(
+            dim=int(cfg["dim"]), n_layers=int(cfg["n_layers"]), n_refiner_layers=int(cfg["n_refiner_layers"]),
+            n_heads=int(cfg["n_heads"]), n_kv_heads=int(cfg.get("n_kv_heads", cfg["n_heads"])),
+            in_channels=int(cfg.get("in_channels", 16)), patch_size=int(patch[0] if isinstance(patch, list) else patch),
+            cap_feat_dim=int(cfg["cap_feat_dim"]), axes_dims=tuple(cfg.get("axes_dims", (32, 48, 48))),
+            axes_lens=tuple(cfg.get("axes_lens", (1536, 512, 512))), rope_theta=float(cfg.get("rope_theta", 256.0)),
+            norm_eps=float(cfg.get("norm_eps", 1e-5)), t_scale=float(cfg.get("t_scale", 1000.0)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(path, "a Z-Image transformer config.json (dim, n_layers, n_heads, ...)",
+                              f"an unusable config ({e})", "Restore config.json from Tongyi-MAI/Z-Image-Turbo.") from None
+
+
+def infer_transformer_config(checkpoint: Checkpoint | Mapping[str, torch.Tensor]) -> TransformerConfig:
+    """Config from `config.json` when the checkpoint has one, else from tensor shapes (ComfyUI file)."""
+    path = getattr(checkpoint, "path", "<state dict>")
+    shapes = _shapes_of(checkpoint)
+    fmt = detect_transformer_format(shapes, path)
+    plan = _plan(shapes, fmt)
+    names = {name: _source_shape(shapes, src) for name, src in plan.items()}
+    cfg_json = getattr(checkpoint, "config", None)
+    if cfg_json:
+        return _config_from_json(cfg_json, path)
+    return _config_from_shapes(names, path)
+
+
+def expected_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
+    """ComfyUI key name -> shape for a config (built on the meta device, no memory used)."""
+    model = ZImageTransformer(config, device="meta")
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+# -- loading ------------------------------------------------------------------------------------------
+
+def _storage_dtype(dtypes: Mapping[str, torch.dtype], plan: Mapping[str, tuple[str, ...]]) -> torch.dtype:
+    # The big matmul weights decide; small tensors of mixed files are often kept in bf16/fp32.
+    for name in ("layers.0.attention.qkv.weight", "x_embedder.weight"):
+        if name in plan:
+            return dtypes[plan[name][0]]
+    return torch.bfloat16
+
+
+def _read(ckpt: Checkpoint, sources: tuple[str, ...], dtypes: Mapping[str, torch.dtype]) -> torch.Tensor:
+    parts = []
+    for src in sources:
+        t = ckpt[src]
+        if dtypes[src] in FP8_DTYPES:
+            scale = next((ckpt[src[: -len("weight")] + s] for s in _SCALE_SUFFIXES
+                          if src.endswith("weight") and src[: -len("weight")] + s in ckpt.infos), None)
+            t = t.to(torch.float32) if scale is None else t.to(torch.float32) * scale.to(torch.float32)
+        parts.append(t)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+
+
+def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    setattr(module, attr, nn.Parameter(value, requires_grad=False))
+
+
+def _transformer_folder(path: str | os.PathLike) -> Path:
+    """A diffusers pipeline root (model_index.json, transformer/, vae/, ...) means its transformer/."""
+    path = Path(path)
+    if path.is_dir() and not any(path.glob("*.safetensors*")) and (path / "transformer").is_dir():
+        return path / "transformer"
+    return path
+
+
+def load_transformer(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                     device: torch.device | str = "cpu", operations: Any = None) -> ZImageTransformer:
+    """Load a Z-Image transformer: ComfyUI single file (any prefix; bf16/fp16/fp32/fp8) or diffusers folder.
+
+    `dtype` is the weight and compute dtype (default: the stored dtype; bf16 for fp8 files).
+    `operations` is a namespace of layer classes (e.g. ComfyUI's `comfy.ops.manual_cast`).
+    """
+    ckpt = open_checkpoint(_transformer_folder(path), WHAT)
+    shapes = _shapes_of(ckpt)
+    dtypes = _dtypes_of(ckpt)
+    fmt = detect_transformer_format(shapes, ckpt.path)
+    plan = _plan(shapes, fmt)
+    names = {name: _source_shape(shapes, src) for name, src in plan.items()}
+    config = _config_from_json(ckpt.config, ckpt.path) if ckpt.config else _config_from_shapes(names, ckpt.path)
+
+    expected = expected_shapes(config)
+    missing = [k for k in expected if k not in names]
+    if missing:
+        missing = _missing_source_names(missing, fmt, shapes)
+        few = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(ckpt.path, f"{WHAT} with all {len(expected)} tensors",
+                              f"{len(missing)} missing tensor(s): {few}",
+                              "The file is incomplete or a different model: download it again.")
+    unexpected = [k for k in names if k not in expected]
+    if unexpected:
+        few = ", ".join(sorted(unexpected)[:5])
+        raise CheckpointError(ckpt.path, f"{WHAT} with only Z-Image-Turbo tensors",
+                              f"{len(unexpected)} unknown tensor(s): {few}",
+                              "This looks like a different model variant; load z_image_turbo_bf16.safetensors.")
+    wrong = [(k, expected[k], names[k]) for k in expected if tuple(names[k]) != expected[k]]
+    if wrong:
+        k, want, got = wrong[0]
+        raise CheckpointError(ckpt.path, f"{WHAT} with consistent shapes ({k} {list(want)} for a model of "
+                              f"dim {config.dim}, {config.n_heads} heads)",
+                              f"{k} {list(got)} ({len(wrong)} tensor(s) with unexpected shapes)",
+                              "The file is damaged or belongs to another model (or its config.json does not match).")
+
+    if dtype is None:
+        dtype = _storage_dtype(dtypes, plan)
+        if dtype in FP8_DTYPES:
+            dtype = torch.bfloat16  # fp8 files are computed in bf16
+    if dtype in FP8_DTYPES and operations is None:
+        raise ValueError("load_transformer: fp8 weights need weight-casting operations (ComfyUI's "
+                         "comfy.ops.manual_cast); with plain torch.nn pass dtype=torch.bfloat16.")
+
+    model = ZImageTransformer(config, operations=operations, dtype=dtype, device="meta")
+    for name in expected:
+        value = _read(ckpt, plan[name], dtypes).to(device=device, dtype=dtype)
+        _set_param(model, name, value)
+    ckpt.close()
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:  # a layer class that creates parameters we do not know about
+        raise CheckpointError(ckpt.path, WHAT, f"no tensors for parameters {left[:5]}",
+                              "The operations namespace adds parameters that Z-Image checkpoints do not have.")
+    model.eval()
+    return model
