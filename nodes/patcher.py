@@ -38,18 +38,6 @@ def _compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
 
 
-def _move_loose_params(patcher: comfy.model_patcher.ModelPatcher, device_to, *_args) -> None:
-    """ModelPatcher moves only leaf modules' weights in --lowvram mode; parameters registered directly on
-    a container module (the DiT's pad tokens) would stay behind. They are tiny: move them along."""
-    for module in patcher.model.modules():
-        children = list(module.children())
-        if not children:
-            continue
-        for name, param in module.named_parameters(recurse=False):
-            if device_to is not None and param.device != torch.device(device_to):
-                setattr(module, name, torch.nn.Parameter(param.to(device_to), requires_grad=False))
-
-
 class _Holder(torch.nn.Module):
     """Container for modules with a read-only `device` property (transformers models, FluxVAE):
     ModelPatcher records the current device as `model.device`. Moving the holder moves the module."""
@@ -62,9 +50,7 @@ class _Holder(torch.nn.Module):
 def _wrap(module: torch.nn.Module, load_device, offload_device) -> comfy.model_patcher.ModelPatcher:
     if isinstance(getattr(type(module), "device", None), property):
         module = _Holder(module)
-    patcher = comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
-    patcher.add_callback(comfy.model_patcher.CallbacksMP.ON_LOAD, _move_loose_params)
-    return patcher
+    return comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
 
 
 def _reraise_as_checkpoint_error(path: str, what: str, error: Exception, fix: str) -> CheckpointError:
@@ -159,7 +145,10 @@ class ZImageTextEncoderHandle:
         hidden = getattr(cfg, "hidden_size", 2560)
         inter = getattr(cfg, "intermediate_size", 9728)
         dtype_size = mm.dtype_size(next(self.encoder.model.parameters()).dtype)
-        mm.load_models_gpu([self.patcher], memory_required=tokens * (4 * hidden + 3 * inter) * dtype_size * 2)
+        # Whole model: the transformers Qwen3 layers are not comfy.ops layers, so they cannot be streamed
+        # (under --lowvram ComfyUI's text_encoder_device() is the CPU anyway).
+        mm.load_models_gpu([self.patcher], memory_required=tokens * (4 * hidden + 3 * inter) * dtype_size * 2,
+                           force_full_load=True)
         feats = self.encoder.encode(prompts)
         # Hand the features to ComfyUI's intermediate device in fp32 so CONDITIONING is device-neutral.
         return [f.to(mm.intermediate_device(), torch.float32) for f in feats]
@@ -194,24 +183,17 @@ class ZImageVAEHandle:
     dtype: torch.dtype
     path: str
 
-    def _load(self, pixels: int) -> None:
-        # Decoder activations at full resolution dominate: ~128-channel maps at several widths.
-        mm.load_models_gpu([self.patcher], memory_required=int(pixels * 128 * 12 * mm.dtype_size(self.dtype)))
-
     def decode(self, raw_latents: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = raw_latents.shape
-        self._load(b * h * w * 64)
-        device = self.patcher.load_device
-        latents = core_vae.normalize_latents(raw_latents.to(device, torch.float32))
-        images = self.vae.decode(latents.to(self.dtype))
-        return images.to(mm.intermediate_device(), torch.float32).clamp(0, 1)
+        mm.load_models_gpu([self.patcher], memory_required=self.vae.memory_used_decode(tuple(raw_latents.shape)))
+        latents = core_vae.normalize_latents(raw_latents.to(self.patcher.load_device, torch.float32))
+        images = self.vae.decode(latents)
+        return images.to(mm.intermediate_device(), torch.float32)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        b, h, w, _ = images.shape
-        self._load(b * h * w)
-        device = self.patcher.load_device
-        latents = self.vae.encode(images.to(device, self.dtype))
-        return core_vae.denormalize_latents(latents.to(torch.float32)).to(mm.intermediate_device())
+        b, h, w, c = images.shape
+        mm.load_models_gpu([self.patcher], memory_required=self.vae.memory_used_encode((b, c, h, w)))
+        latents = self.vae.encode(images.to(self.patcher.load_device, torch.float32))
+        return core_vae.denormalize_latents(latents.float()).to(mm.intermediate_device())
 
 
 def load_zimage_vae(path: str) -> ZImageVAEHandle:
@@ -219,7 +201,7 @@ def load_zimage_vae(path: str) -> ZImageVAEHandle:
     offload_device = mm.vae_offload_device()
     dtype = mm.vae_dtype(load_device, COMPUTE_DTYPES)
     try:
-        vae = core_vae.load_vae(path, dtype=dtype, device=offload_device)
+        vae = core_vae.load_vae(path, dtype=dtype, device=offload_device, operations=comfy.ops.disable_weight_init)
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001

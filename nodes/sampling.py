@@ -112,7 +112,7 @@ class ZImageTurboSampler:
         node = "ZImageTurboSampler"
         samples = _source_latents(latent, node)
         pos, neg = _captions(model, positive, negative, guidance, node)
-        noise = core_sampling.make_noise(tuple(samples.shape), seed)
+        noise = core_sampling.make_noise(tuple(samples.shape), seed, batch_index=latent.get("batch_index"))
         passes = 2 if neg is not None else 1
         model.load(tuple(samples.shape), max(c.shape[0] for c in pos), passes)
         device = model.patcher.load_device
@@ -152,7 +152,7 @@ class ZImageImg2ImgSampler:
             # Nothing to denoise: the source itself, bit for bit (no normalize/denormalize round trip).
             return ({**{k: v for k, v in latent.items() if k != "noise_mask"}, "samples": samples.clone()},)
         pos, _ = _captions(model, positive, None, 0.0, node)
-        noise = core_sampling.make_noise(tuple(samples.shape), seed)
+        noise = core_sampling.make_noise(tuple(samples.shape), seed, batch_index=latent.get("batch_index"))
         model.load(tuple(samples.shape), max(c.shape[0] for c in pos))
         device = model.patcher.load_device
         source = core_vae.normalize_latents(samples.to(device, torch.float32))
