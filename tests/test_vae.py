@@ -288,16 +288,46 @@ def test_automatic_mode_splits_by_memory(ours, monkeypatch):
     assert rel_err(auto, whole) > 1e-4  # really tiled (tiling is approximate)
 
 
+def test_attention_query_chunking_is_exact(ours, monkeypatch):
+    from zimage_core import vae_model
+
+    z = latents(b=1, h=6, w=6, seed=6)
+    whole = ours.decode(z)
+    monkeypatch.setattr(vae_model, "ATTN_CHUNK_BYTES", 7 * 36 * 4)  # 7 queries per chunk (36 tokens)
+    assert rel_err(ours.decode(z), whole) <= REL_TOL
+
+
+def test_old_diffusers_attention_names_load(ref, files):
+    """Early diffusers checkpoints name the attention query/key/value/proj_attn."""
+    from safetensors.torch import save_file
+
+    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    sd = {}
+    for k, v in ref.state_dict().items():
+        for new, legacy in old.items():
+            k = k.replace(f"attentions.0.{new}.", f"attentions.0.{legacy}.")
+        sd[k] = v.contiguous()
+    folder = files["dir"] / "old_vae"
+    folder.mkdir()
+    save_file(sd, str(folder / "diffusion_pytorch_model.safetensors"))
+    x = images(b=1)
+    assert rel_err(load_vae(folder).encode(x), diffusers_encode(ref, x)) <= REL_TOL
+
+
 def test_memory_estimate_scales(ours):
-    dec = ours.memory_used_decode((1, 16, 128, 128), torch.bfloat16)
-    assert ours.memory_used_decode((2, 16, 128, 128), torch.bfloat16) == pytest.approx(2 * dec, rel=1e-6)
-    assert ours.memory_used_decode((1, 16, 128, 128), torch.float32) == pytest.approx(2 * dec, rel=1e-6)
-    assert ours.memory_used_decode((1, 16, 256, 256), torch.bfloat16) == pytest.approx(4 * dec, rel=1e-6)
-    enc = ours.memory_used_encode((1, 3, 1024, 1024), torch.bfloat16)
-    assert 0 < enc < zvae.estimate_memory("decode", 1024, 1024, dtype=torch.bfloat16, config=ours.config) * 10
-    # The full-size FLUX VAE at 1024^2 bf16 needs on the order of a GiB of activations, not MiB or 100s of GiB.
-    full = zvae.estimate_memory("decode", 1024, 1024, dtype=torch.bfloat16)
-    assert 2**29 < full < 2**33
+    est = zvae.estimate_memory
+    dec = est("decode", 1024, 1024, dtype=torch.bfloat16)  # the real FLUX AE (default config)
+    assert est("decode", 1024, 1024, batch=2, dtype=torch.bfloat16) == pytest.approx(2 * dec, rel=1e-6)
+    assert est("decode", 1024, 1024, dtype=torch.float32) == pytest.approx(2 * dec, rel=1e-6)
+    assert est("decode", 2048, 2048, dtype=torch.bfloat16) == pytest.approx(4 * dec, rel=1e-6)
+    # Activations of the order of a GiB at 1024^2 in bf16, not MiB or 100s of GiB.
+    assert 2**29 < dec < 2**33
+    assert 0 < est("encode", 1024, 1024, dtype=torch.bfloat16) < dec
+    # ComfyUI-style methods take the input tensor's NCHW shape (latents for decode, pixels for encode).
+    assert ours.memory_used_decode((2, 16, 40, 24), torch.float32) == est(
+        "decode", 320, 192, batch=2, dtype=torch.float32, config=ours.config)
+    assert ours.memory_used_encode((2, 3, 320, 192), torch.float32) == est(
+        "encode", 320, 192, batch=2, dtype=torch.float32, config=ours.config)
 
 
 def test_default_config_is_the_flux_ae():

@@ -30,7 +30,7 @@ from torch import nn
 
 from .errors import CheckpointError
 from .safetensors_io import Checkpoint, open_checkpoint
-from .vae_model import Decoder, Encoder, FluxAEConfig
+from .vae_model import ATTN_CHUNK_BYTES, Decoder, Encoder, FluxAEConfig
 
 __all__ = [
     "LATENT_SCALE", "LATENT_SHIFT", "FluxAEConfig", "FluxVAE", "load_vae", "normalize_latents",
@@ -72,12 +72,18 @@ def estimate_memory(kind: Literal["encode", "decode"], height: int, width: int, 
 
     `height`, `width` are in PIXELS for both directions. The estimate walks the network and takes
     the largest live set (a resnet block holds its input, the normalized input and the conv output;
-    a resampler holds its input and output), plus a 1.5x margin for conv workspaces. Attention
-    memory is linear in tokens with SDPA's fused kernels, so it does not dominate.
+    a resampler holds its input and output) and the mid-block attention, plus a 1.5x margin for
+    conv workspaces. ComfyUI can use it as `VAE.memory_used_encode/decode` (see FluxVAE).
     """
     cfg = config or FluxAEConfig()
     px = height * width
-    peaks: list[float] = []
+    size = _dtype_size(dtype)
+    # Mid-block attention: q, k, v, output and residual at the lowest resolution, plus the score
+    # matrix if SDPA uses its math kernel (bounded by the query chunking in AttnBlock).
+    mid_area = 4.0 ** -(len(cfg.ch_mult) - 1)
+    tokens = px * mid_area
+    peaks: list[float] = [5 * cfg.ch * cfg.ch_mult[-1] * mid_area
+                          + min(tokens * tokens, ATTN_CHUNK_BYTES / size) / px]
     chans = [cfg.ch * m for m in cfg.ch_mult]
     n = len(chans)
     if kind == "encode":
@@ -102,17 +108,22 @@ def estimate_memory(kind: Literal["encode", "decode"], height: int, width: int, 
         peaks.append(cfg.out_channels * 2)
     else:
         raise ValueError(f"estimate_memory: kind must be 'encode' or 'decode', not {kind!r}")
-    return int(1.5 * max(peaks) * px * batch * _dtype_size(dtype))
+    return int(1.5 * max(peaks) * px * batch * size)
 
 
 def _available_bytes(device: torch.device) -> int | None:
+    """Memory an untiled pass could use on `device`, or None when unknown (then never tile automatically)."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return free
+        # Blocks PyTorch's caching allocator holds but does not use are free for us too.
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if device.type == "cpu":
         try:
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
             return None
     return None
 

@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Upper bound for one attention score matrix (queries x keys) if SDPA uses its math kernel.
+ATTN_CHUNK_BYTES = 1 << 30
+
 
 @dataclass(frozen=True)
 class FluxAEConfig:
@@ -62,7 +65,7 @@ class ResnetBlock(nn.Module):
         h = self.conv2(_norm_act(self.norm2, h))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
-        return x + h
+        return h.add_(x)  # h is this block's own tensor: add in place, one activation buffer fewer
 
 
 class AttnBlock(nn.Module):
@@ -84,9 +87,20 @@ class AttnBlock(nn.Module):
             # (B,C,H,W) -> (B,1,HW,C); free (a view) when t is channels_last.
             return t.permute(0, 2, 3, 1).reshape(b, 1, h * w, c)
 
-        out = F.scaled_dot_product_attention(tokens(self.q(n)), tokens(self.k(n)), tokens(self.v(n)))
+        q, k, v = tokens(self.q(n)), tokens(self.k(n)), tokens(self.v(n))
+        del n
+        # Head dim is the full width (512 in FLUX), above what flash kernels take; if SDPA falls back
+        # to the math kernel the (HW)^2 score matrix would be materialized, so bound it by running the
+        # queries in chunks (exact: every chunk still attends to all keys).
+        tokens_n = h * w
+        chunk = max(1, ATTN_CHUNK_BYTES // (tokens_n * q.element_size()))
+        if chunk >= tokens_n:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + chunk], k, v)
+                             for i in range(0, tokens_n, chunk)], dim=2)
         out = out.reshape(b, h, w, c).permute(0, 3, 1, 2)  # a channels_last NCHW view
-        return x + self.proj_out(out)
+        return self.proj_out(out).add_(x)
 
 
 class Downsample(nn.Module):
