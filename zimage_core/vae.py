@@ -275,7 +275,8 @@ class FluxVAE(nn.Module):
         if tile_size % f or overlap % f:
             raise ValueError(f"VAE encode: tile_size={tile_size} and overlap={overlap} must be multiples of {f} pixels.")
         _check_tiling(tile_size, overlap, "pixels")
-        x = images.to(self.device, self.dtype).permute(0, 3, 1, 2) * 2.0 - 1.0
+        # Map to [-1, 1] before any cast to bf16/fp16 so the pixel values keep full precision.
+        x = (images.to(self.device).permute(0, 3, 1, 2) * 2.0 - 1.0).to(self.dtype)
         x = self._prepare(x)
 
         def run_tiled(t: torch.Tensor) -> torch.Tensor:
@@ -459,13 +460,15 @@ def _infer_config(path: Path, shape: Callable[[str], tuple[int, ...]], names: di
 def load_vae(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
              operations: Any = None, channels_last: bool | None = None) -> FluxVAE:
     """Load the FLUX.1 VAE from `ae.safetensors` (BFL names, optional `first_stage_model.`/`vae.` prefix,
-    so a full checkpoint works too) or from a diffusers `vae/` folder.
+    so a full checkpoint works too) or from a diffusers `vae/` folder (or the pipeline folder holding it).
 
     `dtype` None keeps the stored dtype. The model is built on the meta device and the weights are
     assigned tensor by tensor, moved straight to `device`: no second full copy. `channels_last` None
     means "on CUDA". Raises `CheckpointError` for anything that is not a 16-channel FLUX VAE.
     """
     path = Path(path)
+    if path.is_dir() and not any(path.glob("*.safetensors")) and (path / "vae").is_dir():
+        path = path / "vae"  # the root of a diffusers pipeline folder (Tongyi-MAI/Z-Image-Turbo layout)
     ckpt = open_checkpoint(path, _WHAT)
     prefix, diffusers = _locate(path, ckpt)
     keys = [k for k in ckpt.infos if k.startswith(prefix)]
