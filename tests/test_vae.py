@@ -131,6 +131,19 @@ def test_encode_decode_match_comfyui_native(ref, ours):
     assert rel_err(ours.decode(z).permute(0, 3, 1, 2) * 2 - 1, want_img) <= REL_TOL
 
 
+def test_comfyui_ops_as_operations(ref, files):
+    """ComfyUI passes its comfy.ops classes (weights cast per call); outputs must not change."""
+    if fx.comfy_modules() is None:
+        pytest.skip("ComfyUI is not installed (scripts/setup.sh)")
+    import comfy.ops
+
+    vae = load_vae(files["bfl"], operations=comfy.ops.manual_cast)
+    assert isinstance(vae.decoder.conv_in, comfy.ops.manual_cast.Conv2d)
+    assert isinstance(vae.decoder.norm_out, comfy.ops.manual_cast.GroupNorm)
+    x = images(b=1)
+    assert rel_err(vae.encode(x), diffusers_encode(ref, x)) <= REL_TOL
+
+
 def test_latent_normalization_matches_comfyui_and_diffusers_config(ref):
     assert (LATENT_SCALE, LATENT_SHIFT) == (ref.config.scaling_factor, ref.config.shift_factor)
     raw = torch.randn(1, 16, 4, 4)
