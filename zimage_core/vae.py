@@ -322,7 +322,7 @@ class FluxVAE(nn.Module):
              tiles: Callable[[torch.Tensor], torch.Tensor], tiled: bool | None,
              estimate: Callable[[torch.Size, torch.dtype], int], what: str) -> torch.Tensor:
         if tiled is True:
-            return tiles(x)
+            return torch.cat([tiles(x[i:i + 1]) for i in range(x.shape[0])])  # one image at a time: least memory
         if tiled is False:
             return whole(x)
         # Automatic: whole batch if it fits, else one image at a time (exact), else tiles (approximate).
