@@ -1,10 +1,10 @@
 """Tiny random Z-Image models and the diffusers reference pipelines for the sampler tests.
 
 The sampler under test talks to a Denoiser: model(x, sigma (B,), cap_feats list) -> v = ε − x0.
-`make_denoiser` builds that Denoiser from a diffusers ZImageTransformer2DModel. Today it wraps the
-diffusers model itself (DiffusersDenoiser); flip USE_ZIMAGE_TRANSFORMER (or set
-ZIMAGE_TEST_DENOISER=zimage) to run our own zimage_core transformer on the same weights instead, so the
-parity tests then check sampler + transformer end to end against the diffusers pipelines.
+`make_denoiser` builds that Denoiser from a diffusers ZImageTransformer2DModel: by default our own
+zimage_core transformer loaded from the diffusers model's saved weights, so the parity tests check
+sampler + transformer end to end against the diffusers pipelines. ZIMAGE_TEST_DENOISER=diffusers
+wraps the diffusers model itself (DiffusersDenoiser) to isolate the sampler when debugging.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ from diffusers import (
 from diffusers.pipelines.z_image.pipeline_z_image_img2img import retrieve_latents
 from diffusers.utils.torch_utils import randn_tensor
 
-# The one line to change once zimage_core.transformer lands.
-USE_ZIMAGE_TRANSFORMER = os.environ.get("ZIMAGE_TEST_DENOISER", "diffusers") == "zimage"
+USE_ZIMAGE_TRANSFORMER = os.environ.get("ZIMAGE_TEST_DENOISER", "zimage") == "zimage"
 
 CAP_DIM = 32
 LATENT_CHANNELS = 16

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.sampling_fixtures import (
+    USE_ZIMAGE_TRANSFORMER,
     build_diffusers_transformer,
     build_flux_vae,
     caption_feats,
@@ -205,7 +206,10 @@ def test_bf16_model_matches_bf16_pipeline(transformer):
     got = sample_text_to_image(counting, [c.float() for c in positive], noise)
     err = rel_err(got, expected)
     print(f"txt2img bf16: rel err {err:.2e}")
-    assert err <= TOL
+    # Wrapping diffusers' own model, the sampler must be exact. Our transformer rounds differently
+    # in bf16 (RoPE in the compute dtype, fused qkv): bf16 has an 8-bit mantissa (eps 3.9e-3), so
+    # after 8 steps a difference well under one bf16 ulp of the output is the right bar (measured ~5e-4).
+    assert err <= (2e-3 if USE_ZIMAGE_TRANSFORMER else TOL)
     assert got.dtype == torch.float32 and all(dt == torch.bfloat16 for _, dt, _ in counting.calls)
 
 

@@ -1,0 +1,204 @@
+"""The FLUX.1 autoencoder network (encoder and decoder), with the original BFL parameter names.
+
+Parameter names match `ae.safetensors` exactly (`encoder.down.0.block.1.conv2.weight`,
+`decoder.up.3.upsample.conv.bias`, `decoder.mid.attn_1.proj_out.weight`, ...), so a BFL file
+loads with `load_state_dict(strict=True)` and no renaming. Layers come from an injectable
+`operations` namespace (default `torch.nn`) so ComfyUI can pass `comfy.ops.*`.
+
+Everything is written to work on `channels_last` tensors (the fast conv layout on CUDA) and in
+bf16: no op forces a contiguous NCHW copy or an fp32 upcast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Upper bound for one attention score matrix (queries x keys) if SDPA uses its math kernel.
+ATTN_CHUNK_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class FluxAEConfig:
+    """Shape of the autoencoder. Defaults are FLUX.1's `ae.safetensors` (83.8M parameters)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    num_groups: int = 32
+    eps: float = 1e-6
+
+    @property
+    def downscale(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+def _ops(operations: Any) -> Any:
+    return operations if operations is not None else SimpleNamespace(
+        Conv2d=nn.Conv2d, GroupNorm=nn.GroupNorm, Linear=nn.Linear)
+
+
+def _norm_act(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # The norm output is a fresh tensor, so SiLU can run in place and save one activation buffer.
+    return F.silu(norm(x), inplace=True)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, cfg: FluxAEConfig, ops: Any, **kw: Any) -> None:
+        super().__init__()
+        self.norm1 = ops.GroupNorm(cfg.num_groups, cin, eps=cfg.eps, affine=True, **kw)
+        self.conv1 = ops.Conv2d(cin, cout, 3, padding=1, **kw)
+        self.norm2 = ops.GroupNorm(cfg.num_groups, cout, eps=cfg.eps, affine=True, **kw)
+        self.conv2 = ops.Conv2d(cout, cout, 3, padding=1, **kw)
+        self.nin_shortcut = ops.Conv2d(cin, cout, 1, **kw) if cin != cout else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(_norm_act(self.norm1, x))
+        h = self.conv2(_norm_act(self.norm2, h))
+        if self.nin_shortcut is not None:
+            x = self.nin_shortcut(x)
+        return h.add_(x)  # h is this block's own tensor: add in place, one activation buffer fewer
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all positions; q/k/v/proj_out are 1x1 convs (BFL layout)."""
+
+    def __init__(self, c: int, cfg: FluxAEConfig, ops: Any, **kw: Any) -> None:
+        super().__init__()
+        self.norm = ops.GroupNorm(cfg.num_groups, c, eps=cfg.eps, affine=True, **kw)
+        self.q = ops.Conv2d(c, c, 1, **kw)
+        self.k = ops.Conv2d(c, c, 1, **kw)
+        self.v = ops.Conv2d(c, c, 1, **kw)
+        self.proj_out = ops.Conv2d(c, c, 1, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        n = self.norm(x)
+
+        def tokens(t: torch.Tensor) -> torch.Tensor:
+            # (B,C,H,W) -> (B,1,HW,C); free (a view) when t is channels_last.
+            return t.permute(0, 2, 3, 1).reshape(b, 1, h * w, c)
+
+        q, k, v = tokens(self.q(n)), tokens(self.k(n)), tokens(self.v(n))
+        del n
+        # Head dim is the full width (512 in FLUX), above what flash kernels take; if SDPA falls back
+        # to the math kernel the (HW)^2 score matrix would be materialized, so bound it by running the
+        # queries in chunks (exact: every chunk still attends to all keys).
+        tokens_n = h * w
+        chunk = max(1, ATTN_CHUNK_BYTES // (tokens_n * q.element_size()))
+        if chunk >= tokens_n:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + chunk], k, v)
+                             for i in range(0, tokens_n, chunk)], dim=2)
+        out = out.reshape(b, h, w, c).permute(0, 3, 1, 2)  # a channels_last NCHW view
+        return self.proj_out(out).add_(x)
+
+
+class Downsample(nn.Module):
+    def __init__(self, c: int, ops: Any, **kw: Any) -> None:
+        super().__init__()
+        self.conv = ops.Conv2d(c, c, 3, stride=2, padding=0, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The original model pads right/bottom only, which torch's symmetric conv padding cannot express.
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, c: int, ops: Any, **kw: Any) -> None:
+        super().__init__()
+        self.conv = ops.Conv2d(c, c, 3, padding=1, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Mid(nn.Module):
+    def __init__(self, c: int, cfg: FluxAEConfig, ops: Any, **kw: Any) -> None:
+        super().__init__()
+        self.block_1 = ResnetBlock(c, c, cfg, ops, **kw)
+        self.attn_1 = AttnBlock(c, cfg, ops, **kw)
+        self.block_2 = ResnetBlock(c, c, cfg, ops, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Encoder(nn.Module):
+    """Pixels in [-1, 1] (B,3,H,W) -> posterior moments (B, 2*z_channels, H/8, W/8): mean then logvar."""
+
+    def __init__(self, cfg: FluxAEConfig, ops: Any, **kw: Any) -> None:
+        super().__init__()
+        ops = _ops(ops)
+        self.conv_in = ops.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1, **kw)
+        self.down = nn.ModuleList()
+        cin = cfg.ch
+        for i, mult in enumerate(cfg.ch_mult):
+            level = nn.Module()
+            cout = cfg.ch * mult
+            level.block = nn.ModuleList()
+            for _ in range(cfg.num_res_blocks):
+                level.block.append(ResnetBlock(cin, cout, cfg, ops, **kw))
+                cin = cout
+            if i != len(cfg.ch_mult) - 1:
+                level.downsample = Downsample(cin, ops, **kw)
+            self.down.append(level)
+        self.mid = _Mid(cin, cfg, ops, **kw)
+        self.norm_out = ops.GroupNorm(cfg.num_groups, cin, eps=cfg.eps, affine=True, **kw)
+        self.conv_out = ops.Conv2d(cin, 2 * cfg.z_channels, 3, padding=1, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(_norm_act(self.norm_out, h))
+
+
+class Decoder(nn.Module):
+    """Raw latents (B, z_channels, h, w) -> pixels in about [-1, 1] (B,3,8h,8w).
+
+    `up[i]` is the level at resolution 1/2**i, run from the deepest (`up[-1]`) to `up[0]`: the
+    BFL order, the reverse of diffusers' `up_blocks`.
+    """
+
+    def __init__(self, cfg: FluxAEConfig, ops: Any, **kw: Any) -> None:
+        super().__init__()
+        ops = _ops(ops)
+        cin = cfg.ch * cfg.ch_mult[-1]
+        self.conv_in = ops.Conv2d(cfg.z_channels, cin, 3, padding=1, **kw)
+        self.mid = _Mid(cin, cfg, ops, **kw)
+        levels: list[nn.Module] = [nn.Module() for _ in cfg.ch_mult]
+        for i in reversed(range(len(cfg.ch_mult))):
+            level = levels[i]
+            cout = cfg.ch * cfg.ch_mult[i]
+            level.block = nn.ModuleList()
+            for _ in range(cfg.num_res_blocks + 1):
+                level.block.append(ResnetBlock(cin, cout, cfg, ops, **kw))
+                cin = cout
+            if i != 0:
+                level.upsample = Upsample(cin, ops, **kw)
+        self.up = nn.ModuleList(levels)
+        self.norm_out = ops.GroupNorm(cfg.num_groups, cin, eps=cfg.eps, affine=True, **kw)
+        self.conv_out = ops.Conv2d(cin, cfg.out_channels, 3, padding=1, **kw)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(_norm_act(self.norm_out, h))
