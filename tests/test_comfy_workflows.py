@@ -71,12 +71,11 @@ def test_img2img_with_strength_changes_the_image():
 
 def test_sampler_node_equals_zimage_core_direct_sampling():
     """No drift through the node layer: the LATENT ComfyUI saves equals zimage_core's own result."""
+    from zimage_core.demo_weights import DEMO_FILES
     from zimage_core.sampling import make_noise, sample_text_to_image
     from zimage_core.text_encoder import load_text_encoder
     from zimage_core.transformer_loading import load_transformer
     from zimage_core.vae import denormalize_latents
-
-    from zimage_core.demo_weights import DEMO_FILES
 
     prompt = demo_prompt(T2I, width=64, height=32, seed=123)
     (sampler,) = nodes_of(prompt, "ZImageTurboSampler")
@@ -147,3 +146,18 @@ def test_cancel_stops_sampling_promptly_and_next_job_runs(progress_hook):
     progress_hook()  # no interruption
     (image,) = saved_images(run_ok(demo_prompt(T2I, width=64, height=48, seed=4)))
     assert image.shape == (48, 64, 3)
+
+
+def test_core_latent_ops_fit_between_our_nodes():
+    """ComfyUI's LatentFromBatch between ZImageEmptyLatent and our sampler: the picked sample gets the same
+    noise (and so the same latent) as in the full batch, as with KSampler."""
+    prompt = demo_prompt(T2I, width=32, height=32, batch_size=3, seed=9)
+    (latent,) = nodes_of(prompt, "ZImageEmptyLatent")
+    (sampler,) = nodes_of(prompt, "ZImageTurboSampler")
+    add_save_latent(prompt, sampler, "latents/full")
+    prompt["900"] = {"class_type": "LatentFromBatch", "inputs": {"samples": [latent, 0], "batch_index": 1, "length": 1}}
+    prompt["901"] = {"class_type": "ZImageTurboSampler", "inputs": {**prompt[sampler]["inputs"], "latent": ["900", 0]}}
+    add_save_latent(prompt, "901", "latents/picked")
+    full, picked = sorted(saved_latents(fresh_run(prompt)), key=lambda t: -t.shape[0])
+    assert full.shape[0] == 3 and picked.shape[0] == 1
+    torch.testing.assert_close(picked, full[1:2], rtol=1e-5, atol=1e-6)
