@@ -159,7 +159,9 @@ def load_zimage_text_encoder(path: str) -> ZImageTextEncoderHandle:
 
     load_device = mm.text_encoder_device()
     offload_device = mm.text_encoder_offload_device()
-    dtype = _compute_dtype(load_device)
+    # Qwen3 is trained in bf16. On the CPU (also ComfyUI's text-encoder device under --lowvram) bf16
+    # halves the 16 GB an fp32 copy of the 4B model would take; GPUs without bf16 compute in fp32.
+    dtype = torch.bfloat16 if mm.is_device_cpu(load_device) else _compute_dtype(load_device)
     try:
         encoder = load_text_encoder(path, dtype=dtype, device=offload_device)
     except CheckpointError:

@@ -84,10 +84,12 @@ def test_sampler_node_equals_zimage_core_direct_sampling():
 
     models = comfy().models_dir
     text = prompt[nodes_of(prompt, "ZImageTextEncode")[0]]["inputs"]["text"]
-    encoder = load_text_encoder(models / "text_encoders" / DEMO_FILES["text_encoders"], dtype=torch.float32)
+    # The node runs the text encoder in bf16 on the CPU (half the RAM) and the DiT in fp32 there.
+    encoder = load_text_encoder(models / "text_encoders" / DEMO_FILES["text_encoders"], dtype=torch.bfloat16)
     model = load_transformer(models / "diffusion_models" / DEMO_FILES["diffusion_models"], dtype=torch.float32)
     noise = make_noise((1, 16, 4, 8), 123)
-    direct = denormalize_latents(sample_text_to_image(model, encoder.encode([text]), noise, steps=8, shift=3.0))
+    captions = [c.float() for c in encoder.encode([text])]
+    direct = denormalize_latents(sample_text_to_image(model, captions, noise, steps=8, shift=3.0))
     assert node_latent.shape == direct.shape
     # Same ops in the same order on the CPU in fp32: bit-identical, not merely close.
     assert torch.equal(node_latent, direct.float())
