@@ -7,6 +7,8 @@ per-step callback to ComfyUI's progress bar, previewer and interrupt flag.
 
 from __future__ import annotations
 
+import logging
+
 import comfy.latent_formats
 import comfy.model_management as mm
 import comfy.utils
@@ -19,6 +21,7 @@ from .conditioning import conditioning_to_caption_features
 from .latent import LATENT_CHANNELS
 
 NODE_CATEGORY = "Z-Image/sampling"
+log = logging.getLogger("ComfyUI-ZImage")
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
 
 
@@ -31,6 +34,9 @@ def _source_latents(latent: dict, node: str) -> torch.Tensor:
     if h % 2 or w % 2:
         raise ValueError(f"{node}: the latent is {w * 8}x{h * 8} pixels; Z-Image needs width and height "
                          "divisible by 16. Resize the image or use ZImageEmptyLatent.")
+    if latent.get("noise_mask") is not None:
+        log.warning("%s: the latent has a noise mask (inpainting); it is ignored, the whole image is "
+                    "sampled.", node)
     return samples
 
 
