@@ -125,3 +125,15 @@ def write_demo_models(models_dir: str | os.PathLike, *, prefix: str = "model.dif
     if not _is_current(vae):
         _save(demo_vae_state_dict(), vae, torch.float32, "FLUX VAE")
     return dict(DEMO_FILES)
+
+
+def write_random_transformer(path: str | os.PathLike, config: TransformerConfig, *, seed: int = 0,
+                             prefix: str = "model.diffusion_model.", dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A random-weight transformer of any shape as a ComfyUI single file (e.g. the full-width, shallow
+    model that ComfyUI's own Z-Image detection accepts, for parity tests against ComfyUI's native path)."""
+    with torch.device("meta"):
+        model = ZImageTransformer(config)
+    state = _randomize(model.state_dict(), seed)
+    path = Path(path)
+    _save({prefix + k: v for k, v in state.items()}, path, dtype, "Z-Image transformer")
+    return path
