@@ -19,11 +19,14 @@ function setupPresets(node) {
     height.value = Number(m[2]);
     node.setDirtyCanvas?.(true, true);
   };
-  const original = preset.callback;
-  preset.callback = function (value, ...rest) {
-    apply(value);
-    return original?.call(this, value, ...rest);
-  };
+  if (!node.__zimagePresets) {  // nodeCreated and loadedGraphNode both call this: wrap once
+    node.__zimagePresets = true;
+    const original = preset.callback;
+    preset.callback = function (value, ...rest) {
+      apply(value);
+      return original?.call(this, value, ...rest);
+    };
+  }
   apply(preset.value);
 }
 
@@ -37,18 +40,21 @@ function setupNegativeNotice(node) {
     negative.label = ignored ? "negative (ignored: guidance 0)" : undefined;
     node.setDirtyCanvas?.(true, true);
   };
-  const original = guidance.callback;
-  guidance.callback = function (value, ...rest) {
-    const r = original?.call(this, value, ...rest);
-    refresh();
-    return r;
-  };
-  const onConnectionsChange = node.onConnectionsChange;
-  node.onConnectionsChange = function (...args) {
-    const r = onConnectionsChange?.apply(this, args);
-    refresh();
-    return r;
-  };
+  if (!node.__zimageNegative) {
+    node.__zimageNegative = true;
+    const original = guidance.callback;
+    guidance.callback = function (value, ...rest) {
+      const r = original?.call(this, value, ...rest);
+      refresh();
+      return r;
+    };
+    const onConnectionsChange = node.onConnectionsChange;
+    node.onConnectionsChange = function (...args) {
+      const r = onConnectionsChange?.apply(this, args);
+      refresh();
+      return r;
+    };
+  }
   refresh();
 }
 
