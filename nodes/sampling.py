@@ -81,7 +81,7 @@ _COMMON_INPUTS = {
                                 "on any GPU, as in ComfyUI's KSampler)."}),
     "steps": ("INT", {"default": 8, "min": 1, "max": 100,
                       "tooltip": "Denoising steps (transformer calls). Turbo is distilled for 8."}),
-    "shift": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 100.0, "step": 0.1,
+    "shift": ("FLOAT", {"default": 3.0, "min": 0.1, "max": 100.0, "step": 0.1,
                         "tooltip": "Flow-matching timestep shift. 3.0 is Z-Image-Turbo's value; higher spends "
                                    "more steps at high noise."}),
 }
