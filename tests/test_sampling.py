@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -12,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.comfyui_reference import require_comfyui
 from tests.sampling_fixtures import (
     USE_ZIMAGE_TRANSFORMER,
     build_diffusers_transformer,
@@ -81,19 +81,10 @@ NOISE_CASES = {
 }
 
 
-def _comfyui_dir() -> Path | None:
-    for candidate in (os.environ.get("ZIMAGE_COMFYUI"), ROOT / ".comfyui" / "ComfyUI"):
-        if candidate and (Path(candidate) / "comfy" / "sample.py").is_file():
-            return Path(candidate)
-    return None
-
-
 @pytest.fixture(scope="module")
 def comfy_noise(tmp_path_factory) -> dict[str, torch.Tensor]:
     """ComfyUI's own prepare_noise, run in a subprocess so its global state stays out of this process."""
-    comfy_dir = _comfyui_dir()
-    if comfy_dir is None:
-        pytest.skip("ComfyUI backend not installed (scripts/setup.sh installs it; or set ZIMAGE_COMFYUI)")
+    comfy_dir = require_comfyui()
     out = tmp_path_factory.mktemp("comfy_noise") / "noise.safetensors"
     script = textwrap.dedent(
         f"""

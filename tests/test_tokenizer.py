@@ -10,7 +10,8 @@ import pytest
 from tokenizers import Tokenizer
 
 import zimage_core.tokenizer as tokmod
-from tests.text_fixtures import LONG_PROMPT, PROMPTS, comfyui_dir, qtc_tokenizer_dir, qtc_tokenizer_json
+from tests.comfyui_reference import comfyui_dir, require_comfyui
+from tests.text_fixtures import LONG_PROMPT, PROMPTS, qtc_tokenizer_dir, qtc_tokenizer_json
 from zimage_core import CheckpointError, load_tokenizer
 from zimage_core.tokenizer import QwenTokenizer, TokenizerNotFoundError
 
@@ -53,8 +54,7 @@ def test_long_prompt_is_long(reference):
 
 
 def test_every_source_tokenizes_like_qwen3_tokenizer_json(reference, sources):
-    if comfyui_dir() is None:
-        pytest.skip("ComfyUI backend not installed (scripts/setup.sh); bundle source not checked")
+    require_comfyui()  # the bundled-tokenizer source must be among those checked
     for name, tok in sources.items():
         for text in TEXTS:
             expected = reference.encode(text, add_special_tokens=False).ids

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -49,37 +48,11 @@ def qtc_tokenizer_json() -> Path:
     return path
 
 
-def comfyui_dir() -> Path | None:
-    """The ComfyUI backend installed by scripts/setup.sh (this checkout's, or the main checkout's)."""
-    candidates = []
-    if os.environ.get("ZIMAGE_COMFYUI_DIR"):
-        candidates.append(Path(os.environ["ZIMAGE_COMFYUI_DIR"]))
-    candidates.append(ROOT / ".comfyui" / "ComfyUI")
-    git = ROOT / ".git"
-    if git.is_file():  # a git worktree: look in the main checkout too
-        gitdir = Path(git.read_text().split("gitdir:", 1)[-1].strip())
-        candidates.append(gitdir.parents[2] / ".comfyui" / "ComfyUI")
-    for c in candidates:
-        if (c / "comfy" / "text_encoders" / "z_image.py").is_file():
-            return c
-    return None
-
-
 def import_comfy():
-    """Import ComfyUI's comfy package for reference code on a CPU-only torch, or None."""
-    root = comfyui_dir()
-    if root is None:
-        return None
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    import comfy.options
+    """ComfyUI's comfy package with its Z-Image text encoder loaded (skips/fails when absent)."""
+    from tests.comfyui_reference import import_comfy as _import
 
-    comfy.options.enable_args_parsing(False)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True  # model_management would otherwise probe CUDA at import
-    import comfy.text_encoders.z_image  # noqa: F401
-
+    _import("comfy.text_encoders.z_image")
     return sys.modules["comfy"]
 
 

@@ -12,10 +12,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-COMFYUI_DIR = Path(__file__).resolve().parents[1] / ".comfyui" / "ComfyUI"
-if not COMFYUI_DIR.is_dir():
-    COMFYUI_DIR = Path("/work/main/.comfyui/ComfyUI")
-
 TINY = dict(dim=64, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
             axes_dims=[8, 12, 12], axes_lens=[256, 64, 64], rope_theta=256.0)
 COMFY_PREFIX = "model.diffusion_model."
@@ -101,21 +97,7 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def import_comfy():
-    """(comfy.ops, NextDiT) from the ComfyUI install, or pytest.skip with the reason."""
-    import sys
+    """(comfy.ops, NextDiT) from the ComfyUI install (skips/fails via require_comfyui when absent)."""
+    from tests.comfyui_reference import import_comfy as _import
 
-    import pytest
-
-    if not (COMFYUI_DIR / "comfy" / "ldm" / "lumina" / "model.py").is_file():
-        pytest.skip(f"ComfyUI is not installed at {COMFYUI_DIR} (scripts/setup.sh installs it)")
-    # Appended, not prepended: ComfyUI's top-level `nodes`/`tests` must not shadow this repo's.
-    sys.path.append(str(COMFYUI_DIR))
-    try:
-        import comfy.cli_args
-
-        comfy.cli_args.args.cpu = True  # CPU-only torch here; ComfyUI would probe CUDA otherwise
-        import comfy.ops
-        from comfy.ldm.lumina.model import NextDiT
-    finally:
-        sys.path.remove(str(COMFYUI_DIR))
-    return comfy.ops, NextDiT
+    return _import("comfy.ops"), _import("comfy.ldm.lumina.model").NextDiT

@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
-COMFY_DIR = ROOT / ".comfyui" / "ComfyUI"
-if not COMFY_DIR.is_dir():  # worktrees share the main checkout's ComfyUI install
-    COMFY_DIR = Path("/work/main/.comfyui/ComfyUI")
 
 TINY_CONFIG = {
     "in_channels": 3,
@@ -133,26 +129,15 @@ def truncate(src: Path, dst: Path, keep: float = 0.5) -> Path:
 
 
 def comfy_modules():
-    """ComfyUI's own Encoder/Decoder and latent format module, or None when ComfyUI is not installed."""
-    if not (COMFY_DIR / "comfy").is_dir():
-        return None
-    if str(COMFY_DIR) not in sys.path:
-        sys.path.insert(0, str(COMFY_DIR))
-    from comfy.cli_args import args
+    """ComfyUI's own Encoder/Decoder module and latent formats (skips/fails via require_comfyui when absent)."""
+    from tests.comfyui_reference import import_comfy
 
-    args.cpu = True  # CPU-only torch here; ComfyUI would otherwise probe CUDA at import
-    import comfy.latent_formats as latent_formats
-    import comfy.ldm.modules.diffusionmodules.model as model
-
-    return model, latent_formats
+    return import_comfy("comfy.ldm.modules.diffusionmodules.model"), import_comfy("comfy.latent_formats")
 
 
 def comfy_encoder_decoder(bfl: dict[str, torch.Tensor]):
-    """ComfyUI-native Encoder and Decoder loaded (strict) with BFL-named weights, or None."""
-    mods = comfy_modules()
-    if mods is None:
-        return None
-    model, _ = mods
+    """ComfyUI-native Encoder and Decoder loaded (strict) with BFL-named weights."""
+    model, _ = comfy_modules()
     enc = model.Encoder(**TINY_DDCONFIG).float().eval()
     dec = model.Decoder(**TINY_DDCONFIG).float().eval()
     enc.load_state_dict({k[len("encoder."):]: v for k, v in bfl.items() if k.startswith("encoder.")}, strict=True)

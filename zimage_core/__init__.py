@@ -20,18 +20,24 @@ _EXPORTS = {
     # schedule and samplers
     "flow_sigmas": "schedule",
     "img2img_sigmas": "schedule",
+    "denoise_sigmas": "schedule",
     "make_noise": "sampling",
     "sample_text_to_image": "sampling",
     "sample_img2img": "sampling",
+    "sample_euler": "sampling",
     # text encoder
     "load_text_encoder": "text_encoder",
     "ZImageTextEncoder": "text_encoder",
     "load_tokenizer": "tokenizer",
+    "QwenTokenizer": "tokenizer",
+    "TokenizerNotFoundError": "tokenizer",
     # VAE
     "load_vae": "vae",
     "FluxVAE": "vae",
     "LATENT_SCALE": "vae",
     "LATENT_SHIFT": "vae",
+    "normalize_latents": "vae",
+    "denormalize_latents": "vae",
 }
 
 __all__ = sorted(_EXPORTS)
