@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
+import os
+
 import folder_paths
 
 from .patcher import WEIGHT_DTYPES, load_zimage_model, load_zimage_text_encoder, load_zimage_vae
 
 NODE_CATEGORY = "Z-Image/loaders"
+
+
+def _diffusers_components(component: str) -> list[str]:
+    """`<pipeline>/<component>` for each diffusers pipeline folder in ComfyUI's models/diffusers (e.g. a
+    download of Tongyi-MAI/Z-Image-Turbo), so that layout can be picked beside the single files."""
+    found = []
+    for root in folder_paths.get_folder_paths("diffusers"):
+        if os.path.isdir(root):
+            for name in sorted(os.listdir(root)):
+                if os.path.isdir(os.path.join(root, name, component)):
+                    found.append(f"{name}/{component}")
+    return found
+
+
+def _choices(folder: str, component: str) -> list[str]:
+    return folder_paths.get_filename_list(folder) + _diffusers_components(component)
+
+
+def _resolve(folder: str, component: str, name: str) -> str:
+    if name.endswith("/" + component):
+        for root in folder_paths.get_folder_paths("diffusers"):
+            path = os.path.join(root, name)
+            if os.path.isdir(path):
+                return path
+    return folder_paths.get_full_path_or_raise(folder, name)
 
 
 class ZImageModelLoader:
@@ -20,9 +47,10 @@ class ZImageModelLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model_name": (folder_paths.get_filename_list("diffusion_models"),
+            "model_name": (_choices("diffusion_models", "transformer"),
                            {"tooltip": "The transformer file in models/diffusion_models "
-                                       "(z_image_turbo_bf16.safetensors)."}),
+                                       "(z_image_turbo_bf16.safetensors), or <pipeline>/transformer of a "
+                                       "diffusers download in models/diffusers."}),
             "weight_dtype": (list(WEIGHT_DTYPES), {
                 "default": "default",
                 "tooltip": "How weights are stored in memory. default: ComfyUI's choice for your GPU. "
@@ -31,7 +59,7 @@ class ZImageModelLoader:
         }}
 
     def load(self, model_name: str, weight_dtype: str = "default"):
-        path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
+        path = _resolve("diffusion_models", "transformer", model_name)
         return (load_zimage_model(path, weight_dtype),)
 
 
@@ -47,12 +75,14 @@ class ZImageTextEncoderLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "text_encoder_name": (folder_paths.get_filename_list("text_encoders"),
-                                  {"tooltip": "The Qwen3-4B file in models/text_encoders (qwen_3_4b.safetensors)."}),
+            "text_encoder_name": (_choices("text_encoders", "text_encoder"),
+                                  {"tooltip": "The Qwen3-4B file in models/text_encoders (qwen_3_4b.safetensors), "
+                                              "or <pipeline>/text_encoder of a diffusers download in "
+                                              "models/diffusers (its tokenizer/ is used)."}),
         }}
 
     def load(self, text_encoder_name: str):
-        path = folder_paths.get_full_path_or_raise("text_encoders", text_encoder_name)
+        path = _resolve("text_encoders", "text_encoder", text_encoder_name)
         return (load_zimage_text_encoder(path),)
 
 
@@ -66,10 +96,11 @@ class ZImageVAELoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "vae_name": (folder_paths.get_filename_list("vae"),
-                         {"tooltip": "The FLUX.1 VAE file in models/vae (ae.safetensors)."}),
+            "vae_name": (_choices("vae", "vae"),
+                         {"tooltip": "The FLUX.1 VAE file in models/vae (ae.safetensors), or <pipeline>/vae of "
+                                     "a diffusers download in models/diffusers."}),
         }}
 
     def load(self, vae_name: str):
-        path = folder_paths.get_full_path_or_raise("vae", vae_name)
+        path = _resolve("vae", "vae", vae_name)
         return (load_zimage_vae(path),)
