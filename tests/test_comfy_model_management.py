@@ -40,3 +40,17 @@ def test_models_report_sizes_and_memory_estimates_to_comfyui():
     assert model.memory_estimate((1, 16, 128, 128), 64) > small  # activations grow with the image
     assert model.memory_estimate((2, 16, 64, 64), 64) > small  # and with the batch
     assert model.memory_estimate((1, 16, 64, 64), 64, passes=2) > small  # and with CFG's second pass
+
+
+def test_vae_lowvram_streaming_gives_the_same_image():
+    nodes = comfy_module("nodes").NODE_CLASS_MAPPINGS
+    vae = nodes["ZImageVAELoader"]().load(DEMO_FILES["vae"])[0]
+    latents = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(1))
+    reference = vae.vae.decode(latents)
+    cpu = torch.device("cpu")
+    vae.patcher.patch_model(device_to=cpu, lowvram_model_memory=1)
+    try:
+        assert any(getattr(m, "comfy_cast_weights", False) for m in vae.vae.modules())
+        assert torch.equal(vae.vae.decode(latents), reference)
+    finally:
+        vae.patcher.unpatch_model(device_to=cpu)
