@@ -71,6 +71,14 @@ class ZImageTextEncoder:
         self.path = path
         self.max_tokens = max_tokens
         self._suffix_ids = tokenizer.encode(TEMPLATE_SUFFIX)
+        # CUDA graphs per padded length: a 4B model on a short prompt is launch-bound (~1 ms of
+        # Python per layer); a replayed graph runs it at memory speed. Set False to disable.
+        self.use_cuda_graphs = True
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._graph_pool = None
+        self._graph_ptrs: list[int] | None = None
+        self._streamer = None  # BlockStreamer in low-VRAM mode (see stream_weights)
+        self._emb_host: torch.Tensor | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -78,7 +86,37 @@ class ZImageTextEncoder:
 
     @property
     def device(self) -> torch.device:
+        if self._streamer is not None:
+            return self._streamer.device
         return self.model.embed_tokens.weight.device
+
+    def stream_weights(self, device: torch.device | str) -> None:
+        """Low-VRAM mode ("offloaded after encoding"): the weights stay in pinned CPU memory; each
+        `encode` copies the embedding table to the GPU and streams the decoder layers through two GPU
+        slots (copies overlapped with compute), then frees every GPU copy, so the text encoder holds
+        no GPU memory between prompts. Undo with `stop_streaming()`."""
+        from .acceleration import BlockStreamer
+        if self._streamer is not None:
+            return
+        self.release_graphs()
+        device = torch.device(device)
+        emb = self.model.embed_tokens.weight
+        pin = device.type == "cuda"
+        self._emb_host = torch.empty(emb.shape, dtype=emb.dtype, pin_memory=pin).copy_(emb.data)
+        emb.data = self._emb_host
+        self.model.rotary_emb.to(device)
+        self._streamer = BlockStreamer(self.model.layers, device, resident=0, wrap=False)
+
+    def stop_streaming(self, device: torch.device | str | None = None) -> None:
+        """Leave low-VRAM mode: all weights go to `device` (default: the streaming device)."""
+        if self._streamer is None:
+            return
+        target = torch.device(device) if device is not None else self._streamer.device
+        self._streamer.remove(target)
+        self.model.embed_tokens.weight.data = self._emb_host.to(target)
+        self.model.rotary_emb.to(target)
+        self._streamer = None
+        self._emb_host = None
 
     @property
     def hidden_size(self) -> int:
@@ -86,10 +124,12 @@ class ZImageTextEncoder:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ZImageTextEncoder:
         """Move and/or cast the weights; RoPE buffers stay float32 (casting them would change results)."""
+        self.release_graphs()
         if dtype is not None:
             for p in self.model.parameters():
                 p.data = p.data.to(dtype)
         if device is not None:
+            self.release_graphs()
             self.model.to(device)
         return self
 
@@ -128,11 +168,83 @@ class ZImageTextEncoder:
         # Right padding + causal attention: real tokens never see pads. Without pads the plain
         # causal path is used (no mask tensor).
         attention_mask = None if min(lengths) == longest else mask.to(device)
-        hidden = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask,
-                            use_cache=False).last_hidden_state
+        if len(ids) == 1 and device.type == "cuda" and self.use_cuda_graphs:
+            out = self._encode_graphed(input_ids[0])
+            if out is not None:
+                return [out]
+        if self._streamer is not None:
+            emb = self.model.embed_tokens.weight
+            emb.data = self._emb_host.to(device, non_blocking=True)
+            try:
+                hidden = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask,
+                                    use_cache=False).last_hidden_state
+            finally:
+                emb.data = self._emb_host
+                self._streamer.release()
+        else:
+            hidden = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask,
+                                use_cache=False).last_hidden_state
         if len(ids) == 1:
             return [hidden[0]]
         return [hidden[row, :n].clone() for row, n in enumerate(lengths)]
+
+    GRAPH_BUCKET = 64
+
+    def _encode_graphed(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """One prompt through a CUDA graph captured for its length rounded up to GRAPH_BUCKET.
+
+        The ids are right-padded with pad tokens; attention is causal, so real tokens never see
+        the pads and their features equal an unpadded run (up to matmul rounding). Returns None
+        (caller runs eagerly) if capture fails, e.g. with weights being streamed or a model that
+        syncs with the host.
+        """
+        n = int(ids.numel())
+        bucket = -(-n // self.GRAPH_BUCKET) * self.GRAPH_BUCKET
+        # Graphs hold raw weight addresses: if anything moved the weights (model management,
+        # offloading), recapture instead of replaying stale pointers.
+        ptrs = [p.data_ptr() for p in self.model.parameters()]
+        if ptrs != self._graph_ptrs:
+            self.release_graphs()
+            if not all(p.is_cuda for p in self.model.parameters()):
+                return None
+            self._graph_ptrs = ptrs
+        entry = self._graphs.get(bucket)
+        if entry is None:
+            try:
+                entry = self._capture(bucket)
+            except Exception as exc:  # noqa: BLE001 - any capture problem: fall back to eager
+                log.info("Text encoder CUDA graph capture failed (%s); running eagerly.", exc)
+                self.use_cuda_graphs = False
+                torch.cuda.synchronize(self.device)
+                return None
+            self._graphs[bucket] = entry
+        graph, static_ids, static_out = entry
+        static_ids.fill_(self.tokenizer.pad_id)
+        static_ids[0, :n].copy_(ids, non_blocking=True)
+        graph.replay()
+        return static_out[0, :n].clone()
+
+    def _capture(self, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        device = self.device
+        static_ids = torch.full((1, length), self.tokenizer.pad_id, dtype=torch.long, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: cuBLAS handles and workspaces exist before capture
+                self.model(input_ids=static_ids, attention_mask=None, use_cache=False)
+        torch.cuda.current_stream(device).wait_stream(side)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            static_out = self.model(input_ids=static_ids, attention_mask=None, use_cache=False).last_hidden_state
+        return graph, static_ids, static_out
+
+    def release_graphs(self) -> None:
+        """Free the captured graphs (e.g. before moving the model off the GPU)."""
+        self._graphs.clear()
+        self._graph_pool = None
+        self._graph_ptrs = None
 
     def __repr__(self) -> str:
         c = self.model.config

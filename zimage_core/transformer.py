@@ -10,6 +10,7 @@ Layers that hold weights are built through an injectable `operations` namespace 
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 ADALN_DIM = 256  # width of the timestep embedding that drives all modulation
 SEQ_MULTIPLE = 32  # caption and image sequences are padded to a multiple of this
@@ -270,6 +273,37 @@ class ZImageTransformer(nn.Module):
         # None = the dtype of the stored weights (bf16 when those are fp8). Settable by loaders.
         self.compute_dtype: torch.dtype | None = None
         self._layouts: dict[tuple, _Layout] = {}
+        self._compiled_blocks: list[nn.Module] = []
+        self.streamer: Any = None
+
+    # -- acceleration (opt-in; see zimage_core.acceleration) -----------------------------------
+    def compile_blocks(self, *, mode: str | None = None, refiners: bool = True) -> bool:
+        """Regional torch.compile: the 30 main blocks share one compiled graph (plus one for the
+        noise refiner's shorter sequence). Falls back to eager on compiler errors. Returns whether
+        compilation is enabled."""
+        from .acceleration import compile_blocks
+        blocks = [*self.layers, *(self.noise_refiner if refiners else [])]
+        self._compiled_blocks = blocks if compile_blocks(blocks, mode=mode) else []
+        return bool(self._compiled_blocks)
+
+    def quantize_fp8(self) -> int:
+        """Store the block matmul weights (qkv, out, w1, w2, w3) as float8_e4m3fn with per-row scales
+        (fp8 tensor-core matmuls on Ada/Hopper; dequantized matmuls elsewhere). Returns the count."""
+        from .acceleration import quantize_fp8
+        return quantize_fp8(nn.ModuleList([*self.noise_refiner, *self.context_refiner, *self.layers]))
+
+    def stream_blocks(self, device: torch.device | str, resident: int) -> Any:
+        """Keep the refiners, embedders and `resident` main blocks on `device`; stream the other
+        main blocks' weights from pinned CPU memory during each forward (low-VRAM mode)."""
+        from .acceleration import BlockStreamer
+        for name, module in self.named_children():
+            if name != "layers":
+                module.to(device)
+        self.x_pad_token.data = self.x_pad_token.data.to(device)
+        self.cap_pad_token.data = self.cap_pad_token.data.to(device)
+        self._layouts.clear()
+        self.streamer = BlockStreamer(self.layers, device, resident=resident)
+        return self.streamer
 
     @property
     def dtype(self) -> torch.dtype:
@@ -326,6 +360,21 @@ class ZImageTransformer(nn.Module):
         cap_feats: one (L_i, cap_feat_dim) tensor per sample (or one for the whole batch); lengths may
         differ (the batch is then masked). H and W must be even. Computes in `self.dtype`; returns x's dtype.
         """
+        if not self._compiled_blocks:
+            return self._forward(x, sigma, cap_feats)
+        try:
+            return self._forward(x, sigma, cap_feats)
+        except Exception as exc:
+            from .acceleration import is_compile_failure, uncompile_blocks
+            if not is_compile_failure(exc):
+                raise
+            log.warning("torch.compile failed (%s: %s); running the Z-Image transformer eagerly.",
+                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+            uncompile_blocks(self._compiled_blocks)
+            self._compiled_blocks = []
+            return self._forward(x, sigma, cap_feats)
+
+    def _forward(self, x: torch.Tensor, sigma: torch.Tensor, cap_feats: list[torch.Tensor]) -> torch.Tensor:
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"ZImageTransformer: expected latents (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}.")

@@ -286,12 +286,17 @@ def _transformer_folder(path: str | os.PathLike) -> Path:
 
 
 def load_transformer(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                     device: torch.device | str = "cpu", operations: Any = None) -> ZImageTransformer:
+                     device: torch.device | str = "cpu", operations: Any = None,
+                     quantize: str | None = None) -> ZImageTransformer:
     """Load a Z-Image transformer: ComfyUI single file (any prefix; bf16/fp16/fp32/fp8) or diffusers folder.
 
     `dtype` is the weight and compute dtype (default: the stored dtype; bf16 for fp8 files).
     `operations` is a namespace of layer classes (e.g. ComfyUI's `comfy.ops.manual_cast`).
+    `quantize="fp8"` stores the block matmul weights as float8_e4m3fn with per-row scales after
+    loading (fp8 tensor-core matmuls on Ada/Hopper GPUs, about half the weight memory).
     """
+    if quantize not in (None, "fp8"):
+        raise ValueError(f"load_transformer: quantize must be None or 'fp8', got {quantize!r}.")
     ckpt = open_checkpoint(_transformer_folder(path), WHAT)
     shapes = _shapes_of(ckpt)
     dtypes = _dtypes_of(ckpt)
@@ -339,5 +344,7 @@ def load_transformer(path: str | os.PathLike, *, dtype: torch.dtype | None = Non
     if left:  # a layer class that creates parameters we do not know about
         raise CheckpointError(ckpt.path, WHAT, f"no tensors for parameters {left[:5]}",
                               "The operations namespace adds parameters that Z-Image checkpoints do not have.")
+    if quantize == "fp8":
+        model.quantize_fp8()
     model.eval()
     return model

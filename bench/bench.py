@@ -1,0 +1,1291 @@
+"""GPU benchmark for Z-Image-Turbo: our zimage_core against diffusers 0.42.1 and ComfyUI native.
+
+Builds the full-size S3-DiT, the Qwen3-4B text encoder and the FLUX VAE with random weights
+directly on the GPU (bf16, never materialized on the CPU), shares ONE copy of each weight set
+between the implementations (views, ``load_state_dict(assign=True)``), and times them side by
+side in one process. See bench/README.md for usage; results go to ``$OUT`` (device runs) or
+``bench/out``.
+
+Stages (``--only``): env, dit, te, vae, e2e, parity, fp8, mem.  Implementations (``--impls``):
+ours, diffusers, comfy.  Compiled variants are named ``<impl>+compile``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+if os.environ.get("ZBENCH_CORE"):  # an overlay folder holding a zimage_core package (pre-merge runs)
+    sys.path.insert(0, str(REPO / os.environ["ZBENCH_CORE"]))
+
+GiB = 1024**3
+DT = torch.bfloat16
+DEV = os.environ.get("ZBENCH_DEVICE", "cuda")
+TINY = os.environ.get("ZBENCH_TINY") == "1"  # local CPU smoke test of the script itself
+
+# Official Z-Image-Turbo transformer config (FACTS §2).
+DIT = dict(dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30, n_kv_heads=30, in_channels=16,
+           patch_size=2, cap_feat_dim=2560, axes_dims=(32, 48, 48), axes_lens=(1536, 512, 512),
+           rope_theta=256.0, norm_eps=1e-5, t_scale=1000.0)
+QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
+                rope_theta=1_000_000.0, max_position_embeddings=40960, tie_word_embeddings=True)
+FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16,
+                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32,
+                act_fn="silu", sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+                use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True)
+if TINY:
+    DIT.update(dim=1536, n_layers=2, n_refiner_layers=1, n_heads=12, n_kv_heads=12, cap_feat_dim=256)
+    QWEN3_4B.update(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=2,
+                    num_key_value_heads=1, head_dim=128)
+    FLUX_VAE.update(block_out_channels=[32, 32, 64, 64])
+LATENT_SCALE, LATENT_SHIFT = 0.3611, 0.1159
+PROMPT = "a photo of a ginger cat sitting on a sunlit windowsill, soft light, highly detailed"
+TURBO_SIGMAS_8 = [1.0, 0.9545454545, 0.9, 0.8333333333, 0.75, 0.6428571429, 0.5, 0.3, 0.0]
+
+RESULTS: list[dict[str, Any]] = []
+TE_REF: dict[str, Any] = {}
+MEM_REF: dict[int, torch.Tensor] = {}  # resident-mode latents per size (memory modes must match them)  # first impl's output per config, for cross-checks
+ENV: dict[str, Any] = {}
+NOTES: list[str] = []
+
+
+def log(*a: Any) -> None:
+    print(*a, flush=True)
+
+
+def note(msg: str) -> None:
+    NOTES.append(msg)
+    log("NOTE:", msg)
+
+
+# ----------------------------------------------------------------------------------------------
+# timing helpers
+# ----------------------------------------------------------------------------------------------
+
+def sync() -> None:
+    if DEV != "cpu":
+        torch.cuda.synchronize()
+
+
+def first_call(fn: Callable[[], Any]) -> tuple[float, Any]:
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return (time.perf_counter() - t0) * 1000.0, out
+
+
+def time_ms(fn: Callable[[], Any], reps: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    sync()
+    out = []
+    if DEV == "cpu":
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1000.0)
+        return out
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        out.append(s.elapsed_time(e))
+    return out
+
+
+@contextlib.contextmanager
+def peak_mem():
+    """Yields a dict filled on exit with peak allocated/reserved (GiB, absolute) and the baseline."""
+    gc.collect()
+    d: dict[str, float] = {}
+    if DEV == "cpu":
+        yield d
+        return
+    torch.cuda.empty_cache()
+    sync()
+    torch.cuda.reset_peak_memory_stats()
+    d["base_alloc_gib"] = torch.cuda.memory_allocated() / GiB
+    yield d
+    sync()
+    d["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / GiB
+    d["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GiB
+
+
+def record(impl: str, what: str, size: int | None, batch: int | None, times: list[float] | None = None,
+           **extra: Any) -> dict[str, Any]:
+    r: dict[str, Any] = {"impl": impl, "what": what, "size": size, "batch": batch}
+    if times:
+        r["median_ms"] = statistics.median(times)
+        r["min_ms"] = min(times)
+        r["max_ms"] = max(times)
+        r["reps"] = len(times)
+    r.update(extra)
+    RESULTS.append(r)
+    msg = f"[{impl:>18}] {what:<14} size={size} b={batch}"
+    if times:
+        msg += f"  median {r['median_ms']:.2f} ms (min {r['min_ms']:.2f}, max {r['max_ms']:.2f}, n={len(times)})"
+    for k, v in extra.items():
+        msg += f"  {k}={v:.3f}" if isinstance(v, float) else f"  {k}={v}"
+    log(msg)
+    return r
+
+
+def step_flops(size: int, batch: int, cap_len: int) -> float:
+    """Forward FLOPs of one DiT call (matmuls + attention), counted as 2 per MAC."""
+    d, L, R, ffn = DIT["dim"], DIT["n_layers"], DIT["n_refiner_layers"], int(DIT["dim"] / 3 * 8)
+    n_img = (size // 16) ** 2
+    n_img += (-n_img) % 32
+    n_cap = cap_len + (-cap_len) % 32
+    n = n_img + n_cap
+    per_tok = 2 * (d * 3 * d + d * d + 3 * d * ffn)
+    lin = per_tok * (n * L + n_img * R + n_cap * R)
+    attn = 4 * d * (n * n * L + n_img * n_img * R + n_cap * n_cap * R)
+    return float(batch * (lin + attn))
+
+
+# ----------------------------------------------------------------------------------------------
+# random weights on the GPU
+# ----------------------------------------------------------------------------------------------
+
+def _rand_like_param(name: str, shape: tuple[int, ...], gen: torch.Generator, dtype=DT) -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype, device=DEV)
+    if len(shape) >= 2 and not name.endswith("pad_token"):
+        fan_in = math.prod(shape[1:])
+        t.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=gen)
+    elif "norm" in name and name.endswith("weight"):
+        t.normal_(1.0, 0.1, generator=gen)
+    else:
+        t.normal_(0.0, 0.5 if name.endswith("pad_token") else 0.02, generator=gen)
+    return t
+
+
+def dit_comfy_shapes() -> dict[str, tuple[int, ...]]:
+    """ComfyUI single-file key names and shapes of the Z-Image transformer (FACTS §2)."""
+    d, ffn, hd = DIT["dim"], int(DIT["dim"] / 3 * 8), DIT["dim"] // DIT["n_heads"]
+    s: dict[str, tuple[int, ...]] = {
+        "x_embedder.weight": (d, 64), "x_embedder.bias": (d,),
+        "x_pad_token": (1, d), "cap_pad_token": (1, d),
+        "cap_embedder.0.weight": (DIT["cap_feat_dim"],),
+        "cap_embedder.1.weight": (d, DIT["cap_feat_dim"]), "cap_embedder.1.bias": (d,),
+        "t_embedder.mlp.0.weight": (1024, 256), "t_embedder.mlp.0.bias": (1024,),
+        "t_embedder.mlp.2.weight": (256, 1024), "t_embedder.mlp.2.bias": (256,),
+        "final_layer.linear.weight": (64, d), "final_layer.linear.bias": (64,),
+        "final_layer.adaLN_modulation.1.weight": (d, 256), "final_layer.adaLN_modulation.1.bias": (d,),
+    }
+    blocks = [(f"layers.{i}", True) for i in range(DIT["n_layers"])]
+    blocks += [(f"noise_refiner.{i}", True) for i in range(DIT["n_refiner_layers"])]
+    blocks += [(f"context_refiner.{i}", False) for i in range(DIT["n_refiner_layers"])]
+    for p, mod in blocks:
+        s[f"{p}.attention.qkv.weight"] = (3 * d, d)
+        s[f"{p}.attention.out.weight"] = (d, d)
+        s[f"{p}.attention.q_norm.weight"] = (hd,)
+        s[f"{p}.attention.k_norm.weight"] = (hd,)
+        s[f"{p}.feed_forward.w1.weight"] = (ffn, d)
+        s[f"{p}.feed_forward.w2.weight"] = (d, ffn)
+        s[f"{p}.feed_forward.w3.weight"] = (ffn, d)
+        for n in ("attention_norm1", "attention_norm2", "ffn_norm1", "ffn_norm2"):
+            s[f"{p}.{n}.weight"] = (d,)
+        if mod:
+            s[f"{p}.adaLN_modulation.0.weight"] = (4 * d, 256)
+            s[f"{p}.adaLN_modulation.0.bias"] = (4 * d,)
+    return s
+
+
+def make_dit_weights(seed: int = 0, dtype=DT) -> dict[str, torch.Tensor]:
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    return {k: _rand_like_param(k, v, gen, dtype) for k, v in dit_comfy_shapes().items()}
+
+
+def comfy_to_diffusers_dit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI names -> diffusers names; q/k/v become row views of the fused qkv tensor (no copy)."""
+    out: dict[str, torch.Tensor] = {}
+    d = DIT["dim"]
+    for k, v in sd.items():
+        if k.endswith("attention.qkv.weight"):
+            p = k[: -len("qkv.weight")]
+            out[p + "to_q.weight"], out[p + "to_k.weight"], out[p + "to_v.weight"] = v[:d], v[d:2 * d], v[2 * d:]
+            continue
+        n = k.replace("attention.out.", "attention.to_out.0.").replace("attention.q_norm.", "attention.norm_q.")
+        n = n.replace("attention.k_norm.", "attention.norm_k.")
+        if n.startswith("x_embedder."):
+            n = "all_x_embedder.2-1." + n[len("x_embedder."):]
+        elif n.startswith("final_layer."):
+            n = "all_final_layer.2-1." + n[len("final_layer."):]
+        out[n] = v
+    return out
+
+
+def qwen_hf_shapes() -> dict[str, tuple[int, ...]]:
+    c = QWEN3_4B
+    h, hd, nh, nkv, ff = c["hidden_size"], c["head_dim"], c["num_attention_heads"], c["num_key_value_heads"], c["intermediate_size"]
+    s: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (c["vocab_size"], h), "norm.weight": (h,)}
+    for i in range(c["num_hidden_layers"]):
+        p = f"layers.{i}"
+        s[f"{p}.self_attn.q_proj.weight"] = (nh * hd, h)
+        s[f"{p}.self_attn.k_proj.weight"] = (nkv * hd, h)
+        s[f"{p}.self_attn.v_proj.weight"] = (nkv * hd, h)
+        s[f"{p}.self_attn.o_proj.weight"] = (h, nh * hd)
+        s[f"{p}.self_attn.q_norm.weight"] = (hd,)
+        s[f"{p}.self_attn.k_norm.weight"] = (hd,)
+        s[f"{p}.mlp.gate_proj.weight"] = (ff, h)
+        s[f"{p}.mlp.up_proj.weight"] = (ff, h)
+        s[f"{p}.mlp.down_proj.weight"] = (h, ff)
+        s[f"{p}.input_layernorm.weight"] = (h,)
+        s[f"{p}.post_attention_layernorm.weight"] = (h,)
+    return s
+
+
+def make_te_weights(seed: int = 1) -> dict[str, torch.Tensor]:
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    sd = {}
+    for k, shp in qwen_hf_shapes().items():
+        t = _rand_like_param(k, shp, gen)
+        if k == "embed_tokens.weight":
+            t.normal_(0.0, 0.02, generator=gen)
+        sd[k] = t
+    return sd
+
+
+def load_assign(model: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    res = model.load_state_dict(sd, strict=False, assign=True)
+    missing = [k for k in res.missing_keys]
+    if missing or res.unexpected_keys:
+        log(f"  {what}: missing={missing[:6]}{'...' if len(missing) > 6 else ''} unexpected={res.unexpected_keys[:6]}")
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"{what}: still on meta after loading: {left[:8]}")
+
+
+# ----------------------------------------------------------------------------------------------
+# implementations
+# ----------------------------------------------------------------------------------------------
+
+def import_comfy() -> Any:
+    """Import ComfyUI's `comfy` package from the carried copy (.device/comfy_src) or .comfyui."""
+    for cand in (REPO / ".device" / "comfy_src", REPO / ".comfyui" / "ComfyUI"):
+        if (cand / "comfy").is_dir():
+            if str(cand) not in sys.path:
+                sys.path.insert(0, str(cand))
+            break
+    import comfy.options  # noqa: F401
+    if DEV == "cpu":
+        from comfy.cli_args import args as comfy_args
+        comfy_args.cpu = True
+    import comfy  # noqa: F401
+    import comfy.ldm.lumina.model  # noqa: F401
+    import comfy.model_management  # noqa: F401
+    import comfy.ops  # noqa: F401
+    return sys.modules["comfy"]
+
+
+class Impls:
+    """Holds the shared weights and the models built on them (lazily)."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self._dit_sd: dict[str, torch.Tensor] | None = None
+        self._te_sd: dict[str, torch.Tensor] | None = None
+        self.dit: dict[str, Any] = {}
+        self.te: dict[str, Any] = {}
+        self.vae: dict[str, Any] = {}
+        self._vae_dir: Path | None = None
+        self._tok = None
+
+    # ---- shared weights
+    @property
+    def dit_sd(self) -> dict[str, torch.Tensor]:
+        if self._dit_sd is None:
+            t0 = time.perf_counter()
+            self._dit_sd = make_dit_weights()
+            sync()
+            n = sum(t.numel() for t in self._dit_sd.values())
+            log(f"DiT random weights: {n / 1e9:.3f} B params, {n * 2 / GiB:.2f} GiB, {time.perf_counter() - t0:.1f} s")
+        return self._dit_sd
+
+    @property
+    def te_sd(self) -> dict[str, torch.Tensor]:
+        if self._te_sd is None:
+            t0 = time.perf_counter()
+            self._te_sd = make_te_weights()
+            sync()
+            n = sum(t.numel() for t in self._te_sd.values())
+            log(f"TE random weights: {n / 1e9:.3f} B params, {time.perf_counter() - t0:.1f} s")
+        return self._te_sd
+
+    # ---- DiT builders: each returns a callable velocity(x bf16 (B,16,h,w), sigma f32 (B,), caps list) -> v
+    def get_dit(self, impl: str) -> Callable[..., torch.Tensor]:
+        if impl in self.dit:
+            return self.dit[impl]
+        base, _, variant = impl.partition("+")
+        fn = getattr(self, f"_build_dit_{base}")(variant)
+        self.dit[impl] = fn
+        return fn
+
+    def _build_dit_diffusers(self, variant: str):
+        from diffusers import ZImageTransformer2DModel
+        cfg = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=DIT["dim"],
+                   n_layers=DIT["n_layers"], n_refiner_layers=DIT["n_refiner_layers"], n_heads=DIT["n_heads"],
+                   n_kv_heads=DIT["n_kv_heads"], norm_eps=DIT["norm_eps"], qk_norm=True,
+                   cap_feat_dim=DIT["cap_feat_dim"], rope_theta=DIT["rope_theta"], t_scale=DIT["t_scale"],
+                   axes_dims=list(DIT["axes_dims"]), axes_lens=list(DIT["axes_lens"]))
+        if "diffusers" not in self.__dict__.setdefault("_mods", {}):
+            with torch.device("meta"):
+                m = ZImageTransformer2DModel(**cfg)
+            load_assign(m, comfy_to_diffusers_dit(self.dit_sd), "diffusers DiT")
+            m.eval().requires_grad_(False)
+            self._mods["diffusers"] = m
+        m = self._mods["diffusers"]
+        mod = torch.compile(m) if variant == "compile" else m
+
+        def run(x, sigma, caps):
+            out = mod(list(x.unsqueeze(2).unbind(0)), 1.0 - sigma, caps, return_dict=False)[0]
+            return -torch.stack([o.float() for o in out], 0).squeeze(2)
+        return run
+
+    def _build_dit_comfy(self, variant: str):
+        import_comfy()
+        import comfy.ops
+        from comfy.ldm.lumina.model import NextDiT
+        if "comfy" not in self.__dict__.setdefault("_mods", {}):
+            with torch.device("meta"):
+                m = NextDiT(patch_size=2, in_channels=16, dim=DIT["dim"], n_layers=DIT["n_layers"],
+                            n_refiner_layers=DIT["n_refiner_layers"], n_heads=DIT["n_heads"],
+                            n_kv_heads=DIT["n_kv_heads"], multiple_of=256, ffn_dim_multiplier=8.0 / 3.0,
+                            norm_eps=DIT["norm_eps"], qk_norm=True, cap_feat_dim=DIT["cap_feat_dim"],
+                            axes_dims=list(DIT["axes_dims"]), axes_lens=list(DIT["axes_lens"]),
+                            rope_theta=DIT["rope_theta"], z_image_modulation=True, time_scale=1000.0,
+                            pad_tokens_multiple=32, image_model="lumina2", device="meta", dtype=DT,
+                            operations=comfy.ops.disable_weight_init)
+            sd = dict(self.dit_sd)
+            sd["norm_final.weight"] = torch.ones(DIT["dim"], dtype=DT, device=DEV)  # stray, unused
+            load_assign(m, sd, "comfy NextDiT")
+            m.eval().requires_grad_(False)
+            self._mods["comfy"] = m
+        m = self._mods["comfy"]
+        mod = torch.compile(m) if variant == "compile" else m
+
+        def run(x, sigma, caps):
+            ctx = torch.nn.utils.rnn.pad_sequence(caps, batch_first=True) if len(caps) > 1 else caps[0].unsqueeze(0)
+            if ctx.shape[0] != x.shape[0]:
+                ctx = ctx.expand(x.shape[0], -1, -1)
+            return mod(x, sigma, ctx, ctx.shape[1]).float()
+        return run
+
+    def ours_config(self):
+        from zimage_core.transformer import TransformerConfig
+        return TransformerConfig(dim=DIT["dim"], n_layers=DIT["n_layers"], n_refiner_layers=DIT["n_refiner_layers"],
+                                 n_heads=DIT["n_heads"], n_kv_heads=DIT["n_kv_heads"], in_channels=16, patch_size=2,
+                                 cap_feat_dim=DIT["cap_feat_dim"], axes_dims=tuple(DIT["axes_dims"]),
+                                 axes_lens=tuple(DIT["axes_lens"]), rope_theta=DIT["rope_theta"],
+                                 norm_eps=DIT["norm_eps"], t_scale=DIT["t_scale"])
+
+    def new_ours(self, sd: dict[str, torch.Tensor] | None = None):
+        """A fresh ZImageTransformer instance on the shared weights (no copy)."""
+        from zimage_core.transformer import ZImageTransformer
+        with torch.device("meta"):
+            m = ZImageTransformer(self.ours_config(), dtype=DT, device="meta")
+        load_assign(m, sd if sd is not None else self.dit_sd, "ours DiT")
+        return m.eval().requires_grad_(False)
+
+    def _build_dit_ours(self, variant: str):
+        """variant: "" (eager), "compile" (regional), "fp8", "fp8+compile"."""
+        opts = set(variant.split("+")) - {""}
+        m = self.new_ours()
+        if "fp8" in opts:
+            t0 = time.perf_counter()
+            n = m.quantize_fp8()
+            sync()
+            log(f"  fp8: {n} linears quantized in {time.perf_counter() - t0:.2f} s")
+        if "compile" in opts:
+            m.compile_blocks()
+        self.__dict__.setdefault("_mods", {})["ours+" + variant if variant else "ours"] = m
+
+        def run(x, sigma, caps):
+            return m(x, sigma, caps)
+        run.model = m  # type: ignore[attr-defined]
+        return run
+
+    # ---- text encoders: callable(ids list[LongTensor]) -> list[(L, 2560)]
+    def tokenizer(self):
+        """Qwen3's tokenizer (zimage_core's loader, from ComfyUI's bundled qwen25_tokenizer files):
+        the same ids for every implementation."""
+        if self._tok is None:
+            from zimage_core.tokenizer import load_tokenizer
+            self._tok = load_tokenizer(self._tok_arg())
+        return self._tok
+
+    def _comfy_dir(self) -> Path:
+        for cand in (REPO / ".device" / "comfy_src", REPO / ".comfyui" / "ComfyUI"):
+            if (cand / "comfy").is_dir():
+                return cand
+        raise FileNotFoundError("no ComfyUI copy (.device/comfy_src or .comfyui/ComfyUI)")
+
+    def prompt_ids(self, prompts: list[str]) -> list[torch.Tensor]:
+        tok = self.tokenizer()
+        tmpl = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+        return [torch.tensor(tok.encode(tmpl.format(p)), dtype=torch.long) for p in prompts]
+
+    def get_te(self, impl: str):
+        if impl not in self.te:
+            self.te[impl] = getattr(self, f"_build_te_{impl}")()
+        return self.te[impl]
+
+    def _build_te_diffusers(self):
+        from transformers import Qwen3Config, Qwen3Model
+        cfg = Qwen3Config(**QWEN3_4B)
+        with torch.device("meta"):
+            m = Qwen3Model(cfg)
+        with torch.device(DEV):
+            m.rotary_emb = type(m.rotary_emb)(config=cfg)  # buffers, not weights
+        load_assign(m, self.te_sd, "HF Qwen3Model")
+        m.eval().requires_grad_(False)
+        m.to(DT)
+
+        def run(ids_list):
+            # diffusers ZImagePipeline: pad to max_length=512, mask, hidden_states[-2], drop padding.
+            B = len(ids_list)
+            ids = torch.full((B, 512), 151643, dtype=torch.long)
+            mask = torch.zeros((B, 512), dtype=torch.long)
+            for i, t in enumerate(ids_list):
+                ids[i, : len(t)] = t
+                mask[i, : len(t)] = 1
+            ids, mask = ids.to(DEV), mask.to(DEV)
+            hs = m(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+            mb = mask.bool()
+            return [hs[i][mb[i]] for i in range(B)]
+        return run
+
+    def _build_te_comfy(self):
+        import_comfy()
+        import comfy.ops
+        from comfy.text_encoders.llama import Qwen3_4B
+        with torch.device("meta"):
+            cfg = {k: v for k, v in QWEN3_4B.items() if k not in ("head_dim", "tie_word_embeddings")}
+            m = Qwen3_4B(cfg, dtype=DT, device="meta", operations=comfy.ops.manual_cast)
+        load_assign(m, {"model." + k: v for k, v in self.te_sd.items()}, "comfy Qwen3_4B")
+        m.eval().requires_grad_(False)
+
+        def run(ids_list):
+            outs = []
+            # ComfyUI does not pad a single prompt; prompts are encoded one by one by CLIPTextEncode.
+            for t in ids_list:
+                ids = t.to(DEV).unsqueeze(0)
+                am = torch.ones_like(ids)
+                _, inter = m(ids, attention_mask=am, intermediate_output=-2, final_layer_norm_intermediate=False,
+                             dtype=DT)
+                outs.append(inter[0])
+            return outs
+        return run
+
+    def _build_te_ours(self):
+        from transformers import Qwen3Config, Qwen3Model
+
+        from zimage_core.text_encoder import ZImageTextEncoder
+        # Same construction as zimage_core.text_encoder._build (35 of 36 layers, no final norm),
+        # sharing the reference's weights instead of reading a file.
+        cfg = Qwen3Config(**{**QWEN3_4B, "num_hidden_layers": QWEN3_4B["num_hidden_layers"] - 1})
+        cfg._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            m = Qwen3Model(cfg)
+        m.norm = torch.nn.Identity()
+        with torch.device(DEV):
+            m.rotary_emb = type(m.rotary_emb)(config=cfg)
+        n_last = QWEN3_4B["num_hidden_layers"] - 1
+        sd = {k: v for k, v in self.te_sd.items() if not k.startswith(f"layers.{n_last}.") and k != "norm.weight"}
+        load_assign(m, sd, "ours Qwen3 (35 layers)")
+        m.eval().requires_grad_(False)
+        enc = ZImageTextEncoder(m, self.tokenizer())
+        enc.use_cuda_graphs = not self.args.no_te_graphs
+
+        def run_ids(ids_list):
+            return None
+        run_ids.encoder = enc  # type: ignore[attr-defined]
+        return run_ids
+
+    def _tok_arg(self):
+        return str(self._comfy_dir() / "comfy" / "text_encoders" / "qwen25_tokenizer")
+
+    def _write_te_file(self) -> Path:
+        from safetensors.torch import save_file
+        p = Path("/tmp/zbench/qwen_3_4b.safetensors")
+        if not p.exists():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            save_file({"model." + k: v.contiguous().cpu() for k, v in self.te_sd.items()}, str(p))
+            log(f"  wrote {p} in {time.perf_counter() - t0:.1f} s")
+        return p
+
+    # ---- VAEs: callable(latents normalized bf16 (B,16,h,w)) -> images (B,H,W,3) in [0,1] on GPU
+    def vae_dir(self) -> Path:
+        if self._vae_dir is None:
+            from diffusers import AutoencoderKL
+            torch.manual_seed(2)
+            with torch.device(DEV):
+                m = AutoencoderKL(**FLUX_VAE)
+            with torch.no_grad():
+                for p in m.parameters():
+                    if p.ndim >= 2:
+                        p.normal_(0, 1.0 / math.sqrt(p[0].numel()))
+            d = Path("/tmp/zbench/vae")
+            m.save_pretrained(str(d))
+            self._vae_dir = d
+            del m
+        return self._vae_dir
+
+    def get_vae(self, impl: str):
+        if impl not in self.vae:
+            base, _, variant = impl.partition("+")
+            self.vae[impl] = getattr(self, f"_build_vae_{base}")(variant)
+        return self.vae[impl]
+
+    def _build_vae_diffusers(self, variant: str):
+        from diffusers import AutoencoderKL
+        m = AutoencoderKL.from_pretrained(str(self.vae_dir()), torch_dtype=DT).to(DEV).eval().requires_grad_(False)
+        dec = torch.compile(m.decode) if variant == "compile" else m.decode
+
+        def run(lat):
+            img = dec(lat / LATENT_SCALE + LATENT_SHIFT, return_dict=False)[0]
+            return (img.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+        return run
+
+    def _build_vae_comfy(self, variant: str):
+        import_comfy()
+        import comfy.sd
+        from safetensors.torch import load_file
+        sd = load_file(str(self.vae_dir() / "diffusion_pytorch_model.safetensors"))
+        v = comfy.sd.VAE(sd=sd, device=torch.device(DEV), dtype=DT)
+        fsm = v.first_stage_model.to(DEV).eval()
+
+        def run(lat):
+            raw = (lat / LATENT_SCALE + LATENT_SHIFT).to(DT)
+            img = fsm.decode(raw).float()
+            return torch.clamp((img + 1.0) / 2.0, 0.0, 1.0).movedim(1, -1)
+        run.vae = v  # type: ignore[attr-defined]
+        return run
+
+    def _build_vae_ours(self, variant: str):
+        """variant: "" (NCHW eager), "cl" (channels_last), "fuse" (compiled GroupNorm+SiLU),
+        "compile" (whole decoder compiled); combinable with "+"."""
+        from zimage_core.vae import load_vae
+        opts = set(variant.split("+")) - {""}
+        m = load_vae(str(self.vae_dir()), dtype=DT, device=DEV)
+        m.eval().requires_grad_(False)
+        if "cl" in opts or self.args.vae_channels_last:
+            m.to_channels_last() if hasattr(m, "to_channels_last") else m.to(memory_format=torch.channels_last)
+        if "fuse" in opts:
+            m.fuse_norm_act()
+        if "compile" in opts:
+            m.decoder.compile()
+
+        def run(lat):
+            return m.decode(lat, tiled=False)
+        run.vae = m  # type: ignore[attr-defined]
+        return run
+
+
+# ----------------------------------------------------------------------------------------------
+# stages
+# ----------------------------------------------------------------------------------------------
+
+def stage_env(args, zi: Impls) -> None:
+    import subprocess
+    if DEV == "cpu":
+        stage_env_light()
+        return
+    p = torch.cuda.get_device_properties(0)
+    ENV.update(gpu=p.name, sm_count=p.multi_processor_count, total_mem_gib=p.total_memory / GiB,
+               capability=f"{p.major}.{p.minor}", torch=torch.__version__, cuda=torch.version.cuda,
+               cudnn=torch.backends.cudnn.version(), python=sys.version.split()[0])
+    try:
+        ENV["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit",
+                                        "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+    except Exception as e:  # noqa: BLE001
+        ENV["driver"] = repr(e)
+    for name in ("diffusers", "transformers", "triton", "safetensors"):
+        try:
+            ENV[name] = __import__(name).__version__
+        except Exception as e:  # noqa: BLE001
+            ENV[name] = f"import failed: {e!r}"[:200]
+    try:
+        import_comfy()
+        import comfyui_version  # type: ignore[import-not-found]
+        ENV["comfyui"] = comfyui_version.__version__
+    except Exception as e:  # noqa: BLE001
+        ENV["comfyui"] = f"import failed: {e!r}"[:300]
+    log("ENV", json.dumps(ENV, indent=1))
+    # matmul ceiling
+    a = torch.randn(8192, 8192, device=DEV, dtype=DT)
+    b = torch.randn(8192, 8192, device=DEV, dtype=DT)
+    t = statistics.median(time_ms(lambda: a @ b, 10, 3))
+    ENV["bf16_matmul_tflops"] = 2 * 8192**3 / (t / 1e3) / 1e12
+    log(f"bf16 8192^3 matmul: {t:.3f} ms = {ENV['bf16_matmul_tflops']:.0f} TFLOP/s")
+    try:
+        fa = a.to(torch.float8_e4m3fn)
+        fbt = b.to(torch.float8_e4m3fn).t()
+        one = torch.ones((), device=DEV)
+        t = statistics.median(time_ms(lambda: torch._scaled_mm(fa, fbt, one, one, out_dtype=DT), 10, 3))
+        ENV["fp8_matmul_tflops"] = 2 * 8192**3 / (t / 1e3) / 1e12
+        log(f"fp8 8192^3 _scaled_mm: {t:.3f} ms = {ENV['fp8_matmul_tflops']:.0f} TFLOP/s")
+    except Exception as e:  # noqa: BLE001
+        ENV["fp8_matmul_tflops"] = f"failed: {e!r}"[:200]
+    a = b = fa = fbt = None
+    # SDPA backends at the 1024^2 shape (4096 image + 32 caption tokens), no mask
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q, k, v = (torch.randn(1, 30, 4128, 128, device=DEV, dtype=DT) for _ in range(3))
+    fl = 4 * 4128 * 4128 * 128 * 30
+    sd: dict[str, Any] = {}
+    for be in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
+        try:
+            with sdpa_kernel(getattr(SDPBackend, be)):
+                t = statistics.median(time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), 10, 2))
+            sd[be] = {"ms": t, "tflops": fl / (t / 1e3) / 1e12}
+        except Exception as e:  # noqa: BLE001
+            sd[be] = f"failed: {e!r}"[:120]
+    t = statistics.median(time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), 10, 2))
+    sd["default"] = {"ms": t, "tflops": fl / (t / 1e3) / 1e12}
+    try:
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+        with prof:
+            torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            sync()
+        sd["default_kernels"] = sorted({e.name[:80] for e in prof.events() if e.device_type.name == "CUDA"})[:4]
+    except Exception as e:  # noqa: BLE001
+        sd["default_kernels"] = repr(e)[:100]
+    ENV["sdpa_1024"] = sd
+    log("SDPA (1,30,4128,128) bf16:", json.dumps(sd, indent=1))
+
+
+def make_inputs(zi: Impls, size: int, batch: int, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    lat = size // 8
+    x = torch.randn(batch, 16, lat, lat, generator=g).to(DEV, DT)
+    cap_len = int(zi.prompt_ids([PROMPT])[0].numel())
+    caps = [torch.randn(cap_len, DIT["cap_feat_dim"], generator=g).to(DEV, DT) * 3 for _ in range(batch)]
+    return x, caps, cap_len
+
+
+def euler_denoise(fn, x0: torch.Tensor, caps, sigmas) -> torch.Tensor:
+    """The reference 8-step loop (diffusers/ComfyUI style): latents in fp32, model input in bf16."""
+    x = x0.float()
+    B = x.shape[0]
+    for i in range(len(sigmas) - 1):
+        s = torch.full((B,), float(sigmas[i]), device=DEV, dtype=torch.float32)
+        v = fn(x.to(DT), s, caps)
+        x = x + (float(sigmas[i + 1]) - float(sigmas[i])) * v.float()
+    return x
+
+
+def dit_impls(args) -> list[str]:
+    out = []
+    for impl in args.impls:
+        if not (args.compiled_only and impl in args.compile):
+            out.append(impl)
+        if impl in args.compile:
+            out.append(impl + "+compile")
+        if impl == "ours" and args.fp8:
+            out.append("ours+fp8+compile" if "ours" in args.compile else "ours+fp8")
+    return out
+
+
+def stage_dit(args, zi: Impls) -> None:
+    for impl in dit_impls(args):
+        for size in args.sizes:
+            for batch in args.batch:
+                if size >= 2048 and batch >= 4 and not args.big:
+                    note(f"{impl}: 2048^2 batch 4 skipped (pass --big to run it)")
+                    continue
+                try:
+                    _bench_dit_one(args, zi, impl, size, batch)
+                except Exception as e:  # noqa: BLE001
+                    note(f"{impl} dit {size} b{batch} failed: {e!r}"[:400])
+                    traceback.print_exc()
+                    gc.collect()
+                    torch.cuda.empty_cache()
+
+
+@torch.inference_mode()
+def _bench_dit_one(args, zi: Impls, impl: str, size: int, batch: int) -> None:
+    x, caps, cap_len = make_inputs(zi, size, batch)
+    sig = torch.full((batch,), 0.75, device=DEV)
+    with peak_mem() as pm:
+        t_build0 = time.perf_counter()
+        fn = zi.get_dit(impl)
+        build_s = time.perf_counter() - t_build0
+        warm_ms, _ = first_call(lambda: fn(x, sig, caps))
+        reps = args.reps if size <= 1024 else max(3, args.reps // 3)
+        times = time_ms(lambda: fn(x, sig, caps), reps, warmup=1)
+    fl = step_flops(size, batch, cap_len)
+    med = statistics.median(times)
+    peak = ENV.get("bf16_matmul_tflops") or 777.0
+    record(impl, "step", size, batch, times, first_call_ms=warm_ms, build_s=build_s,
+           tflop=fl / 1e12, tflops=fl / (med / 1e3) / 1e12, mfu=fl / (med / 1e3) / 1e12 / peak,
+           **pm)
+    if args.steps and (size <= 1024 or args.full_denoise):
+        sigmas = TURBO_SIGMAS_8 if args.steps == 8 else None
+        if sigmas is None:
+            from_s = torch.linspace(1, 1 / args.steps, args.steps)
+            sigmas = (3 * from_s / (1 + 2 * from_s)).tolist() + [0.0]
+        with peak_mem() as pm:
+            if impl.startswith("ours") and not args.ref_loop:
+                from zimage_core.sampling import sample_text_to_image
+                run = lambda: sample_text_to_image(fn_ours_model(zi, impl), caps[:1] if batch == 1 else caps, x.float(), steps=args.steps)  # noqa: E731
+            else:
+                run = lambda: euler_denoise(fn, x, caps, sigmas)  # noqa: E731
+            times = time_ms(run, max(2, args.reps // 3), warmup=1)
+        record(impl, f"denoise{args.steps}", size, batch, times, **pm)
+
+
+def fn_ours_model(zi: Impls, impl: str):
+    return zi.get_dit(impl).model
+
+
+@torch.inference_mode()
+def stage_te(args, zi: Impls) -> None:
+    ids = zi.prompt_ids([PROMPT])
+    log(f"prompt tokens (with template): {ids[0].numel()}")
+    for impl in args.impls:
+        try:
+            fn = zi.get_te(impl)
+            if impl == "ours":
+                enc = fn.encoder
+                call = lambda enc=enc: enc.encode([PROMPT])  # noqa: E731
+            else:
+                call = lambda fn=fn: fn(ids)  # noqa: E731
+            with peak_mem() as pm:
+                warm, out = first_call(call)
+                times = time_ms(call, args.reps, warmup=2)
+            o = out[0].float()
+            ref = TE_REF.setdefault("te", (impl, o))
+            rel = ((o - ref[1]).norm() / ref[1].norm()).item() if o.shape == ref[1].shape else float("nan")
+            record(impl, "text_encode", None, 1, times, first_call_ms=warm, tokens=int(out[0].shape[0]),
+                   rel_vs=f"{ref[0]}:{rel:.2e}", **pm)
+        except Exception as e:  # noqa: BLE001
+            note(f"{impl} text encode failed: {e!r}"[:400])
+            traceback.print_exc()
+
+
+@torch.inference_mode()
+def stage_vae(args, zi: Impls) -> None:
+    impls = []
+    for impl in args.impls:
+        impls.append(impl)
+        if impl in args.compile and impl == "diffusers":
+            impls.append(impl + "+compile")
+        if impl == "ours":
+            impls += ["ours+" + v for v in args.vae_variants]
+    for impl in impls:
+        for size in args.sizes:
+            for batch in args.batch:
+                if size >= 2048 and batch >= 4 and not args.big:
+                    continue
+                try:
+                    fn = zi.get_vae(impl)
+                    g = torch.Generator(device="cpu").manual_seed(3)
+                    lat = torch.randn(batch, 16, size // 8, size // 8, generator=g).to(DEV, DT)
+                    with peak_mem() as pm:
+                        warm, o = first_call(lambda fn=fn, lat=lat: fn(lat))
+                        times = time_ms(lambda fn=fn, lat=lat: fn(lat), args.reps if size <= 1024 else 3, warmup=1)
+                    o = o.float()
+                    ref = TE_REF.setdefault(f"vae{size}b{batch}", (impl, o))
+                    rel = ((o - ref[1]).norm() / ref[1].norm()).item() if o.shape == ref[1].shape else float("nan")
+                    record(impl, "vae_decode", size, batch, times, first_call_ms=warm, rel_vs=f"{ref[0]}:{rel:.2e}",
+                           **pm)
+                    del o
+                except Exception as e:  # noqa: BLE001
+                    note(f"{impl} vae {size} b{batch} failed: {e!r}"[:400])
+                    traceback.print_exc()
+                    gc.collect()
+                    torch.cuda.empty_cache()
+
+
+@torch.inference_mode()
+def stage_parity(args, zi: Impls) -> None:
+    """bf16 outputs of every impl against an fp32 reference on the same (upcast) weights."""
+    size = args.parity_size
+    x, caps, _ = make_inputs(zi, size, 1, seed=5)
+    sig = torch.full((1,), 0.6, device=DEV)
+    outs = {}
+    for impl in dit_impls(args):
+        try:
+            outs[impl] = zi.get_dit(impl)(x, sig, caps).float()
+        except Exception as e:  # noqa: BLE001
+            note(f"parity: {impl} failed: {e!r}"[:300])
+    # fp32 reference: diffusers (an independent implementation) on fp32 copies of the weights
+    from diffusers import ZImageTransformer2DModel
+    sd32 = {k: v.float() for k, v in comfy_to_diffusers_dit(zi.dit_sd).items()}
+    cfg = zi._mods["diffusers"].config if "diffusers" in zi.__dict__.get("_mods", {}) else None
+    with torch.device("meta"):
+        ref = ZImageTransformer2DModel(**dict(cfg)) if cfg is not None else None
+    if ref is None:
+        note("parity: build the diffusers model first (--impls must include diffusers)")
+        return
+    load_assign(ref, sd32, "diffusers fp32")
+    ref.eval()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 reference
+    with torch.autocast("cuda", enabled=False):
+        r = ref(list(x.float().unsqueeze(2).unbind(0)), 1.0 - sig, [c.float() for c in caps], return_dict=False)[0]
+    vref = -torch.stack(r, 0).squeeze(2).float()
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    del ref, sd32
+    gc.collect()
+    torch.cuda.empty_cache()
+    if "ours" in args.impls:
+        try:
+            o32 = _ours_fp32(zi, x, sig, caps)
+            rel = ((o32 - vref).norm() / vref.norm()).item()
+            record("ours-fp32", "parity_vs_fp32", size, 1, None, rel_err=rel)
+        except Exception as e:  # noqa: BLE001
+            note(f"parity: ours fp32 failed: {e!r}"[:300])
+    for impl, o in outs.items():
+        rel = ((o - vref).norm() / vref.norm()).item()
+        mx = (o - vref).abs().max().item()
+        record(impl, "parity_vs_fp32", size, 1, None, rel_err=rel, max_abs=mx, finite=bool(torch.isfinite(o).all()))
+    # fp8 against bf16 over a whole 8-step generation: final latents and decoded pixels
+    fp8 = [i for i in outs if i.startswith("ours+fp8")]
+    bf16 = [i for i in outs if i.startswith("ours") and "fp8" not in i]
+    if fp8 and bf16:
+        from zimage_core.sampling import sample_text_to_image
+        noise = torch.randn(1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(11))
+        lat = {i: sample_text_to_image(zi.get_dit(i).model, caps[:1], noise, steps=8) for i in (bf16[-1], fp8[-1])}
+        vae = zi.get_vae("ours+" + args.e2e_vae if args.e2e_vae else "ours")
+        img = {i: vae(v) for i, v in lat.items()}
+        record(fp8[-1], "fp8_vs_bf16_8step", size, 1, None, latent_rel_err=_rel(lat[fp8[-1]], lat[bf16[-1]]),
+               pixel_rel_err=_rel(img[fp8[-1]], img[bf16[-1]]),
+               pixel_mean_abs=(img[fp8[-1]] - img[bf16[-1]]).abs().mean().item(),
+               psnr_db=(10 * torch.log10(1.0 / ((img[fp8[-1]] - img[bf16[-1]]) ** 2).mean())).item())
+
+
+def _ours_fp32(zi: Impls, x, sig, caps) -> torch.Tensor:
+    m = zi.new_ours({k: v.float() for k, v in zi.dit_sd.items()})
+    out = m(x.float(), sig, [c.float() for c in caps]).float()
+    del m
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@torch.inference_mode()
+def stage_e2e(args, zi: Impls) -> None:
+    """Prompt -> 8 steps -> image, all weights resident; per impl (compiled variants if asked)."""
+    for impl in dit_impls(args):
+        base = impl.split("+")[0]
+        for size in args.sizes:
+            for batch in args.batch:
+                if size >= 2048 and batch >= 4 and not args.big:
+                    continue
+                try:
+                    _e2e_one(args, zi, impl, base, size, batch)
+                except Exception as e:  # noqa: BLE001
+                    note(f"e2e {impl} {size} b{batch} failed: {e!r}"[:400])
+                    traceback.print_exc()
+                    gc.collect()
+                    torch.cuda.empty_cache()
+
+
+def _own_weights_gib(base: str) -> float:
+    dit = sum(math.prod(s) for s in dit_comfy_shapes().values()) * 2
+    te = sum(math.prod(s) for k, s in qwen_hf_shapes().items()
+             if not (base == "ours" and (k.startswith(f"layers.{QWEN3_4B['num_hidden_layers'] - 1}.")
+                                         or k == "norm.weight"))) * 2
+    vae = 83.8e6 * 2
+    return (dit + te + vae) / GiB
+
+
+def _e2e_one(args, zi: Impls, impl: str, base: str, size: int, batch: int) -> None:
+    dit = zi.get_dit(impl)
+    if base == "ours":
+        vae_impl = "ours+" + args.e2e_vae if args.e2e_vae else "ours"
+    else:
+        vae_impl = base + ("+compile" if base == "diffusers" and base in args.compile and args.vae_compile else "")
+    vae = zi.get_vae(vae_impl)
+    te = zi.get_te(base)
+    ids = zi.prompt_ids([PROMPT] * batch)
+    noise = torch.randn(batch, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(7))
+
+    if base == "ours":
+        from zimage_core.sampling import sample_text_to_image
+        enc = te.encoder
+        model = dit.model
+
+        def run():
+            caps = enc.encode([PROMPT] * batch)
+            lat = sample_text_to_image(model, caps, noise, steps=8)
+            return vae(lat)
+    else:
+        def run():
+            caps = te(ids)
+            lat = euler_denoise(dit, noise.to(DEV), caps, TURBO_SIGMAS_8)
+            return vae(lat.to(DT))
+    with peak_mem() as pm:
+        warm, img = first_call(run)
+        times = time_ms(run, max(2, args.reps // 3), warmup=0)
+    act = pm.get("peak_alloc_gib", 0) - pm.get("base_alloc_gib", 0)
+    record(impl, "e2e", size, batch, times, first_call_ms=warm, activ_peak_gib=act,
+           resident_est_gib=_own_weights_gib(base) + act, finite=bool(torch.isfinite(img).all()), **pm)
+
+
+@torch.inference_mode()
+def stage_mem(args, zi: Impls) -> None:
+    """ours' memory modes at each size (batch 1): TE streamed ("offloaded"), DiT streamed, tiled VAE.
+
+    Runs in its own allocation state: the shared reference weights are dropped first, and every
+    mode's peak is measured from a clean baseline with nothing else resident.
+    """
+    from zimage_core.sampling import sample_text_to_image
+    for k in list(zi.dit):
+        zi.dit.pop(k)
+    zi.__dict__.get("_mods", {}).clear()
+    zi.te.clear()
+    zi.vae.clear()
+    gc.collect()
+    torch.cuda.empty_cache()
+    compile_ = "ours" in args.compile
+    # Host copies of the weights (pinned), like a checkpoint loaded to RAM by ComfyUI.
+    t0 = time.perf_counter()
+    host_dit = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v) for k, v in zi.dit_sd.items()}
+    host_te = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v) for k, v in zi.te_sd.items()}
+    zi._dit_sd = zi._te_sd = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    log(f"  host copies in {time.perf_counter() - t0:.1f} s; GPU now {torch.cuda.memory_allocated() / GiB:.2f} GiB")
+
+    def h2d_gbps() -> float:
+        t = host_dit["layers.0.feed_forward.w1.weight"]
+        d = torch.empty_like(t, device=DEV)
+        ms = statistics.median(time_ms(lambda: d.copy_(t, non_blocking=True), 5, 1))
+        return t.numel() * t.element_size() / (ms / 1e3) / 1e9
+    ENV["h2d_pinned_GBps"] = h2d_gbps()
+    log(f"  pinned H2D: {ENV['h2d_pinned_GBps']:.1f} GB/s")
+
+    size_list = args.sizes
+    for mode in args.mem_modes:
+        for size in size_list:
+            if mode == "comfy_lowvram" and size != size_list[0]:
+                continue  # eager and slow: the first size only
+            try:
+                _mem_one(args, zi, mode, size, host_dit, host_te, compile_, sample_text_to_image)
+            except Exception as e:  # noqa: BLE001
+                note(f"mem {mode} {size} failed: {e!r}"[:400])
+                traceback.print_exc()
+            gc.collect()
+            torch.cuda.empty_cache()
+
+
+def _mem_one(args, zi, mode, size, host_dit, host_te, compile_, sample_text_to_image) -> None:
+    """One memory mode: "resident" (all on the GPU), "te_offload" (TE layers streamed from pinned
+    host memory per encode, DiT+VAE resident), "lowvram" (TE streamed, DiT partly streamed with as
+    many blocks resident as fit --lowvram-budget, tiled VAE decode)."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    from zimage_core.text_encoder import ZImageTextEncoder
+    from zimage_core.transformer import ZImageTransformer
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base_alloc = torch.cuda.memory_allocated() / GiB
+    # TE: resident, or its 35 layers streamed with two GPU slots (embedding resident)
+    cfg = Qwen3Config(**{**QWEN3_4B, "num_hidden_layers": QWEN3_4B["num_hidden_layers"] - 1})
+    cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        m = Qwen3Model(cfg)
+    m.norm = torch.nn.Identity()
+    with torch.device(DEV):
+        m.rotary_emb = type(m.rotary_emb)(config=cfg)
+    n_last = QWEN3_4B["num_hidden_layers"] - 1
+    sd = {k: v for k, v in host_te.items() if not k.startswith(f"layers.{n_last}.") and k != "norm.weight"}
+    if mode == "resident":
+        load_assign(m, {k: v.to(DEV, non_blocking=True) for k, v in sd.items()}, "ours TE")
+    else:
+        load_assign(m, sd, "ours TE (host)")
+    m.eval()
+    enc = ZImageTextEncoder(m, zi.tokenizer())
+    if mode != "resident":
+        enc.stream_weights(DEV)  # nothing of the TE stays on the GPU between prompts
+    vae = zi._build_vae_ours(args.e2e_vae)
+    tiled = mode in ("lowvram", "comfy_lowvram")
+    # DiT
+    with torch.device("meta"):
+        dit = ZImageTransformer(zi.ours_config(), dtype=DT, device="meta")
+    resident = None
+    patcher = None
+    if mode == "comfy_lowvram":
+        # ComfyUI's own lowvram machinery on our model: comfy.ops layers in a ModelPatcher, partially
+        # loaded; layers that do not fit are cast to the GPU per call by comfy.ops.
+        import_comfy()
+        import comfy.model_patcher
+        import comfy.ops
+        with torch.device("meta"):
+            dit = ZImageTransformer(zi.ours_config(), operations=comfy.ops.manual_cast, dtype=DT, device="meta")
+        load_assign(dit, host_dit, "ours DiT (comfy ops, host)")
+
+        class Holder(torch.nn.Module):  # ModelPatcher sets .device on the module it manages
+            def __init__(self, inner):
+                super().__init__()
+                self.diffusion_model = inner
+                self.device = None
+        holder = Holder(dit)
+        patcher = comfy.model_patcher.ModelPatcher(holder, load_device=torch.device(DEV),
+                                                   offload_device=torch.device("cpu"))
+        now = torch.cuda.memory_allocated() / GiB
+        budget = int(max(0.5, args.lowvram_budget - now - args.lowvram_act - 0.5) * GiB)
+        patcher.load(torch.device(DEV), lowvram_model_memory=budget, force_patch_weights=False, full_load=False)
+        resident = f"comfy budget {budget / GiB:.2f} GiB, " + str(
+            sum(1 for mm in dit.modules() if getattr(mm, "comfy_cast_weights", False))) + " cast modules"
+        compile_ = False
+    elif mode == "lowvram":
+        load_assign(dit, host_dit, "ours DiT (host)")
+        block = sum(t.numel() * t.element_size() for t in dit.layers[0].parameters()) / GiB
+        other = sum(t.numel() * t.element_size() for n, t in dit.named_parameters()
+                    if not n.startswith("layers.")) / GiB
+        now = torch.cuda.memory_allocated() / GiB
+        resident = max(0, int((args.lowvram_budget - now - other - 2 * block - args.lowvram_act) / block))
+        dit.stream_blocks(DEV, resident=resident)
+        resident = dit.streamer.resident
+    else:
+        load_assign(dit, {k: v.to(DEV, non_blocking=True) for k, v in host_dit.items()}, "ours DiT")
+    dit.eval()
+    if compile_:
+        dit.compile_blocks()
+    noise = torch.randn(1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(7))
+
+    last: dict[str, torch.Tensor] = {}
+
+    def run():
+        caps = enc.encode([PROMPT])
+        lat = sample_text_to_image(dit, caps, noise, steps=8)
+        last["lat"] = lat
+        return vae.vae.decode(lat, tiled=tiled)
+    sync()
+    weights_gib = torch.cuda.memory_allocated() / GiB - base_alloc
+    warm, img = first_call(run)
+    # Every mode must give the resident mode's latents (streaming only moves weights around).
+    ref_lat = MEM_REF.setdefault(size, last["lat"].float().cpu())
+    lat_rel = _rel(last["lat"].float().cpu(), ref_lat)
+    torch.cuda.reset_peak_memory_stats()
+    times = time_ms(run, 2, warmup=0)
+    peak = torch.cuda.max_memory_allocated() / GiB - base_alloc
+    resv = torch.cuda.max_memory_reserved() / GiB
+    te_times = time_ms(lambda: enc.encode([PROMPT]), 3, warmup=1)
+    x = noise.to(DEV, DT)
+    caps = enc.encode([PROMPT])
+    sig = torch.full((1,), 0.75, device=DEV)
+    step_times = time_ms(lambda: dit(x, sig, caps), 3, warmup=1)
+    record("ours" + ("+compile" if compile_ else ""), f"mem:{mode}", size, 1, times, first_call_ms=warm,
+           gpu_weights_gib=weights_gib, peak_alloc_gib=peak, peak_reserved_gib=resv,
+           te_ms=statistics.median(te_times), step_ms=statistics.median(step_times), tiled_vae=tiled,
+           dit_resident_blocks=resident, latent_rel_vs_resident=lat_rel, finite=bool(torch.isfinite(img).all()))
+    if dit.streamer is not None:
+        dit.streamer.remove("cpu")
+    if patcher is not None:
+        patcher.detach()
+    dit = m = enc = vae = img = patcher = None
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+@torch.inference_mode()
+def stage_vaetiled(args, zi: Impls) -> None:
+    """ours' VAE decode whole vs tiled at each size: time and peak (activations only)."""
+    fn = zi.get_vae("ours")
+    for size in args.sizes:
+        lat = torch.randn(1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(3)).to(DEV)
+        for tiled in (False, True):
+            try:
+                with peak_mem() as pm:
+                    times = time_ms(lambda lat=lat, tiled=tiled: fn.vae.decode(lat, tiled=tiled), 3, warmup=1)
+                record("ours", "vae_tiled" if tiled else "vae_whole", size, 1, times,
+                       activ_peak_gib=pm["peak_alloc_gib"] - pm["base_alloc_gib"], **pm)
+            except Exception as e:  # noqa: BLE001
+                note(f"vae tiled={tiled} {size} failed: {e!r}"[:300])
+                gc.collect()
+                torch.cuda.empty_cache()
+
+
+def _profile(label: str, fn: Callable[[], Any], nrows: int = 12) -> dict[str, Any]:
+    fn()
+    sync()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    agg: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type.name != "CUDA":
+            continue
+        agg.setdefault(ev.name, []).append(getattr(ev, "device_time_total", None) or ev.cuda_time_total)
+    rows = sorted(((sum(v) / 1e3, len(v), k) for k, v in agg.items()), reverse=True)
+    total = sum(r[0] for r in rows)
+    cats: dict[str, float] = {}
+    for ms, _, name in rows:
+        n = name.lower()
+        cat = ("attention" if ("fmha" in n or "flash" in n or "sdpa" in n or "attention" in n) else
+               "matmul" if ("gemm" in n or "xmma" in n or "cutlass" in n or "nvjet" in n or "matmul" in n) else
+               "conv" if ("conv" in n or "implicit" in n or "winograd" in n or "cudnn" in n) else
+               "elementwise/other")
+        cats[cat] = cats.get(cat, 0.0) + ms
+    log(f"--- profile {label}: GPU kernel time {total:.1f} ms; " +
+        ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(cats.items(), key=lambda t: -t[1])))
+    for ms, cnt, name in rows[:nrows]:
+        log(f"   {ms:8.2f} ms  x{cnt:<4d} {name[:110]}")
+    return {"kernel_total_ms": total, **{f"{k}_ms": v for k, v in cats.items()},
+            "top": [(round(ms, 2), cnt, name[:100]) for ms, cnt, name in rows[:15]]}
+
+
+@torch.inference_mode()
+def stage_profile(args, zi: Impls) -> None:
+    """Top CUDA kernels of one DiT step (and one VAE decode) per impl at the first size."""
+    size = args.sizes[0]
+    x, caps, _ = make_inputs(zi, size, 1)
+    sig = torch.full((1,), 0.75, device=DEV)
+    for impl in dit_impls(args):
+        fn = zi.get_dit(impl)
+        record(impl, "profile", size, 1, None, **_profile(f"{impl} step {size}^2",
+                                                          lambda fn=fn: fn(x, sig, caps)))
+    if args.profile_vae:
+        lat = torch.randn(1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(3)).to(DEV, DT)
+        for impl in ["ours+" + v if v else "ours" for v in args.profile_vae.split(",")] + ["diffusers"]:
+            fn = zi.get_vae(impl)
+            record(impl, "profile_vae", size, 1, None, **_profile(f"{impl} VAE decode {size}^2",
+                                                                  lambda fn=fn: fn(lat), 16))
+
+
+@torch.inference_mode()
+def stage_warmup(args, zi: Impls) -> None:
+    """First-call cost of ours+compile in a fresh process: compiler import, wrapping, first step.
+    Run it as the only stage, twice: once with an empty TORCHINDUCTOR_CACHE_DIR (cold), once reusing
+    it (warm: what a user sees on every later start)."""
+    size = args.sizes[0]
+    x, caps, _ = make_inputs(zi, size, 1)
+    sig = torch.full((1,), 0.75, device=DEV)
+    _ = zi.dit_sd
+    t0 = time.perf_counter()
+    import importlib
+    importlib.import_module("torch._dynamo")
+    importlib.import_module("torch._inductor.config")
+    t_import = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    m = zi.new_ours()
+    ok = m.compile_blocks()
+    t_wrap = time.perf_counter() - t0
+    first, _ = first_call(lambda: m(x, sig, caps))
+    second, _ = first_call(lambda: m(x, sig, caps))
+    times = time_ms(lambda: m(x, sig, caps), 5, warmup=0)
+    record("ours+compile", "warmup", size, 1, times, cache=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"),
+           compiled=ok, import_s=t_import, wrap_s=t_wrap, first_call_s=first / 1e3, second_call_ms=second,
+           total_first_s=t_import + t_wrap + first / 1e3)
+
+
+STAGES = {"warmup": stage_warmup, "env": stage_env, "dit": stage_dit, "te": stage_te, "vae": stage_vae, "parity": stage_parity,
+          "e2e": stage_e2e, "profile": stage_profile, "vaetiled": stage_vaetiled, "mem": stage_mem}
+
+
+def write_out(args) -> None:
+    out = Path(os.environ.get("OUT") or args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    p = out / f"bench_{args.tag}.json"
+    p.write_text(json.dumps({"env": ENV, "args": {k: v for k, v in vars(args).items()}, "results": RESULTS,
+                             "notes": NOTES}, indent=1, default=str))
+    log(f"wrote {p}")
+
+
+def print_table() -> None:
+    log("\n=== summary ===")
+    log(f"{'impl':<20}{'what':<14}{'size':>6}{'b':>3}{'median ms':>11}{'first ms':>11}{'MFU':>7}{'peak GiB':>10}{'resv GiB':>10}")
+    for r in RESULTS:
+        if "median_ms" not in r:
+            continue
+        mfu = f"{r['mfu'] * 100:.0f}%" if "mfu" in r else ""
+        fc = f"{r['first_call_ms']:.0f}" if "first_call_ms" in r else ""
+        log(f"{r['impl']:<20}{r['what']:<14}{str(r['size'] or ''):>6}{r['batch'] or '':>3}{r['median_ms']:>11.2f}{fc:>11}"
+            f"{mfu:>7}{r.get('peak_alloc_gib', 0):>10.2f}{r.get('peak_reserved_gib', 0):>10.2f}")
+    for n in NOTES:
+        log("note:", n)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="env,dit,te,vae", help="comma list of stages: " + ",".join(STAGES))
+    ap.add_argument("--impls", default="ours,diffusers,comfy")
+    ap.add_argument("--compile", default="", help="impls to also run compiled (torch.compile / regional)")
+    ap.add_argument("--sizes", default="1024")
+    ap.add_argument("--batch", default="1")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=8, help="denoise steps (0 = skip the denoise timing)")
+    ap.add_argument("--big", action="store_true", help="also run 2048^2 batch 4")
+    ap.add_argument("--full-denoise", action="store_true", help="time the 8-step denoise above 1024^2 too")
+    ap.add_argument("--ref-loop", action="store_true", help="time ours with the reference Euler loop")
+    ap.add_argument("--no-te-graphs", action="store_true", help="ours' text encoder without CUDA graphs")
+    ap.add_argument("--fp8", action="store_true", help="also time ours with fp8 weights")
+    ap.add_argument("--compiled-only", action="store_true", help="skip the eager variants of --compile impls")
+    ap.add_argument("--mem-modes", default="resident,te_offload,lowvram")
+    ap.add_argument("--lowvram-budget", type=float, default=7.6, help="GiB the lowvram mode plans for")
+    ap.add_argument("--lowvram-act", type=float, default=1.2, help="GiB kept free for activations in lowvram")
+    ap.add_argument("--vae-variants", default="cl", help="extra VAE variants of ours: cl, cl+compile")
+    ap.add_argument("--e2e-vae", default="cl+fuse", help="ours' VAE variant in e2e/mem stages")
+    ap.add_argument("--profile-vae", default="", help="ours' VAE variants to profile, e.g. ',cl' ('' = none)")
+    ap.add_argument("--vae-compile", action="store_true", help="use the compiled VAE in e2e for compiled impls")
+    ap.add_argument("--parity-size", type=int, default=1024)
+    ap.add_argument("--vae-channels-last", action="store_true")
+    ap.add_argument("--tag", default="run")
+    ap.add_argument("--out", default="/tmp/zbench_out", help="JSON folder when $OUT is unset")
+    args = ap.parse_args(argv)
+    args.impls = [s for s in args.impls.split(",") if s]
+    args.compile = [s for s in args.compile.split(",") if s]
+    args.sizes = [int(s) for s in args.sizes.split(",") if s]
+    args.batch = [int(s) for s in args.batch.split(",") if s]
+    args.mem_modes = [s for s in args.mem_modes.split(",") if s]
+    args.vae_variants = [s for s in args.vae_variants.split(",") if s]
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    zi = Impls(args)
+    stages = [s for s in args.only.split(",") if s]
+    if "env" not in stages:
+        stage_env_light()
+    for s in stages:
+        t0 = time.perf_counter()
+        log(f"\n##### stage {s}")
+        try:
+            STAGES[s](args, zi)
+        except Exception as e:  # noqa: BLE001
+            note(f"stage {s} failed: {e!r}"[:400])
+            traceback.print_exc()
+        log(f"##### stage {s} done in {time.perf_counter() - t0:.1f} s")
+        write_out(args)
+    print_table()
+    write_out(args)
+
+
+def stage_env_light() -> None:
+    if DEV == "cpu":
+        ENV.update(gpu="cpu", torch=torch.__version__)
+        return
+    p = torch.cuda.get_device_properties(0)
+    ENV.update(gpu=p.name, torch=torch.__version__, cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+
+
+if __name__ == "__main__":
+    main()
