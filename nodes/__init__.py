@@ -1,5 +1,6 @@
 """ComfyUI nodes of ComfyUI-ZImage. Thin: types and ComfyUI services here, model code in zimage_core."""
 
+from .compile import ZImageCompileModel
 from .conditioning import ZImageTextEncode
 from .latent import ZImageEmptyLatent
 from .loaders import ZImageModelLoader, ZImageTextEncoderLoader, ZImageVAELoader
@@ -16,6 +17,7 @@ NODE_CLASS_MAPPINGS = {
     "ZImageImg2ImgSampler": ZImageImg2ImgSampler,
     "ZImageVAEEncode": ZImageVAEEncode,
     "ZImageVAEDecode": ZImageVAEDecode,
+    "ZImageCompileModel": ZImageCompileModel,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -28,4 +30,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageImg2ImgSampler": "Z-Image Img2Img Sampler",
     "ZImageVAEEncode": "Z-Image VAE Encode",
     "ZImageVAEDecode": "Z-Image VAE Decode",
+    "ZImageCompileModel": "Z-Image Compile Model (torch.compile)",
 }

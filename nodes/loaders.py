@@ -55,7 +55,9 @@ class ZImageModelLoader:
                 "default": "default",
                 "tooltip": "How weights are stored in memory. default: ComfyUI's choice for your GPU. "
                            "bf16: recommended. fp16: stored in fp16 but computed in bf16/fp32 (fp16 "
-                           "compute gives black images). fp8_e4m3fn: half the VRAM, slightly lower quality."}),
+                           "compute gives black images). fp8_e4m3fn: half the VRAM, slightly lower quality. "
+                           "fp8_e4m3fn_fast: fp8 weights with per-row scales and fp8 matmuls on Ada/Hopper "
+                           "GPUs (fastest; lower quality; dequantized matmuls on other devices)."}),
         }}
 
     def load(self, model_name: str, weight_dtype: str = "default"):

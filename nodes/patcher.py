@@ -31,6 +31,8 @@ WEIGHT_DTYPES = {
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
     "fp8_e4m3fn": torch.float8_e4m3fn,
+    # fp8 tensor-core matmuls (Ada/Hopper): block weights quantized per row by zimage_core.
+    "fp8_e4m3fn_fast": "fp8_matmul",
 }
 
 
@@ -110,6 +112,9 @@ def load_zimage_model(path: str, weight_dtype: str) -> ZImageModel:
     offload_device = mm.unet_offload_device()
     compute = _compute_dtype(load_device)
     storage = WEIGHT_DTYPES[weight_dtype]
+    fp8_matmul = storage == "fp8_matmul"
+    if fp8_matmul:
+        storage = compute  # quantized after loading; the small layers stay in the compute dtype
     if storage is None:
         # "default": what ComfyUI picks for this device (respects --bf16-unet, --fp8_e4m3fn-unet ...).
         storage = mm.unet_dtype(load_device, supported_dtypes=COMPUTE_DTYPES)
@@ -125,6 +130,8 @@ def load_zimage_model(path: str, weight_dtype: str) -> ZImageModel:
             path, "a Z-Image-Turbo diffusion model (e.g. z_image_turbo_bf16.safetensors)", e,
             "Put the Z-Image transformer file in models/diffusion_models and select it.") from e
     model.eval().requires_grad_(False)
+    if fp8_matmul:
+        model.quantize_fp8()
     if storage != compute:
         model.compute_dtype = compute  # e.g. fp8/fp16 storage computed in bf16 (or fp32 on the CPU)
     log.info("Z-Image model %s: weights %s, compute %s, load device %s", path, storage, compute, load_device)
