@@ -224,10 +224,11 @@ class FluxVAE(nn.Module):
         return self.to(memory_format=torch.channels_last)
 
     def fuse_norm_act(self) -> FluxVAE:
-        """GroupNorm+SiLU as one compiled kernel (GPU speed-up; eager fallback). Returns self."""
+        """GroupNorm+SiLU as one compiled kernel on NHWC tensors (GPU speed-up; eager fallback): also
+        switches to channels_last, the layout the fused kernel reads without copies. Returns self."""
         from .vae_model import fuse_norm_act
         fuse_norm_act(self)
-        return self
+        return self.to_channels_last()
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         fmt = torch.channels_last if self.is_channels_last else torch.contiguous_format
@@ -464,13 +465,14 @@ def _infer_config(path: Path, shape: Callable[[str], tuple[int, ...]], names: di
 
 
 def load_vae(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-             operations: Any = None, channels_last: bool | None = None) -> FluxVAE:
+             operations: Any = None, channels_last: bool = False) -> FluxVAE:
     """Load the FLUX.1 VAE from `ae.safetensors` (BFL names, optional `first_stage_model.`/`vae.` prefix,
     so a full checkpoint works too) or from a diffusers `vae/` folder (or the pipeline folder holding it).
 
     `dtype` None keeps the stored dtype. The model is built on the meta device and the weights are
-    assigned tensor by tensor, moved straight to `device`: no second full copy. `channels_last` None
-    means "on CUDA". Raises `CheckpointError` for anything that is not a 16-channel FLUX VAE.
+    assigned tensor by tensor, moved straight to `device`: no second full copy. `channels_last` stores
+    conv weights NHWC; eager decode is faster NCHW (PyTorch's GroupNorm round-trips NHWC tensors through
+    NCHW copies: 142 vs ~90 ms at 1024² on an H100), so NHWC pays only with `fuse_norm_act()`. Raises `CheckpointError` for anything that is not a 16-channel FLUX VAE.
     """
     path = Path(path)
     if path.is_dir() and not any(path.glob("*.safetensors")) and (path / "vae").is_dir():
@@ -520,6 +522,6 @@ def load_vae(path: str | os.PathLike, *, dtype: torch.dtype | None = None, devic
     model.load_state_dict(state, strict=True, assign=True)
     del state
     model.eval().requires_grad_(False)
-    if channels_last if channels_last is not None else torch.device(device).type == "cuda":
+    if channels_last:
         model.to_channels_last()
     return model
