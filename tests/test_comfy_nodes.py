@@ -12,7 +12,7 @@ from tests.comfy_harness import BATCH, IMG2IMG, T2I, WORKFLOWS, comfy_module, de
 
 NODE_IDS = ["ZImageModelLoader", "ZImageTextEncoderLoader", "ZImageVAELoader", "ZImageTextEncode",
             "ZImageEmptyLatent", "ZImageTurboSampler", "ZImageImg2ImgSampler", "ZImageVAEEncode",
-            "ZImageVAEDecode", "ZImageCompileModel"]
+            "ZImageVAEDecode", "ZImageCompileModel", "ZImageCompileVAE"]
 EXPECTED_INPUTS = {
     "ZImageModelLoader": {"model_name", "weight_dtype"},
     "ZImageTextEncoderLoader": {"text_encoder_name"},
@@ -24,6 +24,7 @@ EXPECTED_INPUTS = {
     "ZImageVAEEncode": {"vae", "image"},
     "ZImageVAEDecode": {"vae", "latent"},
     "ZImageCompileModel": {"model", "mode"},
+    "ZImageCompileVAE": {"vae"},
 }
 
 
