@@ -1,0 +1,128 @@
+"""Through the ComfyUI node layer on a GPU: our sampler / VAE nodes vs zimage_core called directly.
+
+Runs the real node classes (ModelPatcher + load_models_gpu, progress bar, interrupt checks, LATENT
+conversion) with ComfyUI's runtime imported from the carried copy, on full-size random bf16 weights
+built on the GPU (no 20 GB of files to write). Prints one JSON object; `--out` also saves it.
+Usage (device): python3 bench/bench_nodes.py --size 1024 --out $OUT/bench_nodes.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO))
+from bench import import_comfy  # noqa: E402  (puts ComfyUI on sys.path)
+
+
+def _pack():
+    spec = importlib.util.spec_from_file_location("ComfyUI_ZImage", REPO / "__init__.py",
+                                                  submodule_search_locations=[str(REPO)])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["ComfyUI_ZImage"] = pack
+    spec.loader.exec_module(pack)
+    return pack
+
+
+def _random_(module: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.02)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(fn, reps: int) -> tuple[float, float]:
+    _sync()
+    t0 = time.perf_counter()
+    fn()
+    _sync()
+    first = (time.perf_counter() - t0) * 1e3
+    times = []
+    for _ in range(reps):
+        _sync()
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return first, sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out")
+    ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU (checks the script runs)")
+    args = ap.parse_args()
+    import_comfy()
+    import comfy.model_management as mm
+    import comfy.ops
+
+    pack = _pack()
+    patcher_mod = sys.modules["ComfyUI_ZImage.nodes.patcher"]
+    node_classes = pack.NODE_CLASS_MAPPINGS
+    from zimage_core import FluxVAE, TransformerConfig, ZImageTransformer, make_noise, sample_text_to_image
+
+    dev, dt = mm.get_torch_device(), torch.bfloat16
+    cfg = TransformerConfig.full()
+    if args.smoke:
+        cfg = TransformerConfig(dim=64, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
+                                cap_feat_dim=2560, axes_dims=[8, 12, 12])
+    dit = ZImageTransformer(cfg, operations=comfy.ops.disable_weight_init, dtype=dt,
+                            device=dev).eval().requires_grad_(False)
+    _random_(dit)
+    model = patcher_mod.ZImageModel(patcher_mod._wrap(dit, dev, mm.unet_offload_device()), dit, dt, "random")
+    vae_net = FluxVAE(operations=comfy.ops.disable_weight_init, dtype=dt, device=dev).eval().requires_grad_(False)
+    _random_(vae_net)
+    vae = patcher_mod.ZImageVAEHandle(vae_net, patcher_mod._wrap(vae_net, dev, mm.vae_offload_device()), dt, "random")
+
+    h = w = args.size // 8
+    caps = torch.randn(27, 2560, generator=torch.Generator().manual_seed(1)).to(dt)
+    cond = [[caps[None], {}]]
+    latent = {"samples": torch.zeros(1, 16, h, w)}
+    sampler = node_classes["ZImageTurboSampler"]()
+    decoder = node_classes["ZImageVAEDecode"]()
+    res: dict = {"device": str(dev) if args.smoke else torch.cuda.get_device_name(), "torch": torch.__version__, "size": args.size}
+
+    def node_sample():
+        return sampler.sample(model, cond, latent, 0, 8, 3.0, 0.0)[0]
+
+    def core_sample():
+        out = sample_text_to_image(dit, [caps.to(dev)], make_noise((1, 16, h, w), 0).to(dev))
+        return out.cpu()
+
+    raw = node_sample()
+    for name, fn in (("node_8step_eager", node_sample), ("core_8step_eager", core_sample)):
+        res[name + "_first_ms"], res[name + "_ms"] = _timed(fn, args.reps)
+    res["node_vs_core_latent_maxabs"] = float((node_sample()["samples"] - pack_denorm(core_sample())).abs().max())
+    res["vae_decode_node_nchw_first_ms"], res["vae_decode_node_nchw_ms"] = _timed(lambda: decoder.decode(vae, raw), 5)
+    node_classes["ZImageCompileModel"]().compile(model)
+    res["node_8step_compiled_first_ms"], res["node_8step_compiled_ms"] = _timed(node_sample, args.reps)
+    node_classes["ZImageCompileVAE"]().compile(vae)
+    res["vae_decode_node_fused_first_ms"], res["vae_decode_node_fused_ms"] = _timed(lambda: decoder.decode(vae, raw), 5)
+    if torch.cuda.is_available():
+        res["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    print(json.dumps(res, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
+
+
+def pack_denorm(z: torch.Tensor) -> torch.Tensor:
+    from zimage_core import denormalize_latents
+    return denormalize_latents(z.float())
+
+
+if __name__ == "__main__":
+    main()
