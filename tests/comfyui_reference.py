@@ -15,12 +15,13 @@ from types import ModuleType
 
 import pytest
 
+from scripts.comfy_headless import default_comfyui_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def comfyui_dir() -> Path | None:
-    candidates = [Path(os.environ["ZIMAGE_COMFYUI_DIR"])] if os.environ.get("ZIMAGE_COMFYUI_DIR") else []
-    candidates.append(ROOT / ".comfyui" / "ComfyUI")
+    candidates = [default_comfyui_dir()]  # $ZIMAGE_COMFYUI_DIR or <repo>/.comfyui/ComfyUI, as the harness
     git = ROOT / ".git"
     if git.is_file():  # a git worktree: the main checkout's install serves it too
         gitdir = Path(git.read_text().split("gitdir:", 1)[-1].strip())
