@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import comfy.model_management as mm
 import comfy.model_patcher
@@ -22,6 +24,7 @@ from ..zimage_core import vae as core_vae
 from ..zimage_core.errors import CheckpointError
 
 log = logging.getLogger("ComfyUI-ZImage")
+T = TypeVar("T")
 
 # Z-Image is trained in bf16; fp16 activations overflow (black images), so compute runs in bf16 where
 # the device has it and in fp32 otherwise, whatever the storage dtype.
@@ -55,10 +58,15 @@ def _wrap(module: torch.nn.Module, load_device, offload_device) -> comfy.model_p
     return comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
 
 
-def _reraise_as_checkpoint_error(path: str, what: str, error: Exception, fix: str) -> CheckpointError:
-    # zimage_core raises CheckpointError for files it recognises as wrong; anything else from deep
-    # inside loading still becomes one clear message naming the file.
-    return CheckpointError(path, what, f"a file that could not be loaded ({type(error).__name__}: {error})", fix)
+def _load_explained(load: Callable[[], T], path: str, what: str, fix: str) -> T:
+    """Run a zimage_core loader. It raises CheckpointError for files it recognises as wrong; anything
+    else from deep inside loading still becomes one clear message naming the file and the fix."""
+    try:
+        return load()
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - turned into one clear message
+        raise CheckpointError(path, what, f"a file that could not be loaded ({type(e).__name__}: {e})", fix) from e
 
 
 @dataclass
@@ -121,14 +129,10 @@ def load_zimage_model(path: str, weight_dtype: str) -> ZImageModel:
     if storage in COMPUTE_DTYPES:
         compute = storage
     ops = comfy.ops.disable_weight_init if storage == compute else comfy.ops.manual_cast
-    try:
-        model = load_transformer(path, dtype=storage, device=offload_device, operations=ops)
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 - turned into one clear message
-        raise _reraise_as_checkpoint_error(
-            path, "a Z-Image-Turbo diffusion model (e.g. z_image_turbo_bf16.safetensors)", e,
-            "Put the Z-Image transformer file in models/diffusion_models and select it.") from e
+    model = _load_explained(
+        lambda: load_transformer(path, dtype=storage, device=offload_device, operations=ops), path,
+        "a Z-Image-Turbo diffusion model (e.g. z_image_turbo_bf16.safetensors)",
+        "Put the Z-Image transformer file in models/diffusion_models and select it.")
     model.eval().requires_grad_(False)
     if fp8_matmul:
         model.quantize_fp8()
@@ -169,14 +173,10 @@ def load_zimage_text_encoder(path: str) -> ZImageTextEncoderHandle:
     # Qwen3 is trained in bf16. On the CPU (also ComfyUI's text-encoder device under --lowvram) bf16
     # halves the 16 GB an fp32 copy of the 4B model would take; GPUs without bf16 compute in fp32.
     dtype = torch.bfloat16 if mm.is_device_cpu(load_device) else _compute_dtype(load_device)
-    try:
-        encoder = load_text_encoder(path, dtype=dtype, device=offload_device)
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise _reraise_as_checkpoint_error(
-            path, "the Qwen3-4B text encoder of Z-Image (qwen_3_4b.safetensors)", e,
-            "Put qwen_3_4b.safetensors in models/text_encoders and select it.") from e
+    encoder = _load_explained(
+        lambda: load_text_encoder(path, dtype=dtype, device=offload_device), path,
+        "the Qwen3-4B text encoder of Z-Image (qwen_3_4b.safetensors)",
+        "Put qwen_3_4b.safetensors in models/text_encoders and select it.")
     encoder.model.eval().requires_grad_(False)
     patcher = _wrap(encoder.model, load_device, offload_device)
     return ZImageTextEncoderHandle(encoder, patcher, path)
@@ -209,13 +209,8 @@ def load_zimage_vae(path: str) -> ZImageVAEHandle:
     load_device = mm.vae_device()
     offload_device = mm.vae_offload_device()
     dtype = mm.vae_dtype(load_device, COMPUTE_DTYPES)
-    try:
-        vae = core_vae.load_vae(path, dtype=dtype, device=offload_device, operations=comfy.ops.disable_weight_init)
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise _reraise_as_checkpoint_error(
-            path, "the FLUX.1 VAE used by Z-Image (ae.safetensors)", e,
-            "Put ae.safetensors in models/vae and select it.") from e
+    vae = _load_explained(
+        lambda: core_vae.load_vae(path, dtype=dtype, device=offload_device, operations=comfy.ops.disable_weight_init),
+        path, "the FLUX.1 VAE used by Z-Image (ae.safetensors)", "Put ae.safetensors in models/vae and select it.")
     vae.eval().requires_grad_(False)
     return ZImageVAEHandle(vae, _wrap(vae, load_device, offload_device), dtype, path)
