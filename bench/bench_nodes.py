@@ -73,7 +73,14 @@ def main() -> None:
     pack = _pack()
     patcher_mod = sys.modules["ComfyUI_ZImage.nodes.patcher"]
     node_classes = pack.NODE_CLASS_MAPPINGS
-    from zimage_core import FluxVAE, TransformerConfig, ZImageTransformer, make_noise, sample_text_to_image
+    from zimage_core import (
+        FluxVAE,
+        TransformerConfig,
+        ZImageTransformer,
+        denormalize_latents,
+        make_noise,
+        sample_text_to_image,
+    )
 
     dev, dt = mm.get_torch_device(), torch.bfloat16
     cfg = TransformerConfig.full()
@@ -106,7 +113,7 @@ def main() -> None:
     raw = node_sample()
     for name, fn in (("node_8step_eager", node_sample), ("core_8step_eager", core_sample)):
         res[name + "_first_ms"], res[name + "_ms"] = _timed(fn, args.reps)
-    res["node_vs_core_latent_maxabs"] = float((node_sample()["samples"] - pack_denorm(core_sample())).abs().max())
+    res["node_vs_core_latent_maxabs"] = float((node_sample()["samples"] - denormalize_latents(core_sample())).abs().max())
     res["vae_decode_node_nchw_first_ms"], res["vae_decode_node_nchw_ms"] = _timed(lambda: decoder.decode(vae, raw), 5)
     node_classes["ZImageCompileModel"]().compile(model)
     res["node_8step_compiled_first_ms"], res["node_8step_compiled_ms"] = _timed(node_sample, args.reps)
@@ -117,11 +124,6 @@ def main() -> None:
     print(json.dumps(res, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
-
-
-def pack_denorm(z: torch.Tensor) -> torch.Tensor:
-    from zimage_core import denormalize_latents
-    return denormalize_latents(z.float())
 
 
 if __name__ == "__main__":
