@@ -31,27 +31,62 @@ FP8_MAX = 448.0
 # regional compilation
 # ---------------------------------------------------------------------------------------------
 
-def compile_blocks(blocks: Sequence[nn.Module], *, mode: str | None = None, dynamic: bool = False) -> bool:
-    """Compile each block's forward in place (`nn.Module.compile`). Blocks of one class share the
-    compiled code because dynamo treats their parameters as inputs, so the cost is one block per
-    distinct (kind, shape). Returns False (and leaves the blocks eager) if torch.compile is missing.
-    """
+def _dynamo() -> Any | None:
+    """torch._dynamo with its recompile limits raised (every (block kind, sequence length) is one
+    cache entry; allow several resolutions), or None when the compiler is unavailable."""
     try:
         import torch._dynamo as dynamo
     except Exception:  # noqa: BLE001 - any import problem means: stay eager
         log.warning("torch.compile is unavailable; the transformer runs eagerly.")
-        return False
-    # Every (block kind, sequence length) is one cache entry; allow several resolutions.
+        return None
     for name in ("cache_size_limit", "recompile_limit"):
         if hasattr(dynamo.config, name):
             setattr(dynamo.config, name, max(getattr(dynamo.config, name), 64))
     if hasattr(dynamo.config, "accumulated_cache_size_limit"):
         dynamo.config.accumulated_cache_size_limit = max(dynamo.config.accumulated_cache_size_limit, 512)
+    return dynamo
+
+
+def compile_blocks(blocks: Sequence[nn.Module], *, mode: str | None = None, dynamic: bool = False) -> bool:
+    """Compile each block's forward in place (`nn.Module.compile`). Blocks of one class share the
+    compiled code because dynamo treats their parameters as inputs, so the cost is one block per
+    distinct (kind, shape). Returns False (and leaves the blocks eager) if torch.compile is missing.
+    """
+    if _dynamo() is None:
+        return False
     for block in blocks:
         if "forward" not in block.__dict__:
             # Compile forward (not __call__) so hooks, e.g. BlockStreamer's, stay eager.
             block.forward = torch.compile(block.forward, mode=mode, dynamic=dynamic)
     return True
+
+
+class CompiledBlockCall:
+    """A `BlockCall` (see transformer.py) that runs each block's forward through torch.compile.
+
+    The compiled functions live here, not on the model: one model can serve a compiled and an eager
+    caller at once (ComfyUI branches that share weights). Same sharing of compiled code between blocks
+    as `compile_blocks`. After a compiler failure (`is_compile_failure`), call `disable()` and retry:
+    every later call runs eagerly.
+    """
+
+    def __init__(self, mode: str | None = None) -> None:
+        self.mode = mode
+        self.enabled = _dynamo() is not None
+        self._fns: dict[int, Any] = {}
+
+    def disable(self) -> None:
+        self.enabled = False
+        self._fns.clear()
+
+    def __call__(self, block: nn.Module, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
+                 c: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return block(x, rope, mask, c)
+        fn = self._fns.get(id(block))
+        if fn is None:
+            fn = self._fns[id(block)] = torch.compile(block.forward, mode=self.mode)
+        return fn(x, rope, mask, c)
 
 
 def uncompile_blocks(blocks: Sequence[nn.Module]) -> None:

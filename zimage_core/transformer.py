@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -134,14 +135,32 @@ def caption_ids(length: int) -> torch.Tensor:
     return ids
 
 
-def image_ids(cap_len_padded: int, h_tokens: int, w_tokens: int, padded_len: int) -> torch.Tensor:
-    """Image tokens at (Lcap_padded + 1, row, col) in (h, w) order; pad slots at (0, 0, 0)."""
-    ids = torch.zeros(padded_len, 3, dtype=torch.int64)
+# (scale_y, shift_y, scale_x, shift_x) of the image rows/columns in RoPE space; identity by default.
+IMAGE_POS_IDENTITY = (1.0, 0.0, 1.0, 0.0)
+
+
+def image_ids(cap_len_padded: int, h_tokens: int, w_tokens: int, padded_len: int,
+              image_pos: tuple[float, float, float, float] = IMAGE_POS_IDENTITY) -> torch.Tensor:
+    """Image tokens at (Lcap_padded + 1, row, col) in (h, w) order; pad slots at (0, 0, 0).
+
+    `image_pos` scales and shifts the row/column positions (ComfyUI's rope_options); the identity
+    gives integer ids, exactly the reference's.
+    """
     n = h_tokens * w_tokens
+    sy, ty, sx, tx = image_pos
+    integral = image_pos == IMAGE_POS_IDENTITY
+    ids = torch.zeros(padded_len, 3, dtype=torch.int64 if integral else torch.float64)
     ids[:n, 0] = cap_len_padded + 1
-    ids[:n, 1] = torch.arange(h_tokens).repeat_interleave(w_tokens)
-    ids[:n, 2] = torch.arange(w_tokens).repeat(h_tokens)
+    rows, cols = torch.arange(h_tokens), torch.arange(w_tokens)
+    if not integral:
+        rows, cols = rows.double() * sy + ty, cols.double() * sx + tx
+    ids[:n, 1] = rows.repeat_interleave(w_tokens)
+    ids[:n, 2] = cols.repeat(h_tokens)
     return ids
+
+
+def _hooked(result: torch.Tensor | None, current: torch.Tensor) -> torch.Tensor:
+    return current if result is None else result
 
 
 def _padded(n: int) -> int:
@@ -237,6 +256,33 @@ class FinalLayer(nn.Module):
         return self.linear(self.norm_final(x) * scale)
 
 
+BlockCall = Callable[..., torch.Tensor]
+"""`(block, x, rope, mask, c) -> x`: runs one modulated block (default: `block(x, rope, mask, c)`).
+A compiled variant can be passed per call, so compiling never changes the model itself."""
+
+
+class BlockHooks(Protocol):
+    """Callbacks between blocks (e.g. ControlNet-style residual injection). Each returns the new
+    hidden states or None to keep them; in-place edits of the tensors it gets also take effect.
+
+    `after_noise_refiner(i, img, img_input, cap, rope, t_emb, x)`: after noise-refiner block i;
+    img (B, L_img_padded, dim) are the image tokens, img_input the refiner's input.
+    `after_layer(i, seq, seq_input, n_img, rope, t_emb, x)`: after main block i; seq is the joint
+    sequence [image (n_img padded tokens); caption], seq_input the main blocks' input.
+    """
+
+    def after_noise_refiner(self, i: int, img: torch.Tensor, img_input: torch.Tensor, cap: torch.Tensor,
+                            rope: torch.Tensor, t_emb: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None: ...
+
+    def after_layer(self, i: int, seq: torch.Tensor, seq_input: torch.Tensor, n_img: int, rope: torch.Tensor,
+                    t_emb: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None: ...
+
+
+def _call_block(block: nn.Module, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
+                c: torch.Tensor) -> torch.Tensor:
+    return block(x, rope, mask, c)
+
+
 @dataclass
 class _Layout:
     """Per-shape constants: RoPE tables and key-padding masks (None when the batch is even)."""
@@ -324,8 +370,8 @@ class ZImageTransformer(nn.Module):
         return torch.bfloat16  # fp8 storage computes in bf16
 
     def _layout(self, cap_lens: tuple[int, ...], h_tok: int, w_tok: int, device: torch.device,
-                dtype: torch.dtype) -> _Layout:
-        key = (cap_lens, h_tok, w_tok, device, dtype)
+                dtype: torch.dtype, image_pos: tuple[float, float, float, float] = IMAGE_POS_IDENTITY) -> _Layout:
+        key = (cap_lens, h_tok, w_tok, device, dtype, image_pos)
         layout = self._layouts.get(key)
         if layout is not None:
             return layout
@@ -335,7 +381,7 @@ class ZImageTransformer(nn.Module):
         cap_rope = rope_table(caption_ids(cap_max), cfg.axes_dims, cfg.rope_theta)
         # The image's first RoPE axis depends on its own caption's padded length.
         distinct = sorted(set(cap_lens))
-        per_len = {n: rope_table(image_ids(n, h_tok, w_tok, img_len), cfg.axes_dims, cfg.rope_theta)
+        per_len = {n: rope_table(image_ids(n, h_tok, w_tok, img_len, image_pos), cfg.axes_dims, cfg.rope_theta)
                    for n in distinct}
         img_rope = torch.stack([per_len[n] for n in (cap_lens if len(distinct) > 1 else cap_lens[:1])])
         joint_rope = torch.cat([img_rope, cap_rope.unsqueeze(0).expand(img_rope.shape[0], -1, -1, -1, -1)], 1)
@@ -354,16 +400,21 @@ class ZImageTransformer(nn.Module):
         return layout
 
     # -- forward -------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cap_feats: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cap_feats: list[torch.Tensor], *,
+                hooks: BlockHooks | None = None, block_call: BlockCall | None = None,
+                image_pos: tuple[float, float, float, float] | None = None) -> torch.Tensor:
         """Velocity eps - x0 for latents x (B, C, H, W) at noise levels sigma (B,) (1 = pure noise).
 
         cap_feats: one (L_i, cap_feat_dim) tensor per sample (or one for the whole batch); lengths may
         differ (the batch is then masked). H and W must be even. Computes in `self.dtype`; returns x's dtype.
+        Optional: `hooks` between blocks, `block_call` to run the modulated blocks (e.g. compiled), and
+        `image_pos` (scale_y, shift_y, scale_x, shift_x) of the image RoPE positions.
         """
+        kw = {"hooks": hooks, "block_call": block_call or _call_block, "image_pos": image_pos or IMAGE_POS_IDENTITY}
         if not self._compiled_blocks:
-            return self._forward(x, sigma, cap_feats)
+            return self._forward(x, sigma, cap_feats, **kw)
         try:
-            return self._forward(x, sigma, cap_feats)
+            return self._forward(x, sigma, cap_feats, **kw)
         except Exception as exc:
             from .acceleration import is_compile_failure, uncompile_blocks
             if not is_compile_failure(exc):
@@ -372,9 +423,11 @@ class ZImageTransformer(nn.Module):
                         type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
             uncompile_blocks(self._compiled_blocks)
             self._compiled_blocks = []
-            return self._forward(x, sigma, cap_feats)
+            return self._forward(x, sigma, cap_feats, **kw)
 
-    def _forward(self, x: torch.Tensor, sigma: torch.Tensor, cap_feats: list[torch.Tensor]) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, sigma: torch.Tensor, cap_feats: list[torch.Tensor], *,
+                 hooks: BlockHooks | None, block_call: BlockCall,
+                 image_pos: tuple[float, float, float, float]) -> torch.Tensor:
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"ZImageTransformer: expected latents (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}.")
@@ -424,17 +477,24 @@ class ZImageTransformer(nn.Module):
                 for e, n in zip(emb.split(lens, 0), lens, strict=True)]
         cap = torch.stack(rows, 0)
 
-        layout = self._layout(cap_lens, ht, wt, device, dtype)
-        for layer in self.noise_refiner:
-            img = layer(img, layout.img_rope, None, t_emb)
+        layout = self._layout(cap_lens, ht, wt, device, dtype, image_pos)
+        # Captions first, so hooks after the noise refiner see refined captions (as in ComfyUI).
         for layer in self.context_refiner:
             cap = layer(cap, layout.cap_rope, layout.cap_mask)
+        img_input = img
+        for i, layer in enumerate(self.noise_refiner):
+            img = block_call(layer, img, layout.img_rope, None, t_emb)
+            if hooks is not None:
+                img = _hooked(hooks.after_noise_refiner(i, img, img_input, cap, layout.img_rope, t_emb, x), img)
 
         # Joint sequence [image; caption]: every sample's valid tokens are contiguous from 0, and the
         # image tokens sit at the same offsets in every sample.
         seq = torch.cat([img, cap], 1)
-        for layer in self.layers:
-            seq = layer(seq, layout.joint_rope, layout.joint_mask, t_emb)
+        seq_input = seq
+        for i, layer in enumerate(self.layers):
+            seq = block_call(layer, seq, layout.joint_rope, layout.joint_mask, t_emb)
+            if hooks is not None:
+                seq = _hooked(hooks.after_layer(i, seq, seq_input, img_len, layout.joint_rope, t_emb, x), seq)
 
         out = self.final_layer(seq[:, :n_img], t_emb)
         out = out.view(b, ht, wt, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)

@@ -287,13 +287,15 @@ def _transformer_folder(path: str | os.PathLike) -> Path:
 
 def load_transformer(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                      device: torch.device | str = "cpu", operations: Any = None,
-                     quantize: str | None = None) -> ZImageTransformer:
+                     quantize: str | None = None,
+                     model_class: type[ZImageTransformer] = ZImageTransformer) -> ZImageTransformer:
     """Load a Z-Image transformer: ComfyUI single file (any prefix; bf16/fp16/fp32/fp8) or diffusers folder.
 
     `dtype` is the weight and compute dtype (default: the stored dtype; bf16 for fp8 files).
     `operations` is a namespace of layer classes (e.g. ComfyUI's `comfy.ops.manual_cast`).
     `quantize="fp8"` stores the block matmul weights as float8_e4m3fn with per-row scales after
     loading (fp8 tensor-core matmuls on Ada/Hopper GPUs, about half the weight memory).
+    `model_class`: a ZImageTransformer subclass to build (e.g. one with another call convention).
     """
     if quantize not in (None, "fp8"):
         raise ValueError(f"load_transformer: quantize must be None or 'fp8', got {quantize!r}.")
@@ -335,7 +337,7 @@ def load_transformer(path: str | os.PathLike, *, dtype: torch.dtype | None = Non
         raise ValueError("load_transformer: fp8 weights need weight-casting operations (ComfyUI's "
                          "comfy.ops.manual_cast); with plain torch.nn pass dtype=torch.bfloat16.")
 
-    model = ZImageTransformer(config, operations=operations, dtype=dtype, device="meta")
+    model = model_class(config, operations=operations, dtype=dtype, device="meta")
     for name in expected:
         value = _read(ckpt, plan[name], dtypes).to(device=device, dtype=dtype)
         _set_param(model, name, value)
