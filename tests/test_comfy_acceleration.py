@@ -1,4 +1,5 @@
-"""The opt-in speed paths as ComfyUI users reach them: fp8 matmul weights and the compile node."""
+"""The opt-in speed paths as ComfyUI users reach them: fp8 matmul weights and the compile nodes, which
+return new models and leave the ones they are given (and every other branch) untouched."""
 
 from __future__ import annotations
 
@@ -8,14 +9,23 @@ from tests.comfy_harness import comfy_module
 from zimage_core.demo_weights import DEMO_FILES
 
 
+def _nodes():
+    return comfy_module("nodes").NODE_CLASS_MAPPINGS
+
+
 def _load(weight_dtype: str):
-    nodes = comfy_module("nodes").NODE_CLASS_MAPPINGS
-    return nodes["ZImageModelLoader"]().load(DEMO_FILES["diffusion_models"], weight_dtype)[0]
+    return _nodes()["ZImageModelLoader"]().load(DEMO_FILES["diffusion_models"], weight_dtype)[0]
 
 
-def _inputs():
+def _cond():
     g = torch.Generator().manual_seed(3)
-    return torch.randn(1, 16, 6, 4, generator=g), torch.tensor([0.7]), [torch.randn(9, 32, generator=g)]
+    return [[torch.randn(1, 9, 32, generator=g), {"pooled_output": None}]]
+
+
+def _sample(model, steps: int = 2) -> torch.Tensor:
+    nodes = _nodes()
+    (latent,) = nodes["ZImageEmptyLatent"]().generate(48, 32, "custom", 1)
+    return nodes["ZImageTurboSampler"]().sample(model, _cond(), latent, 7, steps, 3.0, 0.0)[0]["samples"]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -23,34 +33,46 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_fp8_fast_weights_use_fp8_matmuls_and_stay_close():
-    reference = _load("default").denoiser()(*_inputs())
+    reference = _sample(_load("default"))
     model = _load("fp8_e4m3fn_fast")
     # By name: ComfyUI imports the pack under its own package name, so the class object differs.
-    fp8 = [m for m in model.module.modules() if type(m).__name__ == "Fp8Linear"]
+    fp8 = [m for m in model.model.diffusion_model.modules() if type(m).__name__ == "Fp8Linear"]
     assert fp8 and all(m.weight.dtype == torch.float8_e4m3fn for m in fp8)
-    out = model.denoiser()(*_inputs())
+    out = _sample(model)
     assert torch.isfinite(out).all()
-    # e4m3 keeps 3 mantissa bits (≈6% per weight); on random weights a step lands within ~5%.
+    # e4m3 keeps 3 mantissa bits (≈6% per weight); two steps on random weights land within ~5%.
     assert _rel(out, reference) < 0.1
 
 
-def test_compile_node_keeps_the_output():
-    nodes = comfy_module("nodes").NODE_CLASS_MAPPINGS
+def test_compile_node_returns_a_compiled_clone_and_leaves_the_other_branch_eager():
     model = _load("default")
-    reference = model.denoiser()(*_inputs())
-    compiled = nodes["ZImageCompileModel"]().compile(model)[0]
-    assert _rel(compiled.denoiser()(*_inputs()), reference) < 1e-5
-    # Still compiled after a forward: the eager fallback (which empties this) was not taken.
-    assert compiled.module._compiled_blocks
+    reference = _sample(model)
+    (compiled,) = _nodes()["ZImageCompileModel"]().compile(model)
+    assert compiled is not model and compiled.model is model.model  # a clone: weights shared, not copied
+    assert _rel(_sample(compiled), reference) < 1e-5
+    wrappers = compiled.wrappers.get("diffusion_model", {}).get("zimage_compile", [])
+    (wrapper,) = wrappers
+    # The compiled path ran (one compiled function per block) and did not fall back to eager.
+    blocks = model.model.diffusion_model.layers
+    assert wrapper.block_call.enabled and len(wrapper.block_call._fns) == len(blocks) + 1
+
+    # The other branch: the given MODEL has no compile wrapper and its blocks were not touched.
+    assert "zimage_compile" not in model.wrappers.get("diffusion_model", {})
+    assert all("forward" not in b.__dict__ for b in blocks)
+    calls = len(wrapper.block_call._fns)
+    assert torch.equal(_sample(model), reference)
+    assert len(wrapper.block_call._fns) == calls
 
 
-def test_compile_vae_node_keeps_the_image():
-    nodes = comfy_module("nodes").NODE_CLASS_MAPPINGS
+def test_compile_vae_node_returns_a_fused_copy_and_keeps_the_image():
+    nodes = _nodes()
     vae = nodes["ZImageVAELoader"]().load(DEMO_FILES["vae"])[0]
     raw = torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(4))
-    reference = vae.decode(raw)
-    fused = nodes["ZImageCompileVAE"]().compile(vae)[0]
-    assert fused.vae.is_channels_last
-    image = fused.decode(raw)
+    reference = nodes["ZImageVAEDecode"]().decode(vae, {"samples": raw})[0]
+    (fused,) = nodes["ZImageCompileVAE"]().compile(vae)
+    assert fused is not vae and fused.flux.is_channels_last
+    assert not vae.flux.is_channels_last  # the given VAE is unchanged
+    image = nodes["ZImageVAEDecode"]().decode(fused, {"samples": raw})[0]
     assert image.shape == reference.shape == (1, 32, 48, 3)
     assert float((image - reference).abs().max()) < 1e-4
+    assert torch.equal(nodes["ZImageVAEDecode"]().decode(vae, {"samples": raw})[0], reference)

@@ -50,7 +50,7 @@ def test_conditioning_from_another_text_encoder_is_refused_clearly(pack):
     nodes, model, _ = pack
     clip_l_like = [[torch.randn(1, 77, 768), {"pooled_output": torch.randn(1, 768)}]]
     (latent,) = nodes["ZImageEmptyLatent"]().generate(32, 32, "custom", 1)
-    with pytest.raises(ValueError, match="width 768.*expects 32"):
+    with pytest.raises(ValueError, match="width 768.*expects width 32"):
         nodes["ZImageTurboSampler"]().sample(model, clip_l_like, latent, 0, 1, 3.0, 0.0)
 
 

@@ -13,44 +13,50 @@ def _model():
     return nodes["ZImageModelLoader"]().load(DEMO_FILES["diffusion_models"], "default")[0]
 
 
+def _velocity(patcher, x, sigma, context):
+    """One call of the diffusion model the way ComfyUI's model_base calls NextDiT."""
+    dm = patcher.model.diffusion_model
+    return dm(x, sigma, context, context.shape[1], transformer_options={})
+
+
 def test_lowvram_streaming_gives_the_same_output():
     """--lowvram: ModelPatcher leaves weights offloaded and switches comfy.ops layers to per-call casting
     (with a 1-byte budget, every layer streams). The transformer must produce the same velocity."""
-    model = _model()
-    denoiser = model.denoiser()
+    patcher = _model()
     g = torch.Generator().manual_seed(0)
-    x, sigma, caps = torch.randn(1, 16, 4, 6, generator=g), torch.tensor([0.6]), [torch.randn(11, 32, generator=g)]
-    reference = denoiser(x, sigma, caps)
+    x, sigma, context = torch.randn(1, 16, 4, 6, generator=g), torch.tensor([0.6]), torch.randn(1, 11, 32, generator=g)
+    reference = _velocity(patcher, x, sigma, context)
     cpu = torch.device("cpu")
-    model.patcher.patch_model(device_to=cpu, lowvram_model_memory=1)
+    patcher.patch_model(device_to=cpu, lowvram_model_memory=1)
     try:
-        assert model.patcher.model.model_lowvram
-        streamed = [m for m in model.module.modules() if getattr(m, "comfy_cast_weights", False)]
+        assert patcher.model.model_lowvram
+        streamed = [m for m in patcher.model.diffusion_model.modules() if getattr(m, "comfy_cast_weights", False)]
         assert len(streamed) >= 10
-        assert torch.equal(denoiser(x, sigma, caps), reference)
+        assert torch.equal(_velocity(patcher, x, sigma, context), reference)
     finally:
-        model.patcher.unpatch_model(device_to=cpu)
+        patcher.unpatch_model(device_to=cpu)
 
 
 def test_models_report_sizes_and_memory_estimates_to_comfyui():
-    model = _model()
-    params = sum(p.numel() * p.element_size() for p in model.module.parameters())
-    assert model.patcher.model_size() == params  # what ComfyUI budgets for the weights
-    small = model.memory_estimate((1, 16, 64, 64), 64)
-    assert model.memory_estimate((1, 16, 128, 128), 64) > small  # activations grow with the image
-    assert model.memory_estimate((2, 16, 64, 64), 64) > small  # and with the batch
-    assert model.memory_estimate((1, 16, 64, 64), 64, passes=2) > small  # and with CFG's second pass
+    patcher = _model()
+    weights = sum(t.numel() * t.element_size() for t in patcher.model.state_dict().values())
+    assert patcher.model_size() == weights  # what ComfyUI budgets for the weights (and the sigma table)
+    model = patcher.model
+    small = model.memory_required((1, 16, 64, 64))
+    assert model.memory_required((1, 16, 128, 128)) > small  # activations grow with the image
+    assert model.memory_required((2, 16, 64, 64)) > small  # and with the batch (CFG doubles it)
 
 
 def test_vae_lowvram_streaming_gives_the_same_image():
     nodes = comfy_module("nodes").NODE_CLASS_MAPPINGS
     vae = nodes["ZImageVAELoader"]().load(DEMO_FILES["vae"])[0]
     latents = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(1))
-    reference = vae.vae.decode(latents)
+    reference = vae.decode(latents)
     cpu = torch.device("cpu")
     vae.patcher.patch_model(device_to=cpu, lowvram_model_memory=1)
     try:
-        assert any(getattr(m, "comfy_cast_weights", False) for m in vae.vae.modules())
-        assert torch.equal(vae.vae.decode(latents), reference)
+        assert any(getattr(m, "comfy_cast_weights", False) for m in vae.first_stage_model.modules())
+        assert torch.equal(vae.first_stage_model.decode(latents), vae.first_stage_model.decode(latents))
+        assert torch.equal(vae.decode(latents), reference)
     finally:
         vae.patcher.unpatch_model(device_to=cpu)

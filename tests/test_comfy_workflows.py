@@ -91,8 +91,9 @@ def test_sampler_node_equals_zimage_core_direct_sampling():
     captions = [c.float() for c in encoder.encode([text])]
     direct = denormalize_latents(sample_text_to_image(model, captions, noise, steps=8, shift=3.0))
     assert node_latent.shape == direct.shape
-    # Same ops in the same order on the CPU in fp32: bit-identical, not merely close.
-    assert torch.equal(node_latent, direct.float())
+    # The node samples with ComfyUI's Euler (x + (σ' − σ)·v written as ComfyUI's to_d form), zimage_core with
+    # its own update: the same schedule and network in fp32 differ only in rounding.
+    torch.testing.assert_close(node_latent, direct.float(), rtol=1e-5, atol=1e-5)
 
 
 class _ProgressRecorder:

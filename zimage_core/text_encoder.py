@@ -153,10 +153,15 @@ class ZImageTextEncoder:
             out.append(ids)
         return out
 
-    @torch.no_grad()
     def encode(self, prompts: str | Sequence[str]) -> list[torch.Tensor]:
         """Caption features per prompt: (L_i, hidden) in the model's dtype, on its device."""
-        ids = self.tokenize(prompts)
+        return self.encode_ids(self.tokenize(prompts))
+
+    @torch.no_grad()
+    def encode_ids(self, ids: list[list[int]]) -> list[torch.Tensor]:
+        """Caption features for token ids from `tokenize` (template included): (L_i, hidden) each."""
+        if not ids or any(not x for x in ids):
+            raise ValueError("encode_ids: expected one non-empty list of token ids per prompt (from tokenize).")
         lengths = [len(x) for x in ids]
         longest = max(lengths)
         device = self.device

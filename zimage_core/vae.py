@@ -298,6 +298,18 @@ class FluxVAE(nn.Module):
     def _decode_pixels(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
 
+    # -- raw space (ComfyUI's first-stage-model convention) -----------------------------------
+
+    @torch.inference_mode()
+    def encode_raw(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels (B,3,H,W) in [-1, 1] -> raw (unnormalized) latents (B,16,H/8,W/8), in the model's dtype."""
+        return self._encode_mean(self._prepare(x.to(self.device, self.dtype)))
+
+    @torch.inference_mode()
+    def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latents (B,16,h,w) -> pixels (B,3,8h,8w) in about [-1, 1], in the model's dtype."""
+        return self._decode_pixels(self._prepare(z.to(self.device, self.dtype)))
+
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, *, tiled: bool | None = None, tile_size: int = 64,
                overlap: int = 16) -> torch.Tensor:

@@ -1,0 +1,111 @@
+"""Z-Image's Qwen3-4B text encoder as ComfyUI's core CLIP, with zimage_core's encoder inside.
+
+`comfy.sd.CLIP` is built from a target whose model and tokenizer are ours: CLIPTextEncode, the
+conditioning nodes and ComfyUI's model management work as with the native text encoder, and the
+encoding is zimage_core's (no padding, CUDA graphs on the GPU). CONDITIONING has the native layout:
+`[[features (1, L, 2560), {"pooled_output": None, "attention_mask": (1, L)}]]`.
+"""
+
+from __future__ import annotations
+
+import comfy.model_management as mm
+import comfy.sd
+import torch
+
+from .core_model import compute_dtype_for
+from .errors import load_explained
+
+TOKENS_KEY = "qwen3_4b"  # the key ComfyUI's own Z-Image tokenizer uses
+
+
+class ZImageClipTokenizer:
+    """ComfyUI tokenizer interface over zimage_core's (chat template, 1504-token caption limit).
+
+    Prompt-weight syntax such as "(cat:1.2)" is not parsed: Z-Image's encoder reads the text as written,
+    and every token carries weight 1.0."""
+
+    def __init__(self, encoder) -> None:
+        self.encoder = encoder
+
+    def tokenize_with_weights(self, text: str, return_word_ids: bool = False, **kwargs) -> dict:
+        (ids,) = self.encoder.tokenize([text])
+        pairs = [(i, 1.0, 0) if return_word_ids else (i, 1.0) for i in ids]
+        return {TOKENS_KEY: [pairs]}
+
+    def untokenize(self, token_weight_pair: list) -> list:
+        return [(t, self.encoder.tokenizer.decode([t[0]])) for t in token_weight_pair]
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+class ZImageClipModel(torch.nn.Module):
+    """The CLIP's `cond_stage_model`: the Qwen3 layers (registered, so ComfyUI moves them) behind the
+    interface `comfy.sd.CLIP` calls."""
+
+    def __init__(self, encoder) -> None:
+        super().__init__()
+        self.transformer = encoder.model
+        self.encoder = encoder
+        self.dtypes = {encoder.dtype}
+
+    def reset_clip_options(self) -> None:
+        pass
+
+    def set_clip_options(self, options: dict) -> None:
+        pass  # no CLIP skip / projection options: Z-Image always takes Qwen3's second-to-last layer
+
+    def memory_estimation_function(self, tokens: dict, device=None) -> int:
+        """Activation bytes for encoding `tokens`: scales with the tokens actually encoded."""
+        n = sum(len(chunk) for chunk in tokens.get(TOKENS_KEY, [])) or 1
+        cfg = self.transformer.config
+        return n * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * mm.dtype_size(self.encoder.dtype) * 2
+
+    def encode_token_weights(self, tokens: dict):
+        chunks = tokens.get(TOKENS_KEY)
+        if not chunks:
+            raise ValueError("Z-Image text encoder: these tokens come from another model's tokenizer. Encode the "
+                             "prompt with the CLIP from ZImageTextEncoderLoader (or CLIPLoader type lumina2).")
+        ids = [t[0] for chunk in chunks for t in chunk]
+        (features,) = self.encoder.encode_ids([ids])
+        cond = features.unsqueeze(0).to(mm.intermediate_device(), torch.float32)
+        mask = torch.ones(cond.shape[:2], dtype=torch.long, device=cond.device)
+        return cond, None, {"attention_mask": mask}
+
+
+class _Target:
+    """What `comfy.sd.CLIP(target=...)` reads: the model and tokenizer constructors and their params."""
+
+    def __init__(self, encoder) -> None:
+        self.params: dict = {}
+        self._encoder = encoder
+
+    def clip(self, **params) -> ZImageClipModel:
+        return ZImageClipModel(self._encoder)
+
+    def tokenizer(self, embedding_directory=None, tokenizer_data=None, **kwargs) -> ZImageClipTokenizer:
+        return ZImageClipTokenizer(self._encoder)
+
+
+def load_zimage_clip(path: str) -> comfy.sd.CLIP:
+    from ..zimage_core.text_encoder import load_text_encoder
+
+    load_device = mm.text_encoder_device()
+    offload_device = mm.text_encoder_offload_device()
+    # Qwen3 is trained in bf16. On the CPU (also ComfyUI's text-encoder device under --lowvram) bf16
+    # halves the 16 GB an fp32 copy of the 4B model would take; GPUs without bf16 compute in fp32.
+    dtype = torch.bfloat16 if mm.is_device_cpu(load_device) else compute_dtype_for(load_device)
+    encoder = load_explained(
+        lambda: load_text_encoder(path, dtype=dtype, device=offload_device), path,
+        "the Qwen3-4B text encoder of Z-Image (qwen_3_4b.safetensors)",
+        "Put qwen_3_4b.safetensors in models/text_encoders and select it.")
+    encoder.model.eval().requires_grad_(False)
+    options = {"load_device": load_device, "offload_device": offload_device, "initial_device": offload_device,
+               "dtype": dtype}
+    return comfy.sd.CLIP(target=_Target(encoder), model_options=options)
+
+
+def zimage_encoder_of(clip) -> object | None:
+    """zimage_core's encoder inside a CLIP from our loader, else None (e.g. ComfyUI's native Z-Image CLIP)."""
+    model = getattr(clip, "cond_stage_model", None)
+    return model.encoder if type(model).__name__ == ZImageClipModel.__name__ else None
