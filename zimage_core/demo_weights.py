@@ -137,3 +137,50 @@ def write_random_transformer(path: str | os.PathLike, config: TransformerConfig,
     path = Path(path)
     _save({prefix + k: v for k, v in state.items()}, path, dtype, "Z-Image transformer")
     return path
+
+
+LORA_DIALECTS = ("comfyui", "diffusers")
+
+
+def random_lora_state_dict(config: TransformerConfig, *, rank: int = 4, seed: int = 0, scale: float = 0.05,
+                           dialect: str = "comfyui") -> dict[str, torch.Tensor]:
+    """A random LoRA over every block's attention and feed-forward matmuls, in one of two key dialects
+    that describe the SAME weight change:
+
+    - "comfyui": `diffusion_model.<block>.attention.qkv.lora_down/lora_up.weight` + `.alpha` (fused qkv);
+    - "diffusers": `diffusion_model.<block>.attention.to_q|to_k|to_v|to_out.0.lora_A/lora_B.weight` (split
+      q/k/v: the rows of the fused update, sharing one down projection).
+    """
+    if dialect not in LORA_DIALECTS:
+        raise ValueError(f"random_lora_state_dict: dialect must be one of {LORA_DIALECTS}, got {dialect!r}.")
+    g = torch.Generator().manual_seed(seed)
+    dim, ffn = config.dim, config.ffn_hidden
+    targets = {"attention.qkv": (3 * dim, dim), "attention.out": (dim, dim), "feed_forward.w1": (ffn, dim),
+               "feed_forward.w2": (dim, ffn), "feed_forward.w3": (ffn, dim)}
+    blocks = ([f"layers.{i}" for i in range(config.n_layers)]
+              + [f"{kind}.{i}" for kind in ("noise_refiner", "context_refiner") for i in range(config.n_refiner_layers)])
+    out: dict[str, torch.Tensor] = {}
+    for block in blocks:
+        for name, (rows, cols) in targets.items():
+            down = torch.randn(rank, cols, generator=g) * scale / math.sqrt(cols) * math.sqrt(rank)
+            up = torch.randn(rows, rank, generator=g) * scale
+            base = f"diffusion_model.{block}.{name}"
+            if dialect == "comfyui":
+                out[f"{base}.lora_down.weight"], out[f"{base}.lora_up.weight"] = down, up
+                out[f"{base}.alpha"] = torch.tensor(float(rank))
+            elif name == "attention.qkv":
+                for part, rows_of in zip(("to_q", "to_k", "to_v"), up.split(dim), strict=True):
+                    split = f"diffusion_model.{block}.attention.{part}"
+                    out[f"{split}.lora_A.weight"], out[f"{split}.lora_B.weight"] = down.clone(), rows_of.clone()
+            else:
+                name = "attention.to_out.0" if name == "attention.out" else name
+                out[f"diffusion_model.{block}.{name}.lora_A.weight"] = down
+                out[f"diffusion_model.{block}.{name}.lora_B.weight"] = up
+    return out
+
+
+def write_random_lora(path: str | os.PathLike, config: TransformerConfig, **kwargs) -> Path:
+    """`random_lora_state_dict(config, **kwargs)` saved as a safetensors LoRA file (fp32)."""
+    path = Path(path)
+    _save(random_lora_state_dict(config, **kwargs), path, torch.float32, "Z-Image LoRA")
+    return path
