@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from scripts.comfy_headless import HeadlessComfyUI, load_workflow  # noqa: E402
 
-DEFAULT_WORKFLOW = ROOT / "example_workflows" / "z_image_turbo_text_to_image.json"
+DEFAULT_WORKFLOW = ROOT / "workflows" / "z_image_turbo_text_to_image.json"
 LOADERS = {  # node type → (widget input, ComfyUI folder)
     "ZImageModelLoader": ("model_name", "diffusion_models"),
     "ZImageTextEncoderLoader": ("text_encoder_name", "text_encoders"),
