@@ -7,9 +7,12 @@ Used by the main job (scripts/run_workflow.py) and the tests. Two parts:
   ComfyUI's executor runs. Widget values map onto each node's INPUT_TYPES order, skipping the extra
   values the frontend stores for `control_after_generate` and image-upload widgets; links become
   `[node_id, slot]`; Note/MarkdownNote nodes are dropped and Reroutes are followed.
+  `set_widget_value` goes the other way for one input, so a run's overrides can be written into the
+  UI workflow that is embedded in the saved PNGs.
 * `HeadlessComfyUI`: boots ComfyUI in this process (its own `nodes.init_extra_nodes`, with this
   pack loaded by ComfyUI's custom-node loader through an extra-model-paths file), then validates and
-  executes prompts with `execution.validate_prompt` and `execution.PromptExecutor`.
+  executes prompts with `execution.validate_prompt` and `execution.PromptExecutor`. `close()` (also
+  at exit) removes the temporary folder it made.
 
 ComfyUI keeps global state (argument object, folder paths, loaded models), so there is one
 HeadlessComfyUI per process.
@@ -18,12 +21,14 @@ HeadlessComfyUI per process.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import os
 import shutil
 import sys
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +73,40 @@ def _extra_widget_values(name: str, options: dict) -> set[str] | None:
     return None
 
 
+def _widget_slots(node_class: Any, values: list) -> list[tuple[str, int]]:
+    """(input name, index in widgets_values) for each widget value a UI node stores, in order."""
+    slots, i = [], 0
+    for name, options in _widget_inputs(node_class):
+        if i >= len(values):
+            break
+        slots.append((name, i))
+        i += 1
+        extra = _extra_widget_values(name, options)
+        if extra and i < len(values) and isinstance(values[i], str) and values[i] in extra:
+            i += 1
+    return slots
+
+
+def set_widget_value(workflow: dict, node_id: int | str, name: str, value: Any,
+                     node_classes: dict[str, Any]) -> None:
+    """Set one widget input of a UI-format workflow's node (in place), where the frontend stores it."""
+    node = next((n for n in workflow["nodes"] if str(n["id"]) == str(node_id)), None)
+    if node is None:
+        raise WorkflowError(f"the workflow has no node {node_id}")
+    values = node.get("widgets_values")
+    if isinstance(values, dict):
+        values[name] = value
+        return
+    node_class = node_classes.get(node["type"])
+    if node_class is None:
+        raise WorkflowError(f"node {node_id} has type {node['type']!r}, which this ComfyUI does not know")
+    for slot_name, index in _widget_slots(node_class, values or []):
+        if slot_name == name:
+            values[index] = value
+            return
+    raise WorkflowError(f"node {node_id} ({node['type']}) stores no widget value for {name!r}")
+
+
 def ui_to_api(workflow: dict, node_classes: dict[str, Any]) -> dict[str, dict]:
     """Convert a UI-format workflow to an API prompt for ComfyUI's executor."""
     nodes = {int(n["id"]): n for n in workflow["nodes"]}
@@ -98,20 +137,11 @@ def ui_to_api(workflow: dict, node_classes: dict[str, Any]) -> dict[str, dict]:
             raise WorkflowError(f"node {node_id} has type {kind!r}, which this ComfyUI does not know; "
                                 "is the custom node pack that provides it installed?")
         inputs: dict[str, Any] = {}
-        values = node.get("widgets_values", [])
-        widgets = _widget_inputs(node_class)
+        values = node.get("widgets_values") or []
         if isinstance(values, dict):
-            inputs.update({name: values[name] for name, _ in widgets if name in values})
+            inputs.update({name: values[name] for name, _ in _widget_inputs(node_class) if name in values})
         else:
-            i = 0
-            for name, options in widgets:
-                if i >= len(values):
-                    break
-                inputs[name] = values[i]
-                i += 1
-                extra = _extra_widget_values(name, options)
-                if extra and i < len(values) and isinstance(values[i], str) and values[i] in extra:
-                    i += 1
+            inputs.update({name: values[i] for name, i in _widget_slots(node_class, values)})
         for entry in node.get("inputs", []):
             if entry.get("link") is not None:
                 inputs[entry["name"]] = source(entry["link"])
@@ -123,7 +153,29 @@ def ui_to_api(workflow: dict, node_classes: dict[str, Any]) -> dict[str, dict]:
 
 
 def load_workflow(path: str | os.PathLike) -> dict:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """Read a UI-format workflow file; WorkflowError (one line, naming the file) if it is not one."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise WorkflowError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise WorkflowError(f"{path}: is a folder, not a workflow file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise WorkflowError(f"{path}: cannot be read ({e})") from None
+    try:
+        workflow = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise WorkflowError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if isinstance(workflow, dict) and workflow and all(
+            isinstance(n, dict) and "class_type" in n for n in workflow.values()):
+        raise WorkflowError(f"{path}: this is an API-format prompt (Export (API)); a UI workflow is needed "
+                            "(the file ComfyUI's Save / Export writes)")
+    nodes = workflow.get("nodes") if isinstance(workflow, dict) else None
+    if not isinstance(nodes, list) or not all(isinstance(n, dict) and "id" in n and "type" in n for n in nodes):
+        raise WorkflowError(f"{path}: not a ComfyUI UI workflow (expected a JSON object with a \"nodes\" "
+                            "list of nodes that have an id and a type)")
+    return workflow
 
 
 # ----------------------------------------------------------------------------- in-process ComfyUI
@@ -138,9 +190,12 @@ class HeadlessServer:
         self.last_prompt_id: str | None = None
         self.sockets_metadata: dict = {}
         self.messages: list[tuple[str, Any]] = []
+        self.listener: Callable[[str, Any], None] | None = None
 
     def send_sync(self, event: str, data: Any, sid: str | None = None) -> None:
         self.messages.append((event, data))
+        if self.listener is not None:
+            self.listener(event, data)
 
     def queue_updated(self) -> None:
         pass
@@ -206,7 +261,10 @@ class HeadlessComfyUI:
             raise FileNotFoundError(f"no ComfyUI at {self.comfyui_dir}: run scripts/setup.sh (or set "
                                     "ZIMAGE_COMFYUI_DIR to a ComfyUI checkout)")
         self.models_dir = Path(models_dir)
+        self._own_work_dir = not work_dir  # a temporary folder of ours: close() removes it
         self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="zimage-comfy-"))
+        if self._own_work_dir:
+            atexit.register(self.close)
         self.output_dir = Path(output_dir) if output_dir else self.work_dir / "output"
         self.input_dir = self.work_dir / "input"
         self.cpu = cpu
@@ -262,8 +320,20 @@ class HeadlessComfyUI:
     def to_api(self, workflow: dict) -> dict[str, dict]:
         return ui_to_api(workflow, self.node_classes)
 
-    def run(self, prompt: dict[str, dict]) -> RunResult:
-        """Validate and execute one API prompt, like ComfyUI's queue worker does."""
+    def close(self) -> None:
+        """Remove the temporary work folder this instance made (not one it was given). Safe to repeat."""
+        if self._own_work_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def run(self, prompt: dict[str, dict], *, workflow: dict | None = None,
+            listener: Callable[[str, Any], None] | None = None) -> RunResult:
+        """Validate and execute one API prompt, like ComfyUI's queue worker does.
+
+        `workflow`: the UI workflow the prompt came from; sent as the frontend does when queueing
+        (extra_data's extra_pnginfo), so SaveImage embeds it in the PNGs and dropping one onto ComfyUI
+        restores the graph. `listener(event, data)`: called with the messages the server would send a
+        connected frontend ("executing", "progress_state", ...).
+        """
         import execution
 
         prompt_id = str(uuid.uuid4())
@@ -272,7 +342,15 @@ class HeadlessComfyUI:
             return RunResult(prompt_id, False, error=valid[1], node_errors=valid[3])
         self.server.messages.clear()
         self.server.last_prompt_id = prompt_id
-        self.executor.execute(prompt, prompt_id, {"client_id": None}, valid[2])
+        # Node-by-node messages go only to a client, as in ComfyUI's server; a listener is one.
+        extra_data: dict[str, Any] = {"client_id": "headless" if listener else None}
+        if workflow is not None:
+            extra_data["extra_pnginfo"] = {"workflow": workflow}
+        self.server.listener = listener
+        try:
+            self.executor.execute(prompt, prompt_id, extra_data, valid[2])
+        finally:
+            self.server.listener = None
         messages = list(self.executor.status_messages)
         error = next((data for event, data in messages if event in ("execution_error", "execution_interrupted")),
                      None)

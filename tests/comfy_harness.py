@@ -21,7 +21,7 @@ from scripts.comfy_headless import HeadlessComfyUI, RunResult, default_comfyui_d
 from zimage_core.demo_weights import DEMO_FILES, write_demo_models
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOWS = ROOT / "example_workflows"
+WORKFLOWS = ROOT / "workflows"
 T2I = WORKFLOWS / "z_image_turbo_text_to_image.json"
 IMG2IMG = WORKFLOWS / "z_image_turbo_img2img.json"
 BATCH = WORKFLOWS / "z_image_turbo_seed_variations.json"

@@ -103,8 +103,9 @@ def test_t2i_workflow_widget_values_land_on_the_right_inputs():
 
 
 def test_workflows_are_in_the_folder_comfyui_template_browser_reads():
-    # app/custom_node_manager.py serves <pack>/example_workflows/*.json at /api/workflow_templates/<pack>/
-    # and lists them at /workflow_templates (checked over HTTP in test_comfy_server).
+    # app/custom_node_manager.py serves <pack>/workflows/*.json (one of the folder names it reads, beside
+    # example_workflows) at /api/workflow_templates/<pack>/ and lists them at /workflow_templates (checked
+    # over HTTP in test_comfy_server).
     names = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
-    assert WORKFLOWS.name == "example_workflows"
+    assert WORKFLOWS.name == "workflows"
     assert names == sorted([T2I.stem, IMG2IMG.stem, BATCH.stem])

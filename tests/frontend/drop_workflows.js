@@ -5,7 +5,7 @@
 //
 //   apt-get install chromium && npm install puppeteer-core@23
 //   python main.py --cpu --port 8199 ... (with this pack in custom_nodes, any models)
-//   node tests/frontend/drop_workflows.js http://127.0.0.1:8199 out.json example_workflows/*.json
+//   node tests/frontend/drop_workflows.js http://127.0.0.1:8199 out.json workflows/*.json
 const puppeteer = require('puppeteer-core');
 const fs = require('fs');
 
