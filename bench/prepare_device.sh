@@ -49,9 +49,9 @@ done
 echo "prepared (carry both: \"carry\": [\".device\", \".whl\"]):"
 du -sh .device/comfy_src .whl
 ls .whl
-tracked=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
+tracked=$(git ls-files -z | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
 carried=$(du -sb .device .whl | awk '{s+=$1} END {print s}')
-untracked=$(git ls-files -z --others --exclude-standard | xargs -0 -r du -cb 2>/dev/null | tail -1 | cut -f1)
+untracked=$(git ls-files -z --others --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
 total=$(( tracked + ${untracked:-0} + carried ))
 awk -v t="$tracked" -v u="${untracked:-0}" -v c="$carried" -v all="$total" 'BEGIN {
   m = 1048576; printf "working tree that travels: tracked %.1f MiB + untracked %.1f MiB + carried %.1f MiB = %.1f MiB (limit 64 MiB)\n", t/m, u/m, c/m, all/m }'
