@@ -18,13 +18,15 @@ from pathlib import Path
 import pytest
 
 from scripts.comfy_headless import HeadlessComfyUI, RunResult, default_comfyui_dir, load_workflow
-from zimage_core.demo_weights import DEMO_FILES, write_demo_models
+from zimage_core.demo_weights import DEMO_FILES, DEMO_TRANSFORMER, write_demo_models, write_random_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
 T2I = WORKFLOWS / "z_image_turbo_text_to_image.json"
 IMG2IMG = WORKFLOWS / "z_image_turbo_img2img.json"
 BATCH = WORKFLOWS / "z_image_turbo_seed_variations.json"
+LORA_CORE = WORKFLOWS / "z_image_turbo_lora_core_nodes.json"
+DEMO_LORA = "zimage_demo_random_lora.safetensors"
 SOURCE_IMAGE = "zimage_test_source.png"
 LOADER_INPUTS = {
     "ZImageModelLoader": ("model_name", "diffusion_models"),
@@ -54,6 +56,7 @@ def demo_models() -> Path:
     if _models is None:
         _models = session_dir("models")
         write_demo_models(_models)
+        write_random_lora(_models / "loras" / DEMO_LORA, DEMO_TRANSFORMER, scale=0.5, seed=3)
     return _models
 
 
@@ -94,7 +97,9 @@ def demo_prompt(workflow: Path, *, width: int | None = None, height: int | None 
             inputs["batch_size"] = batch_size or inputs["batch_size"]
         if kind == "LoadImage":
             inputs["image"] = SOURCE_IMAGE
-        if kind in ("ZImageTurboSampler", "ZImageImg2ImgSampler") and seed is not None:
+        if kind == "LoraLoaderModelOnly":
+            inputs["lora_name"] = DEMO_LORA
+        if kind in ("ZImageTurboSampler", "ZImageImg2ImgSampler", "KSampler") and seed is not None:
             inputs["seed"] = seed
         for key, value in overrides.items():
             cls, _, inp = key.partition("__")

@@ -180,3 +180,21 @@ def test_weight_dtypes_run_through_comfy_ops(weight_dtype):
     # Same picture up to the weights' rounding (fp8 ~0.04 here; two different seeds differ by ~1.5).
     error = (latent - reference).norm() / reference.norm()
     assert error < 0.1, f"{weight_dtype}: relative difference {error:.3f} to fp32"
+
+
+def test_core_nodes_behind_our_loaders_workflow():
+    """LoraLoaderModelOnly → KSampler → VAEDecodeTiled on our MODEL/CLIP/VAE: with the LoRA at strength 0 it
+    is the text-to-image workflow's picture (same seed, prompt and size); at 1 the LoRA changes it."""
+    from tests.comfy_harness import LORA_CORE
+
+    prompt = demo_prompt(LORA_CORE, width=64, height=48, seed=11, LoraLoaderModelOnly__strength_model=0.0)
+    (plain,) = saved_images(fresh_run(prompt))
+    assert plain.shape == (48, 64, 3)
+    text = prompt[nodes_of(prompt, "CLIPTextEncode")[0]]["inputs"]["text"]
+    t2i = demo_prompt(T2I, width=64, height=48, seed=11)
+    t2i[nodes_of(t2i, "ZImageTextEncode")[0]]["inputs"]["text"] = text
+    (ours,) = saved_images(fresh_run(t2i))
+    assert np.abs(plain.astype(int) - ours.astype(int)).max() <= 1
+    prompt = demo_prompt(LORA_CORE, width=64, height=48, seed=11, LoraLoaderModelOnly__strength_model=1.0)
+    (with_lora,) = saved_images(fresh_run(prompt))
+    assert np.abs(with_lora.astype(int) - plain.astype(int)).mean() > 1
