@@ -59,6 +59,17 @@ def _timed(fn, reps: int) -> tuple[float, float]:
     return first, sorted(times)[len(times) // 2]
 
 
+class _CoreCall:
+    """zimage_core's Denoiser call on a ZImageDiffusionModel (whose forward speaks ComfyUI's convention)."""
+
+    def __init__(self, dit) -> None:
+        self.dit, self.device, self.dtype = dit, dit.device, dit.dtype
+
+    def __call__(self, x, sigma, cap_feats):
+        from zimage_core import ZImageTransformer
+        return ZImageTransformer.forward(self.dit, x, sigma, cap_feats)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=1024)
@@ -71,12 +82,12 @@ def main() -> None:
     import comfy.ops
 
     pack = _pack()
-    patcher_mod = sys.modules["ComfyUI_ZImage.nodes.patcher"]
+    core_model = sys.modules["ComfyUI_ZImage.nodes.core_model"]
+    core_vae = sys.modules["ComfyUI_ZImage.nodes.core_vae"]
     node_classes = pack.NODE_CLASS_MAPPINGS
     from zimage_core import (
         FluxVAE,
         TransformerConfig,
-        ZImageTransformer,
         denormalize_latents,
         make_noise,
         sample_text_to_image,
@@ -87,13 +98,14 @@ def main() -> None:
     if args.smoke:
         cfg = TransformerConfig(dim=64, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
                                 cap_feat_dim=2560, axes_dims=[8, 12, 12])
-    dit = ZImageTransformer(cfg, operations=comfy.ops.disable_weight_init, dtype=dt,
-                            device=dev).eval().requires_grad_(False)
+    dit = core_model.ZImageDiffusionModel(cfg, operations=comfy.ops.disable_weight_init, dtype=dt,
+                                          device=dev).eval().requires_grad_(False)
     _random_(dit)
-    model = patcher_mod.ZImageModel(patcher_mod._wrap(dit, dev, mm.unet_offload_device()), dit, dt, "random")
+    # The core MODEL / VAE our loaders return, around random weights.
+    model = core_model.as_core_model(dit, dt, None, dev, mm.unet_offload_device())
     vae_net = FluxVAE(operations=comfy.ops.disable_weight_init, dtype=dt, device=dev).eval().requires_grad_(False)
     _random_(vae_net)
-    vae = patcher_mod.ZImageVAEHandle(vae_net, patcher_mod._wrap(vae_net, dev, mm.vae_offload_device()), dt, "random")
+    vae = core_vae.ZImageCoreVAE(vae_net, dev, mm.vae_offload_device(), dt, "random")
 
     h = w = args.size // 8
     caps = torch.randn(27, 2560, generator=torch.Generator().manual_seed(1)).to(dt)
@@ -107,17 +119,19 @@ def main() -> None:
         return sampler.sample(model, cond, latent, 0, 8, 3.0, 0.0)[0]
 
     def core_sample():
-        out = sample_text_to_image(dit, [caps.to(dev)], make_noise((1, 16, h, w), 0).to(dev))
+        out = sample_text_to_image(core_dit, [caps.to(dev)], make_noise((1, 16, h, w), 0).to(dev))
         return out.cpu()
 
+    # zimage_core's own call convention on the same weights (ZImageTransformer.forward, not NextDiT's).
+    core_dit = _CoreCall(dit)
     raw = node_sample()
     for name, fn in (("node_8step_eager", node_sample), ("core_8step_eager", core_sample)):
         res[name + "_first_ms"], res[name + "_ms"] = _timed(fn, args.reps)
     res["node_vs_core_latent_maxabs"] = float((node_sample()["samples"] - denormalize_latents(core_sample())).abs().max())
     res["vae_decode_node_nchw_first_ms"], res["vae_decode_node_nchw_ms"] = _timed(lambda: decoder.decode(vae, raw), 5)
-    node_classes["ZImageCompileModel"]().compile(model)
+    (model,) = node_classes["ZImageCompileModel"]().compile(model)
     res["node_8step_compiled_first_ms"], res["node_8step_compiled_ms"] = _timed(node_sample, args.reps)
-    node_classes["ZImageCompileVAE"]().compile(vae)
+    (vae,) = node_classes["ZImageCompileVAE"]().compile(vae)
     res["vae_decode_node_fused_first_ms"], res["vae_decode_node_fused_ms"] = _timed(lambda: decoder.decode(vae, raw), 5)
     if torch.cuda.is_available():
         res["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / 2**30

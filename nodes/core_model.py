@@ -169,13 +169,19 @@ def load_zimage_model(path: str, weight_dtype: str) -> comfy.model_patcher.Model
     if manual_cast is not None:
         diffusion_model.compute_dtype = compute  # e.g. fp8/fp16 storage computed in bf16 (fp32 on the CPU)
 
+    log.info("Z-Image model %s: weights %s, compute %s, load device %s", path, storage, compute, load_device)
+    return as_core_model(diffusion_model, storage, manual_cast, load_device, offload_device)
+
+
+def as_core_model(diffusion_model: ZImageDiffusionModel, weight_dtype: torch.dtype, manual_cast: torch.dtype | None,
+                  load_device: torch.device, offload_device: torch.device) -> comfy.model_patcher.ModelPatcher:
+    """Wrap a built ZImageDiffusionModel as a core MODEL: model_base.Lumina2 with supported_models.ZImage."""
     model_config = comfy.supported_models.ZImage(_unet_config(diffusion_model))
-    model_config.set_inference_dtype(storage, manual_cast)
+    model_config.set_inference_dtype(weight_dtype, manual_cast)
     model = comfy.model_base.Lumina2(model_config)
     model.diffusion_model = diffusion_model
     if hasattr(mm, "archive_model_dtypes"):  # 0.18.1: records each weight's dtype for dynamic loading
         mm.archive_model_dtypes(model.diffusion_model)
-    log.info("Z-Image model %s: weights %s, compute %s, load device %s", path, storage, compute, load_device)
     return CorePatcher(model, load_device=load_device, offload_device=offload_device)
 
 
