@@ -8,6 +8,7 @@ import torch
 NODE_CATEGORY = "Z-Image/latent"
 MULTIPLE = 16  # VAE ÷8, then the DiT's 2×2 patches
 LATENT_CHANNELS = 16
+MAX_SIDE = 4096
 
 # Official Z-Image-Turbo resolutions of the 1024 tier (width × height).
 PRESETS = {
@@ -47,9 +48,9 @@ class ZImageEmptyLatent:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "width": ("INT", {"default": 1024, "min": MULTIPLE, "max": 4096, "step": MULTIPLE,
+            "width": ("INT", {"default": 1024, "min": MULTIPLE, "max": MAX_SIDE, "step": MULTIPLE,
                               "tooltip": "Image width in pixels, a multiple of 16 (used when preset is custom)."}),
-            "height": ("INT", {"default": 1024, "min": MULTIPLE, "max": 4096, "step": MULTIPLE,
+            "height": ("INT", {"default": 1024, "min": MULTIPLE, "max": MAX_SIDE, "step": MULTIPLE,
                                "tooltip": "Image height in pixels, a multiple of 16 (used when preset is custom)."}),
             "preset": (["custom", *PRESETS], {"default": "custom",
                                               "tooltip": "Official Z-Image-Turbo resolutions (~1 megapixel). "
@@ -57,6 +58,21 @@ class ZImageEmptyLatent:
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
                                    "tooltip": "How many images to generate at once (each gets its own noise)."}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None, preset="custom"):
+        """Queue-time check (ComfyUI then skips its own min/max check of these inputs, so it is done here);
+        linked inputs arrive as None and are checked when the node runs."""
+        if preset != "custom":
+            return True if preset in PRESETS else f"unknown preset {preset!r}; choose one of {list(PRESETS)}"
+        for name, value in (("width", width), ("height", height)):
+            if value is not None and not (MULTIPLE <= value <= MAX_SIDE):
+                return f"{name} {value} is outside {MULTIPLE}..{MAX_SIDE} pixels"
+        try:
+            check_size(width or MULTIPLE, height or MULTIPLE, "ZImageEmptyLatent")
+        except ValueError as e:
+            return str(e)
+        return True
 
     def generate(self, width: int, height: int, preset: str = "custom", batch_size: int = 1):
         if preset != "custom":

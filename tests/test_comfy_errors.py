@@ -63,10 +63,13 @@ def test_truncated_file_in_model_loader():
     _assert_next_job_runs()
 
 
-def test_size_not_divisible_by_16():
-    result = _failed(demo_prompt(T2I, width=72, height=64))
-    message = result.error["exception_message"]
-    assert result.error["node_type"] == "ZImageEmptyLatent"
+def test_size_not_divisible_by_16_is_refused_at_queue_time():
+    prompt = demo_prompt(T2I, width=72, height=64)
+    comfy().executor.reset()
+    result = comfy().run(prompt)
+    assert not result.ok and not result.messages  # refused by validation: nothing was executed
+    (latent_node,) = nodes_of(prompt, "ZImageEmptyLatent")
+    message = " ".join(e["details"] for e in result.node_errors[latent_node]["errors"])
     assert "divisible by 16" in message and "72" in message and "64 or 80" in message
     _assert_next_job_runs()
 
