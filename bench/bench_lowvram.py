@@ -70,7 +70,8 @@ FILES = {
     "vae": ("vae", "ae.safetensors"),
 }
 WEIGHTS_VERSION = "zbench-lowvram-1"
-IMPLS = ("ours", "native")
+IMPLS = ("ours", "native", "ours_fp8", "native_fp8")  # *_fp8: fp8_e4m3fn weights (computed in bf16)
+DEFAULT_IMPLS = ("ours", "native")
 MODES = ("default", "lowvram")
 LIMITS = ("8", "12", "16", "resident")
 # Python packages ComfyUI 0.3.75 (or this repo's dev install) uses that the lent GPU machine does not have
@@ -425,8 +426,9 @@ class PromptBuilder:
 def build_prompt(impl: str, classes: dict[str, Any], size: int, steps: int, seed: int, text: str) -> PromptBuilder:
     dit, te, vae = (FILES[r][1] for r in ("dit", "te", "vae"))
     b = PromptBuilder(classes)
-    if impl == "ours":
-        b.add("load_dit", "ZImageModelLoader", {"model_name": dit, "weight_dtype": "default"})
+    weight_dtype = "fp8_e4m3fn" if impl.endswith("_fp8") else "default"
+    if impl.startswith("ours"):
+        b.add("load_dit", "ZImageModelLoader", {"model_name": dit, "weight_dtype": weight_dtype})
         b.add("load_te", "ZImageTextEncoderLoader", {"text_encoder_name": te})
         b.add("load_vae", "ZImageVAELoader", {"vae_name": vae})
         b.add("encode", "ZImageTextEncode", {"text": text}, ["load_te"])
@@ -434,8 +436,8 @@ def build_prompt(impl: str, classes: dict[str, Any], size: int, steps: int, seed
         b.add("sample", "ZImageTurboSampler", {"seed": seed, "steps": steps, "shift": 3.0, "guidance": 0.0},
               ["load_dit", "encode", "latent"])
         b.add("decode", "ZImageVAEDecode", {}, ["load_vae", "sample"])
-    elif impl == "native":
-        b.add("load_dit", "UNETLoader", {"unet_name": dit, "weight_dtype": "default"})
+    elif impl.startswith("native"):
+        b.add("load_dit", "UNETLoader", {"unet_name": dit, "weight_dtype": weight_dtype})
         b.add("shift", "ModelSamplingAuraFlow", {"shift": 3.0}, ["load_dit"])
         b.add("load_te", "CLIPLoader", {"clip_name": te, "type": "lumina2", "device": "default"})
         b.add("encode", "CLIPTextEncode", {"text": text}, ["load_te"])
@@ -828,7 +830,7 @@ def _default_comfy_dir() -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--impls", default=",".join(IMPLS), help="ours,native")
+    ap.add_argument("--impls", default=",".join(DEFAULT_IMPLS), help="ours,native[,ours_fp8,native_fp8]")
     ap.add_argument("--modes", default=",".join(MODES), help="default,lowvram (ComfyUI's --lowvram)")
     ap.add_argument("--limits", default=",".join(LIMITS), help="VRAM limits in GiB, or resident (no limit)")
     ap.add_argument("--configs", help="explicit list impl:mode:limit,... (overrides the three above)")
@@ -866,7 +868,7 @@ def main() -> None:
     args.jobs = args.jobs or (2 if smoke else 1)
     if args.emulate_device is None:
         args.emulate_device = smoke
-    if smoke and not args.configs and (args.impls, args.modes, args.limits) == tuple(map(",".join, (IMPLS, MODES,
+    if smoke and not args.configs and (args.impls, args.modes, args.limits) == tuple(map(",".join, (DEFAULT_IMPLS, MODES,
                                                                                                 LIMITS))):
         # On the CPU the modes and limits change nothing but ComfyUI's arguments: two configs cover both
         # implementations, both modes and the limit code path.

@@ -75,14 +75,19 @@ class ZImageCoreVAE(comfy.sd.VAE):
         return ZImageCoreVAE(flux, self.device, self.patcher.offload_device, self.vae_dtype, self.path)
 
     # -- what ZImageVAEDecode / ZImageVAEEncode add: our memory-driven tiling in zimage_core --
+    def _make_room(self, needed: int) -> None:
+        # FluxVAE's automatic mode runs whole images while they take at most _FREE_FRACTION of the free
+        # memory; ask ComfyUI to free that much (offloading other models' weights) rather than tile.
+        mm.load_models_gpu([self.patcher], memory_required=int(needed / core_vae._FREE_FRACTION))
+
     def decode_auto(self, raw_latents: torch.Tensor) -> torch.Tensor:
-        mm.load_models_gpu([self.patcher], memory_required=self.flux.memory_used_decode(tuple(raw_latents.shape)))
+        self._make_room(self.flux.memory_used_decode(tuple(raw_latents[:1].shape)))
         latents = core_vae.normalize_latents(raw_latents.to(self.device, torch.float32))
         return self.flux.decode(latents).to(mm.intermediate_device(), torch.float32)
 
     def encode_auto(self, images: torch.Tensor) -> torch.Tensor:
         b, h, w, c = images.shape
-        mm.load_models_gpu([self.patcher], memory_required=self.flux.memory_used_encode((b, c, h, w)))
+        self._make_room(self.flux.memory_used_encode((1, c, h, w)))
         latents = self.flux.encode(images.to(self.device, torch.float32))
         return core_vae.denormalize_latents(latents.float()).to(mm.intermediate_device())
 

@@ -60,3 +60,20 @@ def test_vae_lowvram_streaming_gives_the_same_image():
         assert torch.equal(vae.decode(latents), reference)
     finally:
         vae.patcher.unpatch_model(device_to=cpu)
+
+
+def test_text_encoder_splits_across_devices_like_comfyui_encoders():
+    """ComfyUI can only split models whose layers are comfy.ops classes: ours are, so a partly loaded text
+    encoder (small cards, default mode) streams its remaining layers instead of failing on a device mismatch."""
+    nodes = comfy_module("nodes").NODE_CLASS_MAPPINGS
+    clip = nodes["ZImageTextEncoderLoader"]().load(DEMO_FILES["text_encoders"])[0]
+    tokens = clip.tokenize("a red fox in the snow")
+    reference = clip.cond_stage_model.encode_token_weights(tokens)[0]
+    cpu = torch.device("cpu")
+    clip.patcher.patch_model(device_to=cpu, lowvram_model_memory=1)
+    try:
+        streamed = [m for m in clip.cond_stage_model.modules() if getattr(m, "comfy_cast_weights", False)]
+        assert len(streamed) >= 7  # q/k/v/o + MLP projections of each layer, and the embedding
+        assert torch.equal(clip.cond_stage_model.encode_token_weights(tokens)[0], reference)
+    finally:
+        clip.patcher.unpatch_model(device_to=cpu)

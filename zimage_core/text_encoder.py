@@ -24,6 +24,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -270,12 +271,15 @@ def _as_prompt_list(prompts: str | Sequence[str]) -> list[str]:
 
 
 def load_text_encoder(path: str | os.PathLike, *, tokenizer: QwenTokenizer | str | os.PathLike | None = None,
-                      dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> ZImageTextEncoder:
+                      dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+                      operations: Any = None) -> ZImageTextEncoder:
     """Load a Qwen3 text encoder for Z-Image from local files.
 
     `tokenizer`: a loaded `QwenTokenizer`, a tokenizer path, or None to search (see `load_tokenizer`,
     starting beside `path`). `dtype`: None keeps the stored dtype (fp8 storage -> bfloat16).
     Weights are assigned one tensor at a time onto a meta-initialised model (no second copy in RAM).
+    `operations`: a namespace whose `Linear` / `Embedding` subclass torch's (e.g. ComfyUI's `comfy.ops`);
+    the model's layers take those classes, so a host that casts or streams such layers can split it.
     """
     path = Path(path)
     if path.is_dir() and not any(path.glob("*.safetensors")) and (path / "text_encoder").is_dir():
@@ -291,6 +295,8 @@ def load_text_encoder(path: str | os.PathLike, *, tokenizer: QwenTokenizer | str
         dtype = stored if stored in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
     model = _build(ckpt, prefix, config, dtype, torch.device(device))
     ckpt.close()
+    if operations is not None:
+        _use_operations(model, operations)
     return ZImageTextEncoder(model, tokenizer, path=str(path))
 
 
@@ -366,6 +372,18 @@ def _infer_config(ckpt: Checkpoint, prefix: str):
     )
     config._attn_implementation = "sdpa"
     return config
+
+
+def _use_operations(model: nn.Module, operations: Any) -> None:
+    """Give transformers' plain Linear/Embedding layers the host's subclasses of them (same parameters,
+    same math: the subclasses only add casting hooks)."""
+    for module in model.modules():
+        for base in (nn.Linear, nn.Embedding):
+            cls = getattr(operations, base.__name__, None)
+            if type(module) is base and isinstance(cls, type) and issubclass(cls, base):
+                module.__class__ = cls
+                if base is nn.Embedding and "bias" not in module.__dict__ and "bias" not in module._parameters:
+                    module.bias = None  # cast ops treat every layer as weight + optional bias
 
 
 def _build(ckpt: Checkpoint, prefix: str, config, dtype: torch.dtype, device: torch.device) -> nn.Module:
