@@ -85,12 +85,14 @@ class ZImageCLIP(comfy.sd.CLIP):
     def load_model(self, *args, **kwargs):
         patcher = self.patcher
         device = patcher.load_device
-        if mm.is_device_cpu(device) or self.cond_stage_model.encoder.device.type != "cpu":
-            return super().load_model(*args, **kwargs)  # nothing to move, or already (partly) on the GPU
+        to_move = patcher.model_size() - patcher.loaded_size()
+        if mm.is_device_cpu(device) or to_move <= 0:
+            return super().load_model(*args, **kwargs)  # nothing to move
         tokens = args[0] if args else kwargs.get("tokens", {})
-        needed = patcher.model_size() + self.cond_stage_model.memory_estimation_function(tokens or {})
+        needed = to_move + self.cond_stage_model.memory_estimation_function(tokens or {})
         if mm.get_free_memory(device) >= needed + mm.minimum_inference_memory():
             return super().load_model(*args, **kwargs)
+        # Encode where the weights are: the CPU, or split (comfy.ops layers cast the offloaded part).
         return patcher
 
     def clone(self, *args, **kwargs):
