@@ -374,10 +374,29 @@ def _infer_config(ckpt: Checkpoint, prefix: str):
     return config
 
 
+class _PlacedRMSNorm(nn.Module):
+    """Qwen3's RMSNorm (same math) reading its weight on the input's device: a host that splits the model
+    between devices may leave these small weights elsewhere."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        x = hidden_states.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight.to(hidden_states.device) * x.to(input_dtype)
+
+
+_PLACED_NORMS: dict[type, type] = {}
+
+
 def _use_operations(model: nn.Module, operations: Any) -> None:
     """Give transformers' plain Linear/Embedding layers the host's subclasses of them (same parameters,
-    same math: the subclasses only add casting hooks)."""
+    same math: the subclasses only add casting hooks), and RMSNorms that follow their input's device."""
     for module in model.modules():
+        if type(module).__name__ == "Qwen3RMSNorm":
+            norm = type(module)
+            if norm not in _PLACED_NORMS:
+                _PLACED_NORMS[norm] = type("PlacedQwen3RMSNorm", (_PlacedRMSNorm, norm), {})
+            module.__class__ = _PLACED_NORMS[norm]
         for base in (nn.Linear, nn.Embedding):
             cls = getattr(operations, base.__name__, None)
             if type(module) is base and isinstance(cls, type) and issubclass(cls, base):
