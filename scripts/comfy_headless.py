@@ -305,8 +305,15 @@ class HeadlessComfyUI:
         utils.extra_config.load_extra_path_config(str(yaml_path))
         import execution
         import nodes
+        import server
 
-        self.failed_imports = asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+        # As ComfyUI's main.py: its PromptServer exists (never started here) before the nodes load; newer
+        # ComfyUI's built-in nodes register with `PromptServer.instance` at load (0.18.1: node
+        # replacements). Prompts still run through HeadlessServer below.
+        self.loop = asyncio.new_event_loop()
+        self.prompt_server = server.PromptServer(self.loop)
+        self.failed_imports = self.loop.run_until_complete(
+            nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
         self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC,
                                                  cache_args={"lru": 0, "ram": 0})
         return self

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from scripts.comfy_headless import HeadlessComfyUI, RunResult, default_comfyui_dir, load_workflow
+from tests import comfyui_reference
 from zimage_core.demo_weights import DEMO_FILES, DEMO_TRANSFORMER, write_demo_models, write_random_lora
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +40,7 @@ _models: Path | None = None
 
 
 def require_comfyui() -> None:
+    comfyui_reference.note_use()
     if not (default_comfyui_dir() / "execution.py").is_file():
         pytest.fail(f"no ComfyUI at {default_comfyui_dir()}: run scripts/setup.sh first "
                     "(the README's test command does)")
@@ -63,6 +65,7 @@ def demo_models() -> Path:
 def comfy() -> HeadlessComfyUI:
     """The session's in-process ComfyUI with the demo models in its model folders."""
     global _instance
+    comfyui_reference.note_use()
     if _instance is None:
         require_comfyui()
         _instance = HeadlessComfyUI(demo_models(), session_dir("comfy-test")).start()

@@ -1,8 +1,12 @@
 """Where the real ComfyUI backend (the reference for parity tests) lives, and importing its code.
 
-scripts/setup.sh installs ComfyUI 0.3.75 at <repo>/.comfyui/ComfyUI; ZIMAGE_COMFYUI_DIR overrides it.
-Locally a missing install skips the ComfyUI comparisons with the reason; under CI (CI=true) it fails,
-so a broken install can never turn the reference checks into silent skips.
+scripts/setup.sh installs ComfyUI 0.3.75 at <repo>/.comfyui/ComfyUI; ZIMAGE_COMFYUI_DIR overrides it
+(scripts/test.sh points it at .comfyui/ComfyUI-0.18.1 for its second run). Locally a missing install skips
+the ComfyUI comparisons with the reason; under CI (CI=true) it fails, so a broken install can never turn the
+reference checks into silent skips.
+
+Every use is counted (`uses`): the pytest plugin checks that each test reaching ComfyUI this way is among
+those scripts/test.sh runs again under the second ComfyUI version.
 """
 
 from __future__ import annotations
@@ -18,12 +22,26 @@ import pytest
 from scripts.comfy_headless import default_comfyui_dir
 
 ROOT = Path(__file__).resolve().parents[1]
+uses = 0  # calls into ComfyUI through this module (see the module docstring)
+
+
+def note_use() -> None:
+    global uses
+    uses += 1
 
 
 def comfyui_dir() -> Path | None:
+    note_use()
+    return locate_comfyui()
+
+
+def locate_comfyui() -> Path | None:
+    """comfyui_dir() without counting a use (for reports)."""
     candidates = [default_comfyui_dir()]  # $ZIMAGE_COMFYUI_DIR or <repo>/.comfyui/ComfyUI, as the harness
     git = ROOT / ".git"
-    if git.is_file():  # a git worktree: the main checkout's install serves it too
+    # A git worktree: the main checkout's install serves it too, unless a ComfyUI was named explicitly
+    # (a run meant for another ComfyUI version must never quietly compare against this one).
+    if git.is_file() and not os.environ.get("ZIMAGE_COMFYUI_DIR"):
         gitdir = Path(git.read_text().split("gitdir:", 1)[-1].strip())
         candidates.append(gitdir.parents[2] / ".comfyui" / "ComfyUI")
     for candidate in candidates:
