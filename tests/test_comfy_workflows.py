@@ -125,13 +125,21 @@ def progress_hook():
 
 def test_sampler_reports_progress_with_latent_previews(progress_hook):
     cli = comfy_module("comfy.cli_args")
+    previews_module = comfy_module("latent_preview")
     recorder = progress_hook()
     before = cli.args.preview_method
-    cli.args.preview_method = cli.LatentPreviewMethod.Auto  # as `main.py --preview-method auto`
+    # As `main.py --preview-method auto`. ComfyUI 0.18.1 resets the method per prompt to the launch value
+    # it keeps in latent_preview.default_preview_method, so that one is set too.
+    before_default = getattr(previews_module, "default_preview_method", None)
+    cli.args.preview_method = cli.LatentPreviewMethod.Auto
+    if before_default is not None:
+        previews_module.default_preview_method = cli.LatentPreviewMethod.Auto
     try:
         fresh_run(demo_prompt(T2I, width=64, height=48, seed=3))
     finally:
         cli.args.preview_method = before
+        if before_default is not None:
+            previews_module.default_preview_method = before_default
     steps = [(v, t) for v, t, p in recorder.updates if t == 8]
     assert steps == [(i, 8) for i in range(1, 9)]
     previews = [p for _, t, p in recorder.updates if t == 8]
