@@ -49,7 +49,8 @@ class ZImageCoreVAE(comfy.sd.VAE):
         self.output_channels = 3
         self.pad_channel_value = None
         self.process_input = lambda image: image * 2.0 - 1.0
-        self.process_output = lambda image: torch.clamp((image + 1.0) / 2.0, min=0.0, max=1.0)
+        # In place and returned: 0.18.1 ignores the return value, 0.3.75 uses it.
+        self.process_output = lambda image: image.add_(1.0).div_(2.0).clamp_(0.0, 1.0)
         self.working_dtypes = list(COMPUTE_DTYPES)
         self.disable_offload = False
         self.not_video = False

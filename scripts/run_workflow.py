@@ -305,10 +305,18 @@ class Progress:
         if total and (total <= 50 or value in (1, total) or value % max(1, total // 10) == 0):
             print(f"    step {value}/{total}", file=sys.stderr, flush=True)
 
+    # Our step lines replace tqdm's console bar, and every step is printed (ComfyUI 0.18.1 throttles the
+    # hook to one call per 100 ms otherwise).
+    QUIET_SETTINGS = {"PROGRESS_BAR_ENABLED": False, "PROGRESS_THROTTLE_MIN_INTERVAL": 0.0,
+                      "PROGRESS_THROTTLE_MIN_PERCENT": 0.0}
+
     def __enter__(self) -> Progress:
         import comfy.utils
 
         self.previous_hook = comfy.utils.PROGRESS_BAR_HOOK
+        self.previous_settings = {k: getattr(comfy.utils, k) for k in self.QUIET_SETTINGS if hasattr(comfy.utils, k)}
+        for name in self.previous_settings:
+            setattr(comfy.utils, name, self.QUIET_SETTINGS[name])
         comfy.utils.set_progress_bar_global_hook(self.hook)
         return self
 
@@ -316,6 +324,8 @@ class Progress:
         import comfy.utils
 
         comfy.utils.set_progress_bar_global_hook(self.previous_hook)
+        for name, value in self.previous_settings.items():
+            setattr(comfy.utils, name, value)
 
 
 @contextlib.contextmanager

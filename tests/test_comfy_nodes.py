@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.comfy_harness import BATCH, IMG2IMG, T2I, WORKFLOWS, comfy_module, demo_prompt
+from tests.comfy_harness import BATCH, IMG2IMG, LORA_CORE, T2I, WORKFLOWS, comfy_module, demo_prompt
 
 NODE_IDS = ["ZImageModelLoader", "ZImageTextEncoderLoader", "ZImageVAELoader", "ZImageTextEncode",
             "ZImageEmptyLatent", "ZImageTurboSampler", "ZImageImg2ImgSampler", "ZImageVAEEncode",
@@ -108,4 +108,4 @@ def test_workflows_are_in_the_folder_comfyui_template_browser_reads():
     # over HTTP in test_comfy_server).
     names = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
     assert WORKFLOWS.name == "workflows"
-    assert names == sorted([T2I.stem, IMG2IMG.stem, BATCH.stem])
+    assert names == sorted([T2I.stem, IMG2IMG.stem, BATCH.stem, LORA_CORE.stem])
