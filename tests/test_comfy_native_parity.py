@@ -91,3 +91,48 @@ def test_core_samplers_on_our_model_match_unetloader_with_and_without_loras(pari
     assert _rel(results["ours", "diffusers"], results["ours", "comfyui"]) < 1e-5
     # ZImageTurboSampler's schedule is KSampler's simple/shift-3 one: the same latent from either node.
     torch.testing.assert_close(results["native", "turbo"], results["native", None], rtol=1e-5, atol=1e-5)
+
+
+def _random_control_patch(seed: int = 13):
+    """A random ZImage_Control (the Fun ControlNet Union 2.x layout: 3 control layers, refiner control, 17
+    inpaint channels) as ModelPatchLoader returns it: a model patcher around ComfyUI's own module."""
+    controlnet = comfy_module("comfy.ldm.lumina.controlnet")
+    mm = comfy_module("comfy.model_management")
+    model = controlnet.ZImage_Control(n_control_layers=3, additional_in_dim=17, refiner_control=True,
+                                      dtype=torch.float32, device="cpu",
+                                      operations=comfy_module("comfy.ops").manual_cast)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    patcher = comfy_module("comfy.model_patcher").ModelPatcher
+    return patcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def test_zimage_fun_controlnet_patches_act_on_our_model_as_on_native(parity_setup):
+    """ComfyUI 0.18.1's ZImageFunControlnet (ModelPatchLoader + patch) adds its control residuals through the
+    noise_refiner / double_block patches; on our MODEL they must land exactly where NextDiT puts them."""
+    nodes, cond, latent = parity_setup
+    fun = nodes.NODE_CLASS_MAPPINGS.get("ZImageFunControlnet")
+    if fun is None:
+        pytest.skip("this ComfyUI has no ZImageFunControlnet (added after 0.3.75)")
+    mm = comfy_module("comfy.model_management")
+    from zimage_core.demo_weights import DEMO_FILES
+
+    vae = nodes.NODE_CLASS_MAPPINGS["ZImageVAELoader"]().load(DEMO_FILES["vae"])[0]
+    control = _random_control_patch()
+    g = torch.Generator().manual_seed(21)
+    image = torch.rand(1, 16, 32, 3, generator=g)  # the latent's 32x16 pixels, as a control image
+    results = {}
+    for which in ("native", "ours"):
+        base = _base(nodes, which)
+        if which == "native":
+            plain = nodes.KSampler().sample(base, 77, STEPS, 1.0, "euler", "simple", cond, cond, latent, 1.0)[0]
+        (patched,) = fun().diffsynth_controlnet(base, control, vae, image=image, strength=1.0)
+        results[which] = nodes.KSampler().sample(patched, 77, STEPS, 1.0, "euler", "simple", cond, cond, latent,
+                                                 1.0)[0]["samples"]
+        base = patched = None
+        mm.unload_all_models()
+        gc.collect()
+    assert _rel(results["native"], plain["samples"]) > 1e-3  # the control patch changes the result ...
+    assert _rel(results["ours"], results["native"]) < 1e-4  # ... and does the same on our model
