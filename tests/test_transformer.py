@@ -202,3 +202,22 @@ def test_one_caption_is_shared_by_the_batch(ref):
     x, sigma, caps = ragged_inputs()
     with torch.no_grad():
         assert torch.equal(model(x, sigma, caps[:1]), model(x, sigma, [caps[0], caps[0]]))
+
+
+def test_forward_refuses_bad_inputs_with_value_errors(ref):
+    model = ours_from(ref)
+    x, sigma, caps = ragged_inputs(batch=1, cap_lens=(7,))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"sigma must be real numbers, one noise level per sample \(1\).*got 3"):
+            model(x, torch.tensor([0.5, 0.4, 0.3]), caps)
+        with pytest.raises(ValueError, match="float latents"):
+            model(x.to(torch.int32), sigma, caps)
+        with pytest.raises(ValueError, match="caption features 0 must be a float tensor"):
+            model(x, sigma, [caps[0].to(torch.int64)])
+
+
+@pytest.mark.parametrize("field,value", [("n_layers", 10**7), ("dim", 2**40), ("n_heads", 0), ("patch_size", 1.5),
+                                         ("axes_dims", (2,) * 1000), ("rope_theta", float("inf"))])
+def test_config_values_are_bounded_before_anything_is_built(field, value):
+    with pytest.raises(ValueError, match=field):
+        ZImageTransformer(TransformerConfig(**{field: value}), device="meta")
