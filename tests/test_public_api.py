@@ -18,7 +18,7 @@ def test_every_exported_name_resolves():
 
 def test_contract_names_are_exported():
     for name in ("load_transformer", "ZImageTransformer", "flow_sigmas", "CheckpointError", "make_noise",
-                 "sample_text_to_image", "sample_img2img", "load_text_encoder", "load_vae"):
+                 "sample_text_to_image", "sample_img2img", "load_text_encoder", "load_vae", "model_fingerprint"):
         assert name in zimage_core.__all__, name
     assert issubclass(zimage_core.CheckpointError, ValueError)
 

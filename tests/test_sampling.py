@@ -137,6 +137,33 @@ def test_make_noise_rejects_bad_seed(seed):
 def test_make_noise_rejects_bad_batch_index():
     with pytest.raises(ValueError, match="batch_index must list 2 indices"):
         make_noise((2, *LATENT), 0, batch_index=[0])
+    for bad in (["a", 1], [0.5, 1], [True, 0], "01", [-1, 0]):
+        with pytest.raises(ValueError, match="batch_index must list 2 indices"):
+            make_noise((2, *LATENT), 0, batch_index=bad)
+
+
+def test_make_noise_seed_range_in_the_message_is_the_range_accepted():
+    # -1 is accepted (torch wraps it: the same noise as 2**64 - 1), so the message must not say "from 0".
+    assert torch.equal(make_noise((1, *LATENT), -1), make_noise((1, *LATENT), 2**64 - 1))
+    assert make_noise((1, *LATENT), -(2**63)).shape == (1, *LATENT)
+    with pytest.raises(ValueError) as info:
+        make_noise((1, *LATENT), 2**64)
+    assert "between -2**63 and 2**64 - 1" in str(info.value)
+
+
+def test_make_noise_refuses_non_float_dtypes_and_shapes():
+    with pytest.raises(ValueError, match="dtype must be a floating-point torch dtype"):
+        make_noise((1, *LATENT), 0, dtype=torch.int64)
+    for shape in ((1, 16, 8.5, 8), (1, -16, 8, 8), "1168", None, ()):
+        with pytest.raises(ValueError, match="shape must be a non-empty sequence of whole numbers"):
+            make_noise(shape, 0)
+
+
+def test_make_noise_with_batch_index_keeps_only_what_it_returns():
+    # Same numbers as drawing every sample up to the index (ComfyUI's prepare_noise), which the first
+    # test above checks against ComfyUI itself; here: a far index gives that position's draw.
+    full = make_noise((40, *LATENT), 3)
+    assert torch.equal(make_noise((2, *LATENT), 3, batch_index=[39, 5]), full[[39, 5]])
 
 
 # --- text to image -----------------------------------------------------------------------------------------
@@ -433,6 +460,21 @@ def test_model_placement_of_fp8_storage_is_bf16():
 
     assert sampling_mod.model_placement(Fp8()) == (torch.device("cpu"), torch.bfloat16)
     assert sampling_mod.model_placement(lambda *a: None, "cpu") == (torch.device("cpu"), torch.float32)
+
+
+def test_increasing_sigmas_are_refused(denoiser):
+    noise = torch.randn(1, *LATENT)
+    pos = caption_feats([5], seed=0)
+    with pytest.raises(ValueError, match=r"sigmas must not increase.*sigma 2 = 1 is above sigma 1 = 0.5"):
+        sample_text_to_image(denoiser, pos, noise, sigmas=[1.0, 0.5, 1.0, 0.0])
+    with pytest.raises(ValueError, match="sigmas must not increase"):
+        sampling_mod.sample_euler(denoiser, pos, noise, [0.0, 1.0])
+
+
+def test_int_latents_are_refused(denoiser):
+    pos = caption_feats([5], seed=0)
+    with pytest.raises(ValueError, match="noise must be a float tensor"):
+        sample_text_to_image(denoiser, pos, torch.zeros(1, *LATENT, dtype=torch.int32))
 
 
 def test_input_validation(denoiser):

@@ -106,3 +106,25 @@ def test_bad_strength_is_rejected(strength):
     assert repr(strength) in str(info.value)
     with pytest.raises(ValueError, match=r"denoise must be between 0.0 and 1.0"):
         denoise_sigmas(8, strength)
+
+
+def test_step_count_is_bounded_and_the_message_says_so():
+    from zimage_core.schedule import MAX_STEPS
+
+    assert flow_sigmas(MAX_STEPS).numel() == MAX_STEPS + 1  # the bound itself is allowed
+    with pytest.raises(ValueError, match=rf"steps must be a whole number >= 1 and <= {MAX_STEPS}.*got 10001"):
+        flow_sigmas(MAX_STEPS + 1)
+
+
+def test_tiny_denoise_names_the_smallest_usable_value():
+    # (denoise 1e-12, which asked for 8e12 steps, is tried in a capped child in test_hostile_files.)
+    with pytest.raises(ValueError, match=r"denoise 0.0001 with 8 steps needs a schedule of 80000 steps.*"
+                                         r"use denoise >= 0.0008"):
+        denoise_sigmas(8, 1e-4)
+    assert denoise_sigmas(8, 0.0008).numel() == 9  # the value the message names works
+
+
+@pytest.mark.parametrize("shift", [1e300, True])
+def test_shift_upper_bound(shift):
+    with pytest.raises(ValueError, match=r"shift must be a finite number > 0 and <= 1e\+06"):
+        flow_sigmas(8, shift)

@@ -3,6 +3,7 @@ Qwen3Model and ComfyUI's native Z-Image text encoder, on the same tiny random we
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 
@@ -270,6 +271,97 @@ def test_bad_prompts(enc):
         enc.encode([])
     with pytest.raises(TypeError, match="including int"):
         enc.encode(["ok", 3])
+
+
+@pytest.mark.parametrize("prompts", [None, 5, b"a cat", {"a cat": 1}, ["ok", None]],
+                         ids=["none", "int", "bytes", "dict", "list-with-none"])
+def test_non_string_prompts_are_a_clear_type_error(enc, prompts):
+    with pytest.raises(TypeError, match="prompts must be"):
+        enc.encode(prompts)
+    with pytest.raises(TypeError, match="prompts must be"):
+        enc.count_tokens(prompts)
+
+
+def test_lone_surrogate_names_the_prompt_and_position(enc):
+    """A lone UTF-16 surrogate (valid in JSON as "\\ud800", not valid Unicode text) is refused, not replaced."""
+    for call in (enc.encode, enc.tokenize, enc.count_tokens):
+        with pytest.raises(ValueError, match=r"prompt 1 .*position 3: '\\udfff'"):
+            call(["fine", "abc\udfff"])
+    with pytest.raises(ValueError, match=r"position 0"):
+        enc.tokenizer.encode("\ud800 leading")
+    with pytest.raises(TypeError, match="must be a string"):
+        enc.tokenizer.encode(None)
+
+
+def test_absurdly_long_prompt_is_refused_before_tokenizing(enc):
+    from zimage_core.tokenizer import MAX_TEXT_CHARS
+
+    with pytest.raises(ValueError, match=r"prompt 0 is 1,000,001 characters long; the limit is 1,000,000"):
+        enc.count_tokens("a" * (MAX_TEXT_CHARS + 1))
+
+
+def test_count_tokens_is_what_encode_feeds_the_dit(enc, hf_tok, caplog):
+    prompts = list(BATCH)
+    counts = enc.count_tokens(prompts)
+    # Independent reference: transformers' tokenizer with Qwen3's chat template.
+    assert counts == [len(_hf_ids(hf_tok, p)) for p in prompts]
+    assert counts == [f.shape[0] for f in enc.encode(prompts)]
+    assert enc.count_tokens("a cat") == enc.count_tokens(["a cat"])
+    # A 200,000-character prompt is cut at the caption limit: size memory by that, not by characters.
+    huge = "a lantern-lit street with tiny reflections, " * 4546
+    assert len(huge) > 200_000
+    with caplog.at_level(logging.WARNING):
+        assert enc.count_tokens(["short", huge]) == [counts[BATCH.index("")] + 1, MAX_CAPTION_TOKENS]
+    assert not caplog.records  # counting is silent; encode warns about the cut
+
+
+def test_int_dtype_is_refused_by_to(files):
+    enc = load_text_encoder(files["comfy"], tokenizer=load_tokenizer())
+    with pytest.raises(ValueError, match="dtype must be None or one of"):
+        enc.to(dtype=torch.int8)
+    assert enc.dtype == torch.float32
+
+
+@pytest.mark.parametrize("setting,value", [("rope_theta", "a lot"), ("rms_norm_eps", -1.0),
+                                           ("rope_parameters", [1, 2]), ("rope_theta", 1e300)])
+def test_config_json_values_are_checked(files, tmp_path, setting, value):
+    root = shutil.copytree(files["diffusers"], tmp_path / "layout")
+    cfg_path = root / "text_encoder" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("rope_parameters", None) if setting == "rope_theta" else None
+    cfg[setting] = value
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as info:
+        load_text_encoder(root)
+    message = str(info.value)
+    assert str(cfg_path) in message and setting in message
+
+
+def test_load_calls_check_interrupt_per_tensor_and_frees_a_partial_model(files):
+    import gc
+
+    from transformers import Qwen3Model
+
+    class Stop(Exception):
+        pass
+
+    calls = []
+    enc = load_text_encoder(files["comfy"], tokenizer=load_tokenizer(), check_interrupt=lambda: calls.append(1))
+    assert len(calls) == len(list(enc.model.parameters()))
+    del enc
+    gc.collect()
+    before = sum(type(o) is Qwen3Model for o in gc.get_objects())
+
+    def stop_at_3():
+        calls.append(1)
+        if len(calls) == 3:
+            raise Stop
+
+    calls.clear()
+    with pytest.raises(Stop) as info:
+        load_text_encoder(files["comfy"], tokenizer=load_tokenizer(), check_interrupt=stop_at_3)
+    gc.collect()
+    assert info.value is not None and sum(type(o) is Qwen3Model for o in gc.get_objects()) == before
 
 
 def _fake(path, tensors, metadata=None):

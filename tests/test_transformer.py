@@ -203,3 +203,34 @@ def test_one_caption_is_shared_by_the_batch(ref):
     x, sigma, caps = ragged_inputs()
     with torch.no_grad():
         assert torch.equal(model(x, sigma, caps[:1]), model(x, sigma, [caps[0], caps[0]]))
+
+
+def test_forward_refuses_bad_inputs_with_value_errors(ref):
+    model = ours_from(ref)
+    x, sigma, caps = ragged_inputs(batch=1, cap_lens=(7,))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"sigma must be real numbers, one noise level per sample \(1\).*got 3"):
+            model(x, torch.tensor([0.5, 0.4, 0.3]), caps)
+        with pytest.raises(ValueError, match="float latents"):
+            model(x.to(torch.int32), sigma, caps)
+        with pytest.raises(ValueError, match="caption features 0 must be a float tensor"):
+            model(x, sigma, [caps[0].to(torch.int64)])
+
+
+def test_config_values_are_bounded_before_anything_is_built():
+    """Each value sizes modules: out-of-range ones fail at once. In a capped child process, because a
+    regression here builds ten million layers."""
+    from tests.limited_child import run_limited
+
+    cases = '{"n_layers": 10**7, "dim": 2**40, "n_heads": 0, "patch_size": 1.5, "axes_dims": (2,) * 1000, ' \
+            '"rope_theta": float("inf")}'
+    result = run_limited(f"""
+        cases = {cases}
+        report(**{{k: attempt(lambda k=k, v=v: ZImageTransformer(TransformerConfig(**{{k: v}}), device="meta"))
+                  for k, v in cases.items()}})
+    """, imports="from zimage_core.transformer import TransformerConfig, ZImageTransformer")
+    assert result["status"] == "ok", result
+    for field in ("n_layers", "dim", "n_heads", "patch_size", "axes_dims", "rope_theta"):
+        outcome = result[field]
+        assert outcome["ok"] is False and outcome["type"] == "BoundsError", (field, outcome)
+        assert field in outcome["message"] and outcome["seconds"] < 1.0, (field, outcome)

@@ -275,3 +275,34 @@ def test_safetensors_header_claims_too_much(tmp_path):
     header = json.dumps({"x_embedder.weight": {"dtype": "F32", "shape": [64, 64], "data_offsets": [0, 16384]}})
     path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + b"\0" * 16)
     _expect_error(path, "truncated")
+
+
+# -- cancel hooks ------------------------------------------------------------------------------------------
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_load_calls_check_interrupt_per_tensor_and_frees_a_partial_model(ref, tmp_path):
+    import gc
+
+    path = write_comfy_file(ref, tmp_path / "z.safetensors")
+    calls = []
+    model = load_transformer(path, check_interrupt=lambda: calls.append(1))
+    assert len(calls) == len(model.state_dict())
+    del model
+    gc.collect()
+    before = sum(type(o) is ZImageTransformer for o in gc.get_objects())
+
+    def stop_at_5():
+        calls.append(1)
+        if len(calls) == 5:
+            raise _Interrupted
+
+    calls.clear()
+    with pytest.raises(_Interrupted) as info:
+        load_transformer(path, check_interrupt=stop_at_5, mmap=False)
+    gc.collect()
+    assert len(calls) == 5
+    # Even while the caller holds the exception, the half-loaded model is gone.
+    assert info.value is not None and sum(type(o) is ZImageTransformer for o in gc.get_objects()) == before

@@ -357,3 +357,92 @@ def test_default_config_is_the_flux_ae():
     want = {k: tuple(v.shape) for k, v in fx.diffusers_to_bfl(ref.state_dict(), 4).items()}
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == want
     assert 83.7e6 < sum(p.numel() for p in ours.parameters()) < 83.9e6  # "83.8M params" (ZIMAGE_FACTS §4)
+
+
+# --------------------------------------------------------------------------- cancel hooks and bounds
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _interrupt_after(n: int) -> tuple[list[int], types.FunctionType]:
+    calls: list[int] = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) > n:
+            raise Interrupted
+
+    return calls, check
+
+
+def _live_tensors(shape: tuple[int, ...]) -> int:
+    import gc
+
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor) and tuple(o.shape) == shape)
+
+
+@pytest.mark.parametrize("direction", ["decode", "encode"])
+def test_check_interrupt_runs_before_each_tile_and_image(ours, direction):
+    # 2 images, each 2x2 tiles (24 latent cells with 16-cell tiles overlapping by 4 -> starts 0 and 8).
+    if direction == "decode":
+        x, run = latents(b=2, h=24, w=24, seed=7), ours.decode
+        tiles = {"tile_size": 16, "overlap": 4}
+    else:
+        x, run = images(b=2, h=192, w=192, seed=7), ours.encode
+        tiles = {"tile_size": 128, "overlap": 32}
+    calls, check = _interrupt_after(10**6)
+    plain = run(x, tiled=True, **tiles)
+    assert torch.equal(run(x, tiled=True, check_interrupt=check, **tiles), plain)  # no change in the result
+    assert len(calls) == 8
+    calls, check = _interrupt_after(10**6)
+    run(x, tiled=False, check_interrupt=check)
+    assert len(calls) == 1  # one pass over the whole batch
+
+
+def test_interrupted_tiled_decode_stops_and_frees_its_tiles(ours):
+    z = latents(b=2, h=24, w=24, seed=8)
+    canvas = (1, 3, 24 * 8, 24 * 8)  # the blended float32 output of one image
+    before = _live_tensors(canvas)
+    calls, check = _interrupt_after(2)
+    with pytest.raises(Interrupted) as info:
+        ours.decode(z, tiled=True, tile_size=16, overlap=4, check_interrupt=check)
+    assert len(calls) == 3  # stopped at the third tile
+    # The caller still holds the exception (ComfyUI keeps it for its report): the canvas is gone anyway.
+    assert info.value is not None and _live_tensors(canvas) == before
+
+
+def test_load_calls_check_interrupt_per_tensor_and_frees_a_partial_model(files):
+    import gc
+
+    calls, check = _interrupt_after(10**6)
+    model = load_vae(files["bfl"], check_interrupt=check)
+    assert len(calls) == len(model.state_dict())
+    del model
+    gc.collect()
+    before = sum(type(o) is FluxVAE for o in gc.get_objects())
+    calls, check = _interrupt_after(5)
+    with pytest.raises(Interrupted) as info:
+        load_vae(files["bfl"], check_interrupt=check)
+    gc.collect()
+    assert info.value is not None and sum(type(o) is FluxVAE for o in gc.get_objects()) == before
+
+
+def test_int_latents_are_refused(ours):
+    with pytest.raises(ValueError, match="float latents"):
+        ours.decode(torch.zeros(1, 16, 4, 4, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("value", [0, "32", 10**9, 7])
+def test_config_json_group_count_is_checked(files, tmp_path, value):
+    import json
+    import shutil
+
+    folder = shutil.copytree(files["diffusers"], tmp_path / "vae")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "norm_num_groups": value}))
+    with pytest.raises(CheckpointError, match="norm_num_groups|ch_mult") as info:
+        load_vae(folder)
+    assert str(folder / "config.json") in str(info.value)

@@ -13,6 +13,7 @@ _EXPORTS = {
     "CheckpointError": "errors",
     "SamplingError": "errors",
     "open_checkpoint": "safetensors_io",
+    "model_fingerprint": "safetensors_io",
     # transformer
     "ZImageTransformer": "transformer",
     "TransformerConfig": "transformer",

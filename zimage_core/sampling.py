@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .errors import SamplingError
-from .schedule import flow_sigmas, img2img_sigmas
+from .schedule import MAX_STEPS, flow_sigmas, img2img_sigmas
 
 __all__ = [
     "Denoiser",
@@ -39,6 +39,10 @@ StepCallback = Callable[[int, int, Tensor, Tensor], None]
 
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# Noise values one call may draw (the output, or the draws skipped to reach a batch_index): 2**31
+# float32 values are 8 GiB, far past a batch of 4096 latents at 1024x1024 (2**30).
+MAX_NOISE_VALUES = 2**31
+MAX_NOISE_DRAWS = 2**20  # samples drawn in order to reach a batch_index (ComfyUI's repeats reach 2**18)
 
 
 def make_noise(
@@ -54,32 +58,62 @@ def make_noise(
     is used, so the global torch RNG is left alone (ComfyUI reseeds the global one; the numbers are
     identical). `batch_index` mirrors ComfyUI's LATENT "batch_index": sample k gets the noise of
     position batch_index[k] in a batch drawn one sample at a time.
+
+    `seed` may be any whole number from -2**63 to 2**64 - 1 (what torch accepts; a negative seed is
+    the same as seed + 2**64). At most MAX_NOISE_VALUES values are drawn, counting the samples
+    skipped to reach the largest batch_index (at most MAX_NOISE_DRAWS of them).
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or not _SEED_MIN <= seed <= _SEED_MAX:
-        raise ValueError(f"seed must be a whole number between 0 and {_SEED_MAX}, got {seed!r}.")
-    try:
-        shape = tuple(int(s) for s in shape)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"shape must be a sequence of whole numbers like (1, 16, 128, 128), got {shape!r}."
-        ) from None
-    if not shape or any(s < 0 for s in shape):
-        raise ValueError(f"shape must be non-empty with sizes >= 0, got {shape}.")
+        raise ValueError(f"seed must be a whole number between -2**63 and 2**64 - 1 (ComfyUI uses 0 to "
+                         f"{_SEED_MAX}), got {seed!r}.")
+    sizes = [_whole(s) for s in shape] if isinstance(shape, Sequence) and not isinstance(shape, str) else [None]
+    if not sizes or any(s is None or s < 0 for s in sizes):
+        raise ValueError(f"shape must be a non-empty sequence of whole numbers >= 0 like (1, 16, 128, 128), "
+                         f"got {shape!r}."[:400])
+    shape = tuple(sizes)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch dtype (noise is real-valued), got {dtype!r}.")
+    per_sample = math.prod(shape[1:])
+    if math.prod(shape) > MAX_NOISE_VALUES:
+        raise ValueError(f"shape {shape} is {math.prod(shape):,} noise values, more than the limit of "
+                         f"{MAX_NOISE_VALUES:,}; use a smaller batch or size.")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     if batch_index is None:
         return torch.randn(shape, dtype=dtype, generator=generator, device="cpu")
 
-    indices = [int(i) for i in batch_index]
-    if len(indices) != shape[0] or any(i < 0 for i in indices):
+    indices = [_whole(i) for i in batch_index] if isinstance(batch_index, (list, tuple)) else None
+    if indices is None or len(indices) != shape[0] or any(i is None or i < 0 for i in indices):
         raise ValueError(
-            f"batch_index must list {shape[0]} indices >= 0 (one per sample of shape {shape}), got {list(batch_index)}."
+            f"batch_index must list {shape[0]} indices, whole numbers >= 0 (one per sample of shape {shape}), "
+            f"got {batch_index!r}."[:400]
         )
-    # Sample at batch position p always gets the p-th draw, whatever else is in the batch.
-    draws = [
-        torch.randn((1, *shape[1:]), dtype=dtype, generator=generator, device="cpu")
-        for _ in range(max(indices) + 1)
-    ]
-    return torch.cat([draws[i] for i in indices], dim=0)
+    draws = max(indices, default=-1) + 1
+    if draws > MAX_NOISE_DRAWS or draws * per_sample > MAX_NOISE_VALUES:
+        raise ValueError(
+            f"batch_index {draws - 1} needs {draws:,} noise samples of {per_sample:,} values drawn in order; "
+            f"the limits are {MAX_NOISE_DRAWS:,} samples and {MAX_NOISE_VALUES:,} values. Use smaller batch indices."
+        )
+    # Sample at batch position p always gets the p-th draw, whatever else is in the batch; draws no
+    # sample uses are discarded at once.
+    wanted = set(indices)
+    kept: dict[int, Tensor] = {}
+    for p in range(draws):
+        draw = torch.randn((1, *shape[1:]), dtype=dtype, generator=generator, device="cpu")
+        if p in wanted:
+            kept[p] = draw
+    if not indices:
+        return torch.empty(shape, dtype=dtype)
+    return torch.cat([kept[i] for i in indices], dim=0)
+
+
+def _whole(value: object) -> int | None:
+    """A whole number (int, numpy/torch integer scalar), or None for anything else (bools, floats)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return int(value.__index__())  # type: ignore[attr-defined]
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 def model_placement(
@@ -146,10 +180,21 @@ def _check_conds(
 
 
 def _check_sigmas(sigmas: object) -> Tensor:
-    sig = torch.as_tensor(sigmas, dtype=torch.float32).detach().cpu()
-    if sig.ndim != 1 or sig.numel() < 1 or not bool(torch.isfinite(sig).all()) or bool((sig < 0).any()):
+    try:
+        sig = torch.as_tensor(sigmas, dtype=torch.float32).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        sig = None
+    if (sig is None or sig.ndim != 1 or sig.numel() < 1 or sig.numel() > MAX_STEPS + 1
+            or not bool(torch.isfinite(sig).all()) or bool((sig < 0).any())):
         raise ValueError(
-            f"sigmas must be a 1-D sequence of finite values >= 0 (e.g. 1 ... 0), got {sigmas!r}."
+            f"sigmas must be a 1-D sequence of 1 to {MAX_STEPS + 1} finite values >= 0 (e.g. 1 ... 0), "
+            f"got {sigmas!r}."[:400]
+        )
+    if bool((sig[1:] > sig[:-1]).any()):
+        i = int((sig[1:] > sig[:-1]).nonzero()[0])
+        raise ValueError(
+            f"sigmas must not increase (the sampler runs from noise, sigma 1, down to 0), but sigma {i + 1} "
+            f"= {sig[i + 1].item():g} is above sigma {i} = {sig[i].item():g}."
         )
     return sig
 

@@ -11,31 +11,37 @@ import math
 
 import torch
 
-__all__ = ["flow_sigmas", "img2img_sigmas", "denoise_sigmas", "img2img_start_index"]
+__all__ = ["flow_sigmas", "img2img_sigmas", "denoise_sigmas", "img2img_start_index", "MAX_STEPS"]
+
+# ComfyUI's KSampler allows 10000 steps; a schedule is allocated per step, so this bounds it.
+MAX_STEPS = 10_000
+MAX_SHIFT = 1e6  # far past any useful value; larger shifts overflow float32 into NaN sigmas
 
 
 def _check_steps(steps: object) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a whole number >= 1 (Z-Image-Turbo uses 8), got {steps!r}.")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be a whole number >= 1 and <= {MAX_STEPS} (Z-Image-Turbo uses 8), "
+                         f"got {steps!r}.")
     return steps
 
 
 def _check_shift(shift: object) -> float:
     try:
         value = float(shift)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"shift must be a finite number > 0 (Z-Image-Turbo uses 3.0), got {shift!r}.")
+    if isinstance(shift, bool) or not (math.isfinite(value) and 0 < value <= MAX_SHIFT):
+        raise ValueError(f"shift must be a finite number > 0 and <= {MAX_SHIFT:g} (Z-Image-Turbo uses 3.0), "
+                         f"got {shift!r}.")
     return value
 
 
 def _check_fraction(name: str, value: object) -> float:
     try:
         number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         number = math.nan
-    if not 0.0 <= number <= 1.0:  # also rejects NaN
+    if isinstance(value, bool) or not 0.0 <= number <= 1.0:  # also rejects NaN
         raise ValueError(f"{name} must be between 0.0 and 1.0 (inclusive), got {value!r}.")
     return number
 
@@ -77,7 +83,7 @@ def denoise_sigmas(steps: int, denoise: float, shift: float = 3.0) -> torch.Tens
     """ComfyUI's KSampler `denoise` rule on our schedule: build int(steps/denoise) steps, keep the last steps+1.
 
     Unlike img2img_sigmas, this always runs `steps` model calls, on a finer grid. denoise 0 → [0.]
-    (nothing to do).
+    (nothing to do). The finer grid has at most MAX_STEPS steps, so denoise must be >= steps / MAX_STEPS.
     """
     steps = _check_steps(steps)
     denoise = _check_fraction("denoise", denoise)
@@ -86,4 +92,7 @@ def denoise_sigmas(steps: int, denoise: float, shift: float = 3.0) -> torch.Tens
     if denoise > 0.9999:  # ComfyUI treats this as a full denoise
         return flow_sigmas(steps, shift)
     total = int(steps / denoise)
+    if total > MAX_STEPS:
+        raise ValueError(f"denoise {denoise:g} with {steps} steps needs a schedule of {total} steps, more than "
+                         f"{MAX_STEPS}: use denoise >= {steps / MAX_STEPS:g} (or 0 for no denoising).")
     return flow_sigmas(total, shift)[-(steps + 1) :].clone()

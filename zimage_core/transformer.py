@@ -20,11 +20,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import real_number, whole_number, whole_numbers
+
 log = logging.getLogger(__name__)
 
 ADALN_DIM = 256  # width of the timestep embedding that drives all modulation
 SEQ_MULTIPLE = 32  # caption and image sequences are padded to a multiple of this
 FP16_MAX = 65504.0
+
+
+MAX_LAYERS = 128  # Z-Image-Turbo has 30; anything past this bound is not this architecture
+# (low, high) for each whole-number field of TransformerConfig; official values: dim 3840, 30 layers,
+# 2 refiner layers, 30 heads, 16 channels, patch 2, caption width 2560.
+CONFIG_LIMITS = {
+    "dim": (1, 16384), "n_layers": (1, MAX_LAYERS), "n_refiner_layers": (0, 16), "n_heads": (1, 256),
+    "n_kv_heads": (1, 256), "in_channels": (1, 256), "patch_size": (1, 16), "cap_feat_dim": (1, 16384),
+}
 
 
 @dataclass
@@ -46,8 +57,15 @@ class TransformerConfig:
     t_scale: float = 1000.0
 
     def __post_init__(self) -> None:
-        self.axes_dims = tuple(int(d) for d in self.axes_dims)
-        self.axes_lens = tuple(int(n) for n in self.axes_lens)
+        # Every value sizes modules or allocations: generous bounds, checked before anything is built
+        # (a BoundsError is a ValueError naming the field; loaders report it with the file's name).
+        for name, (lo, hi) in CONFIG_LIMITS.items():
+            setattr(self, name, whole_number(getattr(self, name), name, lo, hi))
+        self.axes_dims = whole_numbers(self.axes_dims, "axes_dims", 0, 1024, count=(1, 8))
+        self.axes_lens = whole_numbers(self.axes_lens, "axes_lens", 1, 1 << 20, count=(1, 8))
+        self.rope_theta = real_number(self.rope_theta, "rope_theta", 0.0, 1e12, lo_open=True)
+        self.norm_eps = real_number(self.norm_eps, "norm_eps", 0.0, 1.0, lo_open=True)
+        self.t_scale = real_number(self.t_scale, "t_scale", 0.0, 1e6, lo_open=True)
         if self.dim % self.n_heads:
             raise ValueError(f"TransformerConfig: dim {self.dim} is not divisible by n_heads {self.n_heads}.")
         if self.n_kv_heads != self.n_heads:
@@ -429,8 +447,11 @@ class ZImageTransformer(nn.Module):
                  hooks: BlockHooks | None, block_call: BlockCall,
                  image_pos: tuple[float, float, float, float]) -> torch.Tensor:
         cfg = self.config
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"ZImageTransformer: expected latents (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}.")
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            found = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"ZImageTransformer: expected latents (B, {cfg.in_channels}, H, W), got {found}.")
+        if not x.is_floating_point():
+            raise ValueError(f"ZImageTransformer: expected float latents, got dtype {x.dtype}.")
         b, c, h, w = x.shape
         p = cfg.patch_size
         if h % p or w % p:
@@ -443,6 +464,9 @@ class ZImageTransformer(nn.Module):
         if len(cap_feats) != b:
             raise ValueError(f"ZImageTransformer: got {len(cap_feats)} caption feature tensors for a batch of {b}.")
         for i, f in enumerate(cap_feats):
+            if not isinstance(f, torch.Tensor) or not f.is_floating_point():
+                found = f.dtype if isinstance(f, torch.Tensor) else type(f).__name__
+                raise ValueError(f"ZImageTransformer: caption features {i} must be a float tensor, got {found}.")
             if f.ndim != 2 or f.shape[-1] != cfg.cap_feat_dim or f.shape[0] == 0:
                 raise ValueError(f"ZImageTransformer: caption features {i} have shape {tuple(f.shape)}; expected "
                                  f"(tokens >= 1, {cfg.cap_feat_dim}) from the Qwen3-4B text encoder (hidden size "
@@ -450,6 +474,9 @@ class ZImageTransformer(nn.Module):
         dtype = self._compute_dtype()
         device = x.device
         sigma = torch.as_tensor(sigma).reshape(-1).to(device)
+        if sigma.numel() not in (1, b) or sigma.dtype == torch.bool or sigma.is_complex():
+            raise ValueError(f"ZImageTransformer: sigma must be real numbers, one noise level per sample ({b}) or "
+                             f"one for the batch, got {sigma.numel()} value(s) of dtype {sigma.dtype}.")
         if sigma.numel() == 1 and b > 1:
             sigma = sigma.expand(b)
 

@@ -1,16 +1,17 @@
 """Loading the Z-Image transformer from a ComfyUI single file or a diffusers `transformer/` folder.
 
 Both layouts are read lazily through `open_checkpoint`; the model is built on the meta device and each
-parameter is materialized from its tensor(s) one at a time, so RAM never holds a second full copy.
-Anything that is not a Z-Image transformer fails with a `CheckpointError` that names the file, what
-was expected, what was found and the fix.
+parameter is materialized from its tensor(s) one at a time, so RAM never holds a second full copy, and
+every parameter ends up in memory of its own (never a view of the file). Anything that is not a Z-Image
+transformer fails with a `CheckpointError` that names the file, what was expected, what was found and
+the fix; layer numbering, config values and tensor types are all checked before anything is built.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import (
+    BoundsError,
+    checkpoint_errors,
+    compute_dtype,
+    numbered_blocks,
+    release_on_error,
+    require_float,
+)
 from .errors import CheckpointError
 from .safetensors_io import Checkpoint, open_checkpoint
-from .transformer import TransformerConfig, ZImageTransformer
+from .transformer import MAX_LAYERS, TransformerConfig, ZImageTransformer
 
 WHAT = "a Z-Image transformer (S3-DiT) checkpoint"
 # The official Z-Image-Turbo transformer: tensors in a ComfyUI file (without norm_final) and parameters.
@@ -181,9 +190,16 @@ def _source_shape(shapes: Mapping[str, tuple[int, ...]], sources: tuple[str, ...
     return (sum(shapes[s][0] for s in sources), *first[1:])
 
 
-def _count(names: Iterable[str], group: str) -> int:
-    found = {int(m.group(1)) for n in names if (m := re.match(rf"^{group}\.(\d+)\.", n))}
-    return max(found) + 1 if found else 0
+_FIX_DOWNLOAD = "The file is damaged or not a Z-Image transformer: download z_image_turbo_bf16.safetensors again."
+
+
+def _block_counts(names: Iterable[str], path: object) -> dict[str, int]:
+    """Blocks per group, numbered 0..n-1 without gaps and at most MAX_LAYERS: checked on key names
+    alone, before any model is built (a key `layers.9999999.…` must not size a skeleton)."""
+    names = list(names)
+    with checkpoint_errors(path, WHAT, _FIX_DOWNLOAD):
+        return {group: numbered_blocks(names, group + ".", group, max_count=MAX_LAYERS)
+                for group in ("layers", "noise_refiner", "context_refiner")}
 
 
 def _default_axes(head_dim: int) -> tuple[int, int, int]:
@@ -194,40 +210,67 @@ def _default_axes(head_dim: int) -> tuple[int, int, int]:
 
 
 def _config_from_shapes(names: Mapping[str, tuple[int, ...]], path: object) -> TransformerConfig:
-    def need(key: str) -> tuple[int, ...]:
+    counts = _block_counts(names, path)
+
+    def need(key: str, ndim: int) -> tuple[int, ...]:
         if key not in names:
             raise CheckpointError(path, WHAT, f"no tensor {key!r} (an incomplete or different model)",
                                   "Download the complete transformer file again.")
+        if len(names[key]) != ndim:
+            raise CheckpointError(path, f"{WHAT} ({key} with {ndim} dimension(s))",
+                                  f"{key} of shape {list(names[key])}", _FIX_DOWNLOAD)
         return names[key]
 
-    dim, cap_feat_dim = need("cap_embedder.1.weight")
-    _, patch_dim = need("x_embedder.weight")
-    head_dim = need("layers.0.attention.q_norm.weight")[0]
+    dim, cap_feat_dim = need("cap_embedder.1.weight", 2)
+    _, patch_dim = need("x_embedder.weight", 2)
+    (head_dim,) = need("layers.0.attention.q_norm.weight", 1)
     in_channels = 16
     patch = int(round((patch_dim / in_channels) ** 0.5))
     if patch * patch * in_channels != patch_dim or head_dim <= 0 or dim % head_dim:
         raise CheckpointError(path, WHAT, f"inconsistent shapes (x_embedder in {patch_dim}, dim {dim}, "
                               f"head_dim {head_dim})", "The file is not a Z-Image transformer.")
+    if counts["noise_refiner"] != counts["context_refiner"]:
+        raise CheckpointError(path, f"{WHAT} with as many context_refiner as noise_refiner blocks",
+                              f"{counts['noise_refiner']} noise_refiner and {counts['context_refiner']} "
+                              "context_refiner blocks", _FIX_DOWNLOAD)
     n_heads = dim // head_dim
-    return TransformerConfig(
-        dim=dim, n_layers=_count(names, "layers"), n_refiner_layers=_count(names, "noise_refiner"),
-        n_heads=n_heads, n_kv_heads=n_heads, in_channels=in_channels, patch_size=patch,
-        cap_feat_dim=cap_feat_dim, axes_dims=_default_axes(head_dim))
+    # Shapes are bounded by the file's size only through their product (a [0, 10**12] tensor takes no
+    # bytes), so the config built from them is range-checked like a config.json.
+    with checkpoint_errors(path, WHAT, _FIX_DOWNLOAD):
+        return TransformerConfig(
+            dim=dim, n_layers=counts["layers"], n_refiner_layers=counts["noise_refiner"],
+            n_heads=n_heads, n_kv_heads=n_heads, in_channels=in_channels, patch_size=patch,
+            cap_feat_dim=cap_feat_dim, axes_dims=_default_axes(head_dim))
+
+
+_JSON_WHAT = "a Z-Image transformer config.json"
+_JSON_FIX = "Restore config.json from Tongyi-MAI/Z-Image-Turbo."
 
 
 def _config_from_json(cfg: Mapping[str, Any], path: object) -> TransformerConfig:
+    """TransformerConfig from a diffusers config.json; every value is type- and range-checked."""
+    patch = cfg.get("all_patch_size", [2])
+    if isinstance(patch, list):
+        if len(patch) != 1:
+            raise CheckpointError(path, f"{_JSON_WHAT} (all_patch_size a list of one whole number)",
+                                  f"all_patch_size = {str(patch)[:80]}", _JSON_FIX)
+        patch = patch[0]
     try:
-        patch = cfg.get("all_patch_size", [2])
-        return TransformerConfig(
-            dim=int(cfg["dim"]), n_layers=int(cfg["n_layers"]), n_refiner_layers=int(cfg["n_refiner_layers"]),
-            n_heads=int(cfg["n_heads"]), n_kv_heads=int(cfg.get("n_kv_heads", cfg["n_heads"])),
-            in_channels=int(cfg.get("in_channels", 16)), patch_size=int(patch[0] if isinstance(patch, list) else patch),
-            cap_feat_dim=int(cfg["cap_feat_dim"]), axes_dims=tuple(cfg.get("axes_dims", (32, 48, 48))),
-            axes_lens=tuple(cfg.get("axes_lens", (1536, 512, 512))), rope_theta=float(cfg.get("rope_theta", 256.0)),
-            norm_eps=float(cfg.get("norm_eps", 1e-5)), t_scale=float(cfg.get("t_scale", 1000.0)))
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(path, "a Z-Image transformer config.json (dim, n_layers, n_heads, ...)",
-                              f"an unusable config ({e})", "Restore config.json from Tongyi-MAI/Z-Image-Turbo.") from None
+        with checkpoint_errors(path, _JSON_WHAT, _JSON_FIX):
+            return TransformerConfig(
+                dim=cfg["dim"], n_layers=cfg["n_layers"], n_refiner_layers=cfg["n_refiner_layers"],
+                n_heads=cfg["n_heads"], n_kv_heads=cfg.get("n_kv_heads", cfg["n_heads"]),
+                in_channels=cfg.get("in_channels", 16), patch_size=patch, cap_feat_dim=cfg["cap_feat_dim"],
+                axes_dims=cfg.get("axes_dims", (32, 48, 48)), axes_lens=cfg.get("axes_lens", (1536, 512, 512)),
+                rope_theta=cfg.get("rope_theta", 256.0), norm_eps=cfg.get("norm_eps", 1e-5),
+                t_scale=cfg.get("t_scale", 1000.0))
+    except KeyError as e:
+        raise CheckpointError(path, f"{_JSON_WHAT} (dim, n_layers, n_heads, ...)", f"no {e} setting",
+                              _JSON_FIX) from None
+    except ValueError as e:  # consistency checks across values (dim % n_heads, axes_dims sum)
+        if isinstance(e, BoundsError):
+            raise
+        raise CheckpointError(path, _JSON_WHAT, f"an unusable config ({e})", _JSON_FIX) from None
 
 
 def infer_transformer_config(checkpoint: Checkpoint | Mapping[str, torch.Tensor]) -> TransformerConfig:
@@ -239,7 +282,8 @@ def infer_transformer_config(checkpoint: Checkpoint | Mapping[str, torch.Tensor]
     names = {name: _source_shape(shapes, src) for name, src in plan.items()}
     cfg_json = getattr(checkpoint, "config", None)
     if cfg_json:
-        return _config_from_json(cfg_json, path)
+        _block_counts(names, path)
+        return _config_from_json(cfg_json, Path(path) / "config.json")
     return _config_from_shapes(names, path)
 
 
@@ -259,14 +303,21 @@ def _storage_dtype(dtypes: Mapping[str, torch.dtype], plan: Mapping[str, tuple[s
     return torch.bfloat16
 
 
+def _scale_key(ckpt: Checkpoint | Mapping[str, Any], src: str) -> str | None:
+    infos = ckpt.infos if isinstance(ckpt, Checkpoint) else ckpt
+    if not src.endswith("weight"):
+        return None
+    return next((src[: -len("weight")] + s for s in _SCALE_SUFFIXES if src[: -len("weight")] + s in infos), None)
+
+
 def _read(ckpt: Checkpoint, sources: tuple[str, ...], dtypes: Mapping[str, torch.dtype]) -> torch.Tensor:
+    """One parameter's value: may still be the file's memory (the caller passes it through `owned`)."""
     parts = []
     for src in sources:
-        t = ckpt[src]
+        t = ckpt.view(src)
         if dtypes[src] in FP8_DTYPES:
-            scale = next((ckpt[src[: -len("weight")] + s] for s in _SCALE_SUFFIXES
-                          if src.endswith("weight") and src[: -len("weight")] + s in ckpt.infos), None)
-            t = t.to(torch.float32) if scale is None else t.to(torch.float32) * scale.to(torch.float32)
+            scale_key = _scale_key(ckpt, src)
+            t = t.to(torch.float32) if scale_key is None else t.to(torch.float32) * ckpt[scale_key].to(torch.float32)
         parts.append(t)
     return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
 
@@ -285,9 +336,11 @@ def _transformer_folder(path: str | os.PathLike) -> Path:
     return path
 
 
+@release_on_error
 def load_transformer(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                      device: torch.device | str = "cpu", operations: Any = None,
-                     quantize: str | None = None,
+                     quantize: str | None = None, mmap: bool = True,
+                     check_interrupt: Callable[[], None] | None = None,
                      model_class: type[ZImageTransformer] = ZImageTransformer) -> ZImageTransformer:
     """Load a Z-Image transformer: ComfyUI single file (any prefix; bf16/fp16/fp32/fp8) or diffusers folder.
 
@@ -295,17 +348,31 @@ def load_transformer(path: str | os.PathLike, *, dtype: torch.dtype | None = Non
     `operations` is a namespace of layer classes (e.g. ComfyUI's `comfy.ops.manual_cast`).
     `quantize="fp8"` stores the block matmul weights as float8_e4m3fn with per-row scales after
     loading (fp8 tensor-core matmuls on Ada/Hopper GPUs, about half the weight memory).
+    The weights are copied out of the file (one read each), so the model never depends on the file
+    again; `mmap=False` reads with plain file reads instead of a memory map (ComfyUI's --disable-mmap).
+    `check_interrupt` is called before each tensor is read; whatever it raises propagates and the
+    partly loaded model is freed.
     `model_class`: a ZImageTransformer subclass to build (e.g. one with another call convention).
     """
     if quantize not in (None, "fp8"):
         raise ValueError(f"load_transformer: quantize must be None or 'fp8', got {quantize!r}.")
-    ckpt = open_checkpoint(_transformer_folder(path), WHAT)
+    dtype = compute_dtype(dtype, "load_transformer: dtype", allow_fp8=True)
+    with open_checkpoint(_transformer_folder(path), WHAT, mmap=mmap) as ckpt:
+        return _load(ckpt, dtype, device, operations, quantize, check_interrupt)
+
+
+def _load(ckpt: Checkpoint, dtype: torch.dtype | None, device: torch.device | str, operations: Any,
+          quantize: str | None, check_interrupt: Callable[[], None] | None) -> ZImageTransformer:
     shapes = _shapes_of(ckpt)
     dtypes = _dtypes_of(ckpt)
     fmt = detect_transformer_format(shapes, ckpt.path)
     plan = _plan(shapes, fmt)
     names = {name: _source_shape(shapes, src) for name, src in plan.items()}
-    config = _config_from_json(ckpt.config, ckpt.path) if ckpt.config else _config_from_shapes(names, ckpt.path)
+    if ckpt.config:
+        _block_counts(names, ckpt.path)
+        config = _config_from_json(ckpt.config, Path(ckpt.path) / "config.json")
+    else:
+        config = _config_from_shapes(names, ckpt.path)
 
     expected = expected_shapes(config)
     missing = [k for k in expected if k not in names]
@@ -328,6 +395,12 @@ def load_transformer(path: str | os.PathLike, *, dtype: torch.dtype | None = Non
                               f"dim {config.dim}, {config.n_heads} heads)",
                               f"{k} {list(got)} ({len(wrong)} tensor(s) with unexpected shapes)",
                               "The file is damaged or belongs to another model (or its config.json does not match).")
+    # Integer/bool tensors are not weights; refused here, not later as a confusing compute error.
+    for name in expected:
+        for src in plan[name]:
+            require_float(ckpt.path, src, dtypes[src], WHAT, _FIX_DOWNLOAD)
+            if dtypes[src] in FP8_DTYPES and (scale_key := _scale_key(ckpt, src)) is not None:
+                require_float(ckpt.path, scale_key, dtypes[scale_key], WHAT, _FIX_DOWNLOAD)
 
     if dtype is None:
         dtype = _storage_dtype(dtypes, plan)
@@ -339,9 +412,10 @@ def load_transformer(path: str | os.PathLike, *, dtype: torch.dtype | None = Non
 
     model = model_class(config, operations=operations, dtype=dtype, device="meta")
     for name in expected:
-        value = _read(ckpt, plan[name], dtypes).to(device=device, dtype=dtype)
+        if check_interrupt is not None:
+            check_interrupt()
+        value = ckpt.owned(_read(ckpt, plan[name], dtypes).to(device=device, dtype=dtype))
         _set_param(model, name, value)
-    ckpt.close()
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:  # a layer class that creates parameters we do not know about
         raise CheckpointError(ckpt.path, WHAT, f"no tensors for parameters {left[:5]}",

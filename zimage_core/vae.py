@@ -28,9 +28,18 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .checks import (
+    checkpoint_errors,
+    compute_dtype,
+    numbered_blocks,
+    real_number,
+    release_on_error,
+    require_float,
+    whole_number,
+)
 from .errors import CheckpointError
 from .safetensors_io import Checkpoint, open_checkpoint
-from .vae_model import ATTN_CHUNK_BYTES, Decoder, Encoder, FluxAEConfig
+from .vae_model import ATTN_CHUNK_BYTES, CONFIG_LIMITS, Decoder, Encoder, FluxAEConfig
 
 __all__ = [
     "LATENT_SCALE", "LATENT_SHIFT", "FluxAEConfig", "FluxVAE", "load_vae", "normalize_latents",
@@ -157,11 +166,12 @@ def _ramp(length: int, fade_in: bool, fade_out: bool, width: int, device: torch.
 
 
 def _tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, tile: int, overlap: int,
-           in_per_cell: int, out_per_cell: int, out_channels: int) -> torch.Tensor:
+           in_per_cell: int, out_per_cell: int, out_channels: int,
+           check_interrupt: Callable[[], None] | None = None) -> torch.Tensor:
     """Run `fn` over overlapping tiles of NCHW `x` and blend the outputs.
 
     Positions are counted in latent cells (1 latent pixel = `in_per_cell` input pixels = `out_per_cell`
-    output pixels) so tiles always align with the 8x grid.
+    output pixels) so tiles always align with the 8x grid. `check_interrupt` runs before each tile.
     """
     b, _c, h_in, w_in = x.shape
     hc, wc = h_in // in_per_cell, w_in // in_per_cell
@@ -173,6 +183,8 @@ def _tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, tile:
     for y in ys:
         wy = _ramp(th * out_per_cell, y > 0, y + th < hc, feather, x.device)
         for x0 in xs:
+            if check_interrupt is not None:
+                check_interrupt()
             wx = _ramp(tw * out_per_cell, x0 > 0, x0 + tw < wc, feather, x.device)
             piece = x[:, :, y * in_per_cell:(y + th) * in_per_cell, x0 * in_per_cell:(x0 + tw) * in_per_cell]
             result = fn(piece).float()
@@ -253,13 +265,16 @@ class FluxVAE(nn.Module):
         # The posterior mean: deterministic, what diffusers' `latent_dist.mean` and ComfyUI return.
         return self.encoder(x)[:, : self.config.z_channels]
 
+    @release_on_error
     @torch.inference_mode()
     def encode(self, images: torch.Tensor, *, tiled: bool | None = None, tile_size: int = 512,
-               overlap: int = 64) -> torch.Tensor:
+               overlap: int = 64, check_interrupt: Callable[[], None] | None = None) -> torch.Tensor:
         """Images (B,H,W,3) float in [0,1] -> normalized latents (B,16,H/8,W/8), float32, on the model's device.
 
         A 4th (alpha) channel is dropped. `tiled`: None = automatic (by memory estimate, with a tiled
         retry after a CUDA out-of-memory error); `tile_size`/`overlap` are in PIXELS (multiples of 8).
+        `check_interrupt` is called before each image and each tile; whatever it raises propagates
+        and the intermediate results are freed.
         """
         f = self.config.downscale
         if not isinstance(images, torch.Tensor) or images.ndim != 4:
@@ -288,9 +303,9 @@ class FluxVAE(nn.Module):
 
         def run_tiled(t: torch.Tensor) -> torch.Tensor:
             return _tiled(self._encode_mean, t, tile=tile_size // f, overlap=overlap // f, in_per_cell=f,
-                          out_per_cell=1, out_channels=self.config.z_channels)
+                          out_per_cell=1, out_channels=self.config.z_channels, check_interrupt=check_interrupt)
 
-        raw = self._run(x, self._encode_mean, run_tiled, tiled, self.memory_used_encode, "encode")
+        raw = self._run(x, self._encode_mean, run_tiled, tiled, self.memory_used_encode, "encode", check_interrupt)
         return normalize_latents(raw.float())
 
     # -- decode ------------------------------------------------------------------------------
@@ -310,13 +325,16 @@ class FluxVAE(nn.Module):
         """Raw latents (B,16,h,w) -> pixels (B,3,8h,8w) in about [-1, 1], in the model's dtype."""
         return self._decode_pixels(self._prepare(z.to(self.device, self.dtype)))
 
+    @release_on_error
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, *, tiled: bool | None = None, tile_size: int = 64,
-               overlap: int = 16) -> torch.Tensor:
-        """Normalized latents (B,16,h,w) -> images (B,8h,8w,3) float32 in [0,1], on the model's device.
+               overlap: int = 16, check_interrupt: Callable[[], None] | None = None) -> torch.Tensor:
+        """Normalized latents (B,16,h,w) float -> images (B,8h,8w,3) float32 in [0,1], on the model's device.
 
         `tiled`: None = automatic (by memory estimate, with a tiled retry after a CUDA out-of-memory
         error); `tile_size`/`overlap` are in LATENT cells (64 latents = 512 pixels).
+        `check_interrupt` is called before each image and each tile; whatever it raises propagates
+        and the intermediate results are freed.
         """
         zc, f = self.config.z_channels, self.config.downscale
         if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[1] != zc:
@@ -324,14 +342,17 @@ class FluxVAE(nn.Module):
             hint = (" A 4-channel latent comes from an SD1.5/SDXL VAE; Z-Image latents have 16 channels."
                     if isinstance(latents, torch.Tensor) and latents.ndim == 4 and latents.shape[1] == 4 else "")
             raise ValueError(f"VAE decode: expected latents shaped (B, {zc}, h, w), got {shape}.{hint}")
+        if not latents.is_floating_point():
+            raise ValueError(f"VAE decode: expected float latents, got dtype {latents.dtype}.")
         _check_tiling(tile_size, overlap, "latent cells")
         z = self._prepare(denormalize_latents(latents.to(self.device, torch.float32)).to(self.dtype))
 
         def run_tiled(t: torch.Tensor) -> torch.Tensor:
             return _tiled(self._decode_pixels, t, tile=tile_size, overlap=overlap, in_per_cell=1,
-                          out_per_cell=f, out_channels=self.config.out_channels)
+                          out_per_cell=f, out_channels=self.config.out_channels, check_interrupt=check_interrupt)
 
-        pixels = self._run(z, self._decode_pixels, run_tiled, tiled, self.memory_used_decode, "decode")
+        pixels = self._run(z, self._decode_pixels, run_tiled, tiled, self.memory_used_decode, "decode",
+                           check_interrupt)
         images = (pixels.float() + 1.0).mul_(0.5).clamp_(0.0, 1.0)
         return images.permute(0, 2, 3, 1).contiguous()
 
@@ -339,11 +360,25 @@ class FluxVAE(nn.Module):
 
     def _run(self, x: torch.Tensor, whole: Callable[[torch.Tensor], torch.Tensor],
              tiles: Callable[[torch.Tensor], torch.Tensor], tiled: bool | None,
-             estimate: Callable[[torch.Size, torch.dtype], int], what: str) -> torch.Tensor:
-        if tiled is True:
-            return torch.cat([tiles(x[i:i + 1]) for i in range(x.shape[0])])  # one image at a time: least memory
-        if tiled is False:
+             estimate: Callable[[torch.Size, torch.dtype], int], what: str,
+             check_interrupt: Callable[[], None] | None = None) -> torch.Tensor:
+        def each(fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+            outs = []
+            for i in range(x.shape[0]):
+                if check_interrupt is not None and fn is not tiles:  # tiles check before each tile
+                    check_interrupt()
+                outs.append(fn(x[i:i + 1]))
+            return torch.cat(outs)
+
+        def all_at_once() -> torch.Tensor:
+            if check_interrupt is not None:
+                check_interrupt()
             return whole(x)
+
+        if tiled is True:
+            return each(tiles)  # one image at a time: least memory
+        if tiled is False:
+            return all_at_once()
         # Automatic: whole batch if it fits, else one image at a time (exact), else tiles (approximate).
         budget = _available_bytes(x.device)
         per_image = estimate(x[:1].shape, self.dtype)
@@ -357,17 +392,17 @@ class FluxVAE(nn.Module):
                      tuple(x.shape), per_image / 2**30, budget / 2**30)
         try:
             if plan == "whole":
-                return whole(x)
+                return all_at_once()
             if plan == "per_image":
-                return torch.cat([whole(x[i:i + 1]) for i in range(x.shape[0])])
-            return torch.cat([tiles(x[i:i + 1]) for i in range(x.shape[0])])
+                return each(whole)
+            return each(tiles)
         except torch.OutOfMemoryError:
             if x.device.type != "cuda" or plan == "tiled":
                 raise
         log.warning("VAE %s of %s ran out of GPU memory; retrying with tiles (slightly approximate).",
                     what, tuple(x.shape))
         torch.cuda.empty_cache()
-        return torch.cat([tiles(x[i:i + 1]) for i in range(x.shape[0])])
+        return each(tiles)
 
 
 # --------------------------------------------------------------------------- loading
@@ -440,9 +475,13 @@ def _locate(path: Path, ckpt: Checkpoint) -> tuple[str, bool]:
     raise _diagnose(path, list(ckpt.infos))
 
 
-def _infer_config(path: Path, shape: Callable[[str], tuple[int, ...]], names: dict[str, str],
-                  json_config: dict | None) -> FluxAEConfig:
-    z = shape("decoder.conv_in.weight")[1]
+_LEVELS_MAX = 8  # FLUX.1 has 4 resolution levels
+_BLOCKS_MAX = 16  # and 2 resnet blocks per level
+
+
+def _infer_config(path: Path, shape: Callable[[str, int], tuple[int, ...]], names: dict[str, str],
+                  json_config: dict | None, json_path: Path) -> FluxAEConfig:
+    z = shape("decoder.conv_in.weight", 4)[1]
     if z != 16:
         if z == 4:
             raise CheckpointError(path, _WHAT, "an SD1.5/SD2/SDXL VAE with 4 latent channels",
@@ -459,52 +498,84 @@ def _infer_config(path: Path, shape: Callable[[str], tuple[int, ...]], names: di
     if missing:
         raise CheckpointError(path, _WHAT, f"an incomplete VAE (missing {', '.join(missing)})",
                               "Use the complete FLUX.1 ae.safetensors (encoder and decoder).")
-    ch = shape("encoder.conv_in.weight")[0]
-    levels = 0
-    while f"encoder.down.{levels}.block.0.conv1.weight" in names:
-        levels += 1
-    blocks = 0
-    while f"encoder.down.0.block.{blocks}.conv1.weight" in names:
-        blocks += 1
-    ch_mult = tuple(shape(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(levels))
-    groups = int((json_config or {}).get("norm_num_groups", 32))
-    cfg = FluxAEConfig(in_channels=shape("encoder.conv_in.weight")[1], out_channels=shape("decoder.conv_out.weight")[0],
-                       ch=ch, ch_mult=ch_mult, num_res_blocks=blocks, z_channels=z, num_groups=groups)
-    if any(ch * m % groups for m in ch_mult):
-        raise CheckpointError(path, _WHAT, f"channel widths {[ch * m for m in ch_mult]} not divisible by "
-                              f"{groups} GroupNorm groups")
-    return cfg
+    fix = "Use the FLUX.1 ae.safetensors (or the vae/ folder of the diffusers Z-Image-Turbo layout)."
+    with checkpoint_errors(path, _WHAT, fix):
+        # Key names alone, before anything is built: an index like down.9999999 must not size a model.
+        levels = numbered_blocks(names, "encoder.down.", "encoder.down", max_count=_LEVELS_MAX)
+        numbered_blocks(names, "decoder.up.", "decoder.up", max_count=_LEVELS_MAX)
+        blocks = numbered_blocks(names, "encoder.down.0.block.", "encoder.down.0.block", max_count=_BLOCKS_MAX)
+    ch = shape("encoder.conv_in.weight", 4)[0]
+    widths = [shape(f"encoder.down.{i}.block.0.conv1.weight", 4)[0] for i in range(levels)]
+    if ch < 1 or any(w % ch or w < ch for w in widths):
+        raise CheckpointError(path, f"{_WHAT} (level widths multiples of the stem width)",
+                              f"stem width {ch} and level widths {widths}", fix)
+    groups = 32
+    if json_config is not None and "norm_num_groups" in json_config:
+        with checkpoint_errors(json_path, "a VAE config.json", fix):  # reported under its JSON name
+            groups = whole_number(json_config["norm_num_groups"], "norm_num_groups", *CONFIG_LIMITS["num_groups"])
+    with checkpoint_errors(path if json_config is None else json_path, _WHAT, fix):
+        return FluxAEConfig(in_channels=shape("encoder.conv_in.weight", 4)[1],
+                            out_channels=shape("decoder.conv_out.weight", 4)[0], ch=ch,
+                            ch_mult=tuple(w // ch for w in widths), num_res_blocks=blocks, z_channels=z,
+                            num_groups=groups)
 
 
+@release_on_error
 def load_vae(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-             operations: Any = None, channels_last: bool = False) -> FluxVAE:
+             operations: Any = None, channels_last: bool = False, mmap: bool = True,
+             check_interrupt: Callable[[], None] | None = None) -> FluxVAE:
     """Load the FLUX.1 VAE from `ae.safetensors` (BFL names, optional `first_stage_model.`/`vae.` prefix,
     so a full checkpoint works too) or from a diffusers `vae/` folder (or the pipeline folder holding it).
 
     `dtype` None keeps the stored dtype. The model is built on the meta device and the weights are
-    assigned tensor by tensor, moved straight to `device`: no second full copy. `channels_last` stores
+    assigned tensor by tensor, moved straight to `device`: no second full copy, and each weight in
+    memory of its own (never a view of the file). `mmap=False` reads with plain file reads (ComfyUI's
+    --disable-mmap). `check_interrupt` is called before each tensor is read; whatever it raises
+    propagates and the partly loaded weights are freed. `channels_last` stores
     conv weights NHWC; eager decode is faster NCHW (PyTorch's GroupNorm round-trips NHWC tensors through
     NCHW copies: 142 vs ~90 ms at 1024² on an H100), so NHWC pays only with `fuse_norm_act()`. Raises `CheckpointError` for anything that is not a 16-channel FLUX VAE.
     """
+    dtype = compute_dtype(dtype, "load_vae: dtype")
     path = Path(path)
     if path.is_dir() and not any(path.glob("*.safetensors")) and (path / "vae").is_dir():
         path = path / "vae"  # the root of a diffusers pipeline folder (Tongyi-MAI/Z-Image-Turbo layout)
-    ckpt = open_checkpoint(path, _WHAT)
+    with open_checkpoint(path, _WHAT, mmap=mmap) as ckpt:
+        model = _load(path, ckpt, dtype, device, operations, check_interrupt)
+    if channels_last:
+        model.to_channels_last()
+    return model
+
+
+def _load(path: Path, ckpt: Checkpoint, dtype: torch.dtype | None, device: torch.device | str, operations: Any,
+          check_interrupt: Callable[[], None] | None) -> FluxVAE:
     prefix, diffusers = _locate(path, ckpt)
     keys = [k for k in ckpt.infos if k.startswith(prefix)]
     stripped = [k[len(prefix):] for k in keys]
+    json_path = path / "config.json"
+    fix = "Use the FLUX.1 ae.safetensors or the diffusers vae/ folder of Z-Image-Turbo."
     if diffusers:
-        levels = 1 + max((int(m.group(1)) for k in stripped if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k))),
-                         default=0)
-        names = {b: prefix + d for b, d in convert_diffusers_vae_keys(stripped, levels).items()}
+        with checkpoint_errors(path, _WHAT, fix):
+            levels = numbered_blocks(stripped, "encoder.down_blocks.", "encoder.down_blocks", max_count=_LEVELS_MAX)
+            numbered_blocks(stripped, "decoder.up_blocks.", "decoder.up_blocks", max_count=_LEVELS_MAX)
+        names = {b: prefix + d for b, d in convert_diffusers_vae_keys(stripped, max(levels, 1)).items()}
         sf = (ckpt.config or {}).get("scaling_factor")
-        if sf is not None and abs(float(sf) - LATENT_SCALE) > 1e-4:
-            log.warning("%s: config.json has scaling_factor %s, FLUX.1's is %s; this may be another 16-channel "
-                        "VAE (e.g. SD3's) and would give wrong colours with Z-Image.", path, sf, LATENT_SCALE)
+        if sf is not None:
+            with checkpoint_errors(json_path, "a VAE config.json", fix):
+                sf = real_number(sf, "scaling_factor", 0.0, 1e6, lo_open=True)
+            if abs(sf - LATENT_SCALE) > 1e-4:
+                log.warning("%s: config.json has scaling_factor %s, FLUX.1's is %s; this may be another 16-channel "
+                            "VAE (e.g. SD3's) and would give wrong colours with Z-Image.", path, sf, LATENT_SCALE)
     else:
         names = {k[len(prefix):]: k for k in keys}
-    cfg = _infer_config(path, lambda n: ckpt.infos[names[n]].shape, names,
-                        ckpt.config if diffusers else None)
+
+    def shape(name: str, ndim: int) -> tuple[int, ...]:
+        found = ckpt.infos[names[name]].shape
+        if len(found) != ndim:
+            raise CheckpointError(path, f"{_WHAT} ({names[name]} with {ndim} dimensions)",
+                                  f"{names[name]} of shape {tuple(found)}", fix)
+        return found
+
+    cfg = _infer_config(path, shape, names, ckpt.config if diffusers else None, json_path)
 
     with torch.device("meta"):
         model = FluxVAE(cfg, operations=operations)
@@ -517,23 +588,25 @@ def load_vae(path: str | os.PathLike, *, dtype: torch.dtype | None = None, devic
             found.append(f"{len(missing)} missing tensors (e.g. {', '.join(missing[:3])})")
         if unexpected:
             found.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
-        raise CheckpointError(path, _WHAT, "a VAE whose layout does not match: " + "; ".join(found),
-                              "Use the FLUX.1 ae.safetensors or the diffusers vae/ folder of Z-Image-Turbo.")
+        raise CheckpointError(path, _WHAT, "a VAE whose layout does not match: " + "; ".join(found), fix)
+    # Shapes and types of every tensor come from the header: check all of them before reading any.
+    for name, ref in expected.items():
+        info = ckpt.infos[names[name]]
+        if info.shape != tuple(ref.shape) and not (
+                math.prod(info.shape) == ref.numel() and len(info.shape) == 2 and ref.ndim == 4):
+            raise CheckpointError(path, _WHAT, f"tensor {names[name]} shaped {tuple(info.shape)}, expected "
+                                  f"{tuple(ref.shape)} for this layout", "The file is not a FLUX.1 VAE.")
+        require_float(path, names[name], info.dtype, _WHAT, fix)
     state: dict[str, torch.Tensor] = {}
     for name, ref in expected.items():
-        t = ckpt[names[name]]
+        if check_interrupt is not None:
+            check_interrupt()
+        t = ckpt.view(names[name])
         if t.shape != ref.shape:
-            if t.numel() == ref.numel() and t.ndim == 2 and ref.ndim == 4:
-                t = t.reshape(ref.shape)  # diffusers stores the attention 1x1 convs as Linear weights
-            else:
-                raise CheckpointError(path, _WHAT, f"tensor {names[name]} shaped {tuple(t.shape)}, expected "
-                                      f"{tuple(ref.shape)} for this layout", "The file is not a FLUX.1 VAE.")
-        target = dtype or (t.dtype if t.dtype.is_floating_point and t.element_size() >= 2 else torch.bfloat16)
-        state[name] = t.to(device=device, dtype=target)
-    ckpt.close()
+            t = t.reshape(ref.shape)  # diffusers stores the attention 1x1 convs as Linear weights
+        target = dtype or (t.dtype if t.element_size() >= 2 else torch.bfloat16)
+        state[name] = ckpt.owned(t.to(device=device, dtype=target))
     model.load_state_dict(state, strict=True, assign=True)
     del state
     model.eval().requires_grad_(False)
-    if channels_last:
-        model.to_channels_last()
     return model

@@ -20,8 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import BoundsError, real_number, whole_number, whole_numbers
+
 # Upper bound for one attention score matrix (queries x keys) if SDPA uses its math kernel.
 ATTN_CHUNK_BYTES = 1 << 30
+
+
+CONFIG_LIMITS = {"in_channels": (1, 16), "out_channels": (1, 16), "ch": (1, 4096), "num_res_blocks": (1, 16),
+           "z_channels": (1, 64), "num_groups": (1, 1024)}
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,18 @@ class FluxAEConfig:
     z_channels: int = 16
     num_groups: int = 32
     eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        # Each value sizes the network that is built: generous bounds (FLUX.1's values are the defaults),
+        # checked before anything exists. BoundsError is a ValueError naming the field.
+        for name, (lo, hi) in CONFIG_LIMITS.items():
+            object.__setattr__(self, name, whole_number(getattr(self, name), name, lo, hi))
+        object.__setattr__(self, "ch_mult", whole_numbers(self.ch_mult, "ch_mult", 1, 64, count=(1, 8)))
+        object.__setattr__(self, "eps", real_number(self.eps, "eps", 0.0, 1.0, lo_open=True))
+        widths = [self.ch * m for m in self.ch_mult]
+        if max(widths) > 16384 or any(w % self.num_groups for w in widths):
+            raise BoundsError("ch_mult", list(self.ch_mult), f"channel widths (ch {self.ch} x ch_mult) of at most "
+                              f"16384, each divisible by num_groups {self.num_groups}")
 
     @property
     def downscale(self) -> int:
