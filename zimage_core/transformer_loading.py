@@ -358,11 +358,12 @@ def load_transformer(path: str | os.PathLike, *, dtype: torch.dtype | None = Non
         raise ValueError(f"load_transformer: quantize must be None or 'fp8', got {quantize!r}.")
     dtype = compute_dtype(dtype, "load_transformer: dtype", allow_fp8=True)
     with open_checkpoint(_transformer_folder(path), WHAT, mmap=mmap) as ckpt:
-        return _load(ckpt, dtype, device, operations, quantize, check_interrupt)
+        return _load(ckpt, dtype, device, operations, quantize, check_interrupt, model_class)
 
 
 def _load(ckpt: Checkpoint, dtype: torch.dtype | None, device: torch.device | str, operations: Any,
-          quantize: str | None, check_interrupt: Callable[[], None] | None) -> ZImageTransformer:
+          quantize: str | None, check_interrupt: Callable[[], None] | None,
+          model_class: type[ZImageTransformer]) -> ZImageTransformer:
     shapes = _shapes_of(ckpt)
     dtypes = _dtypes_of(ckpt)
     fmt = detect_transformer_format(shapes, ckpt.path)
