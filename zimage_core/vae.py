@@ -315,12 +315,13 @@ class FluxVAE(nn.Module):
 
     # -- raw space (ComfyUI's first-stage-model convention) -----------------------------------
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: hosts (ComfyUI) post-process the result in place.
+    @torch.no_grad()
     def encode_raw(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels (B,3,H,W) in [-1, 1] -> raw (unnormalized) latents (B,16,H/8,W/8), in the model's dtype."""
         return self._encode_mean(self._prepare(x.to(self.device, self.dtype)))
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
         """Raw latents (B,16,h,w) -> pixels (B,3,8h,8w) in about [-1, 1], in the model's dtype."""
         return self._decode_pixels(self._prepare(z.to(self.device, self.dtype)))
