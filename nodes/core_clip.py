@@ -13,7 +13,7 @@ import comfy.ops
 import comfy.sd
 import torch
 
-from .core_model import compute_dtype_for
+from .core_model import compute_dtype_for, load_options
 from .errors import load_explained
 
 TOKENS_KEY = "qwen3_4b"  # the key ComfyUI's own Z-Image tokenizer uses
@@ -124,7 +124,8 @@ def load_zimage_clip(path: str) -> comfy.sd.CLIP:
     # halves the 16 GB an fp32 copy of the 4B model would take; GPUs without bf16 compute in fp32.
     dtype = torch.bfloat16 if mm.is_device_cpu(load_device) else compute_dtype_for(load_device)
     encoder = load_explained(
-        lambda: load_text_encoder(path, dtype=dtype, device=offload_device, operations=comfy.ops.disable_weight_init),
+        lambda: load_text_encoder(path, dtype=dtype, device=offload_device, operations=comfy.ops.disable_weight_init,
+                                  **load_options()),
         path,
         "the Qwen3-4B text encoder of Z-Image (qwen_3_4b.safetensors)",
         "Put qwen_3_4b.safetensors in models/text_encoders and select it.")

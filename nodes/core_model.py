@@ -46,6 +46,14 @@ BLOCK_CALL_KEY = "zimage_block_call"
 CorePatcher = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
 
 
+def load_options() -> dict:
+    """What every zimage_core loader gets from ComfyUI: its --disable-mmap, and Cancel between tensors."""
+    import comfy.cli_args
+
+    return {"mmap": not getattr(comfy.cli_args.args, "disable_mmap", False),
+            "check_interrupt": mm.throw_exception_if_processing_interrupted}
+
+
 def compute_dtype_for(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
 
@@ -160,7 +168,7 @@ def load_zimage_model(path: str, weight_dtype: str) -> comfy.model_patcher.Model
     ops = comfy.ops.disable_weight_init if manual_cast is None else comfy.ops.manual_cast
     diffusion_model = load_explained(
         lambda: load_transformer(path, dtype=storage, device=offload_device, operations=ops,
-                                 model_class=ZImageDiffusionModel), path,
+                                 model_class=ZImageDiffusionModel, **load_options()), path,
         "a Z-Image-Turbo diffusion model (e.g. z_image_turbo_bf16.safetensors)",
         "Put the Z-Image transformer file in models/diffusion_models and select it.")
     diffusion_model.eval().requires_grad_(False)

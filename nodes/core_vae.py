@@ -17,7 +17,7 @@ import comfy.sd
 import torch
 
 from ..zimage_core import vae as core_vae
-from .core_model import COMPUTE_DTYPES, CorePatcher
+from .core_model import COMPUTE_DTYPES, CorePatcher, load_options
 from .errors import load_explained
 
 
@@ -84,12 +84,14 @@ class ZImageCoreVAE(comfy.sd.VAE):
     def decode_auto(self, raw_latents: torch.Tensor) -> torch.Tensor:
         self._make_room(self.flux.memory_used_decode(tuple(raw_latents[:1].shape)))
         latents = core_vae.normalize_latents(raw_latents.to(self.device, torch.float32))
-        return self.flux.decode(latents).to(mm.intermediate_device(), torch.float32)
+        return self.flux.decode(latents, check_interrupt=mm.throw_exception_if_processing_interrupted).to(
+            mm.intermediate_device(), torch.float32)
 
     def encode_auto(self, images: torch.Tensor) -> torch.Tensor:
         b, h, w, c = images.shape
         self._make_room(self.flux.memory_used_encode((1, c, h, w)))
-        latents = self.flux.encode(images.to(self.device, torch.float32))
+        latents = self.flux.encode(images.to(self.device, torch.float32),
+                                   check_interrupt=mm.throw_exception_if_processing_interrupted)
         return core_vae.denormalize_latents(latents.float()).to(mm.intermediate_device())
 
 
@@ -104,7 +106,8 @@ def load_zimage_vae(path: str) -> ZImageCoreVAE:
     offload_device = mm.vae_offload_device()
     dtype = mm.vae_dtype(load_device, COMPUTE_DTYPES)
     flux = load_explained(
-        lambda: core_vae.load_vae(path, dtype=dtype, device=offload_device, operations=comfy.ops.disable_weight_init),
+        lambda: core_vae.load_vae(path, dtype=dtype, device=offload_device, operations=comfy.ops.disable_weight_init,
+                                  **load_options()),
         path, "the FLUX.1 VAE used by Z-Image (ae.safetensors)", "Put ae.safetensors in models/vae and select it.")
     flux.eval().requires_grad_(False)
     return ZImageCoreVAE(flux, load_device, offload_device, dtype, path)

@@ -6,6 +6,7 @@ import os
 
 import folder_paths
 
+from ..zimage_core.safetensors_io import model_fingerprint
 from .core_clip import load_zimage_clip
 from .core_model import WEIGHT_DTYPES, load_zimage_model
 from .core_vae import load_zimage_vae
@@ -27,6 +28,19 @@ def _diffusers_components(component: str) -> list[str]:
 
 def _choices(folder: str, component: str) -> list[str]:
     return folder_paths.get_filename_list(folder) + _diffusers_components(component)
+
+
+def _changed_by(folder: str, component: str, input_name: str):
+    """ComfyUI's IS_CHANGED for a loader: the file's (or folder's) size and mtime, so a model file replaced
+    on disk is loaded again on the next queue instead of serving the weights loaded before."""
+
+    def is_changed(cls, **inputs) -> str:
+        try:
+            return model_fingerprint(_resolve(folder, component, inputs[input_name]))
+        except Exception:  # noqa: BLE001 - an unknown name: the loader itself reports it
+            return "missing"
+
+    return classmethod(is_changed)
 
 
 def _resolve(folder: str, component: str, name: str) -> str:
@@ -64,6 +78,8 @@ class ZImageModelLoader:
                            "GPUs (fastest; lower quality; dequantized matmuls on other devices)."}),
         }}
 
+    IS_CHANGED = _changed_by("diffusion_models", "transformer", "model_name")
+
     def load(self, model_name: str, weight_dtype: str = "default"):
         path = _resolve("diffusion_models", "transformer", model_name)
         return (load_zimage_model(path, weight_dtype),)
@@ -87,6 +103,8 @@ class ZImageTextEncoderLoader:
                                               "models/diffusers (its tokenizer/ is used)."}),
         }}
 
+    IS_CHANGED = _changed_by("text_encoders", "text_encoder", "text_encoder_name")
+
     def load(self, text_encoder_name: str):
         path = _resolve("text_encoders", "text_encoder", text_encoder_name)
         return (load_zimage_clip(path),)
@@ -107,6 +125,8 @@ class ZImageVAELoader:
                          {"tooltip": "The FLUX.1 VAE file in models/vae (ae.safetensors), or <pipeline>/vae of "
                                      "a diffusers download in models/diffusers."}),
         }}
+
+    IS_CHANGED = _changed_by("vae", "vae", "vae_name")
 
     def load(self, vae_name: str):
         path = _resolve("vae", "vae", vae_name)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 from tests.comfy_harness import comfy_module
@@ -77,3 +80,63 @@ def test_text_encoder_splits_across_devices_like_comfyui_encoders():
         assert torch.equal(clip.cond_stage_model.encode_token_weights(tokens)[0], reference)
     finally:
         clip.patcher.unpatch_model(device_to=cpu)
+
+
+def test_text_encoder_memory_request_scales_with_tokens_not_characters():
+    nodes = comfy_module("nodes").NODE_CLASS_MAPPINGS
+    clip = nodes["ZImageTextEncoderLoader"]().load(DEMO_FILES["text_encoders"])[0]
+    model = clip.cond_stage_model
+    short = model.memory_estimation_function(clip.tokenize("a red fox"))
+    huge_tokens = clip.tokenize("fox " * 50_000)  # 200,000 characters
+    assert sum(len(chunk) for chunk in huge_tokens["qwen3_4b"]) <= 1504  # Z-Image's caption limit
+    huge = model.memory_estimation_function(huge_tokens)
+    assert short < huge <= 1504 / 8 * short  # at most the capped token count's share (8 template tokens+)
+
+
+def test_cancel_interrupts_loading_and_tiled_vae_decoding_and_the_next_job_runs():
+    mm = comfy_module("comfy.model_management")
+    nodes = comfy_module("nodes").NODE_CLASS_MAPPINGS
+    vae = nodes["ZImageVAELoader"]().load(DEMO_FILES["vae"])[0]
+    raw = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(2))
+    calls = []
+    original = vae.flux.decode
+
+    def tiled_decode(latents, **kwargs):  # force tiles, as on a card without room for the whole image
+        calls.append(kwargs.get("check_interrupt"))
+        return original(latents, tiled=True, tile_size=32, overlap=8, **kwargs)
+
+    vae.flux.decode = tiled_decode
+    try:
+        mm.interrupt_current_processing(True)
+        with pytest.raises(mm.InterruptProcessingException):
+            nodes["ZImageVAEDecode"]().decode(vae, {"samples": raw})
+        mm.interrupt_current_processing(True)  # ComfyUI clears the flag when it raises
+        with pytest.raises(mm.InterruptProcessingException):
+            nodes["ZImageModelLoader"]().load(DEMO_FILES["diffusion_models"], "default")
+    finally:
+        mm.interrupt_current_processing(False)
+        del vae.flux.decode
+    assert calls and calls[0] is mm.throw_exception_if_processing_interrupted
+    assert nodes["ZImageVAEDecode"]().decode(vae, {"samples": raw})[0].shape == (1, 64, 64, 3)
+    assert _model() is not None
+
+
+def test_loaders_report_a_changed_file_to_comfyui(tmp_path):
+    import shutil
+
+    from tests.comfy_harness import comfy
+
+    nodes = comfy_module("nodes").NODE_CLASS_MAPPINGS
+    folder = comfy().models_dir / "vae"
+    name = "zimage_changed_on_disk_ae.safetensors"
+    shutil.copyfile(folder / DEMO_FILES["vae"], folder / name)
+    try:
+        loader = nodes["ZImageVAELoader"]
+        before = loader.IS_CHANGED(vae_name=name)
+        assert loader.IS_CHANGED(vae_name=name) == before  # unchanged file: ComfyUI keeps the cached model
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[:-4] + b"\0\0\0\0")  # same size, rewritten in place
+        os.utime(folder / name, ns=(1, 1))
+        assert loader.IS_CHANGED(vae_name=name) != before  # ComfyUI loads it again on the next queue
+    finally:
+        (folder / name).unlink(missing_ok=True)
