@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from scripts.comfy_headless import (
     PACK_NAME,
@@ -86,6 +87,7 @@ def test_server_runs_a_workflow_over_http():
         assert stats["system"]["comfyui_version"]
 
         info = _get(f"{base}/object_info")
+        _assert_readme_node_table_matches(info)
         sampler = info["ZImageTurboSampler"]
         assert sampler["category"].startswith("Z-Image")
         assert sampler["input"]["required"]["seed"][1]["tooltip"]
@@ -139,3 +141,16 @@ def test_server_runs_a_workflow_over_http():
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=20)
         log.close()
+
+
+def _assert_readme_node_table_matches(info: dict) -> None:
+    """README's node table lists exactly our nodes, with the output types /object_info reports."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("## Nodes"):readme.index("## Workflows")]
+    rows = dict(re.findall(r"^\| `(\w+)` \|.*→ `(\w+)` \|", table, re.M))
+    ours = {name: node for name, node in info.items() if node.get("python_module") == f"custom_nodes.{PACK_NAME}"}
+    assert set(rows) == set(ours), "README's node table and /object_info list different nodes"
+    for name, output in rows.items():
+        assert ours[name]["output"] == [output], f"{name}: README says {output}, ComfyUI {ours[name]['output']}"
