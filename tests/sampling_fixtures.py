@@ -126,7 +126,10 @@ def make_denoiser(transformer: ZImageTransformer2DModel, workdir: str | Path | N
     if USE_ZIMAGE_TRANSFORMER:
         from zimage_core import load_transformer
 
-        folder = Path(workdir or tempfile.mkdtemp(prefix="zimage-sampler-")) / "transformer"
+        if workdir is None:  # the loaded model owns its weights, so the files can go right away
+            with tempfile.TemporaryDirectory(prefix="zimage-sampler-") as tmp:
+                return make_denoiser(transformer, tmp)
+        folder = Path(workdir) / "transformer"
         transformer.save_pretrained(folder, safe_serialization=True)
         return load_transformer(folder, dtype=transformer.dtype)
     return DiffusersDenoiser(transformer)
