@@ -140,3 +140,20 @@ def test_loaders_report_a_changed_file_to_comfyui(tmp_path):
         assert loader.IS_CHANGED(vae_name=name) != before  # ComfyUI loads it again on the next queue
     finally:
         (folder / name).unlink(missing_ok=True)
+
+
+def test_loaders_honour_comfyui_disable_mmap():
+    import sys
+
+    args = comfy_module("comfy.cli_args").args
+    nodes = comfy_module("nodes").NODE_CLASS_MAPPINGS
+    core_model = sys.modules[nodes["ZImageModelLoader"].__module__.rsplit(".", 1)[0] + ".core_model"]
+    before = getattr(args, "disable_mmap", False)
+    args.disable_mmap = True
+    try:
+        assert core_model.load_options()["mmap"] is False  # what every loader passes to zimage_core
+        vae = nodes["ZImageVAELoader"]().load(DEMO_FILES["vae"])[0]  # plain reads still load the file
+        assert vae.decode(torch.zeros(1, 16, 2, 2)).shape == (1, 16, 16, 3)
+    finally:
+        args.disable_mmap = before
+    assert core_model.load_options()["mmap"] is (not before)
