@@ -77,9 +77,9 @@ class ZImageCoreVAE(comfy.sd.VAE):
 
     # -- what ZImageVAEDecode / ZImageVAEEncode add: our memory-driven tiling in zimage_core --
     def _make_room(self, needed: int) -> None:
-        # FluxVAE's automatic mode runs whole images while they take at most _FREE_FRACTION of the free
+        # FluxVAE's automatic mode runs whole images while they take at most FREE_FRACTION of the free
         # memory; ask ComfyUI to free that much (offloading other models' weights) rather than tile.
-        mm.load_models_gpu([self.patcher], memory_required=int(needed / core_vae._FREE_FRACTION))
+        mm.load_models_gpu([self.patcher], memory_required=int(needed / core_vae.FREE_FRACTION))
 
     def decode_auto(self, raw_latents: torch.Tensor) -> torch.Tensor:
         self._make_room(self.flux.memory_used_decode(tuple(raw_latents[:1].shape)))

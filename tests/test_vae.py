@@ -296,7 +296,7 @@ def test_automatic_mode_splits_by_memory(ours, monkeypatch):
     whole = ours.decode(z, tiled=False)
     per_image = ours.memory_used_decode(z[:1].shape)
     # Room for one image but not two: exact per-image decode.
-    monkeypatch.setattr(zvae, "_available_bytes", lambda device: int(1.5 * per_image / zvae._FREE_FRACTION))
+    monkeypatch.setattr(zvae, "_available_bytes", lambda device: int(1.5 * per_image / zvae.FREE_FRACTION))
     assert rel_err(ours.decode(z), whole) <= REL_TOL
     # Room for nothing: tiles (the same result as asking for tiles explicitly).
     monkeypatch.setattr(zvae, "_available_bytes", lambda device: 1)

@@ -55,7 +55,7 @@ _WHAT = "a FLUX.1 VAE (ae.safetensors, 16 latent channels)"
 _PREFIXES = ("", "first_stage_model.", "vae.", "ae.", "autoencoder.")
 # Share of free device memory a single untiled pass may plan to use (the rest covers conv
 # workspaces, the allocator's fragmentation and whatever else is resident).
-_FREE_FRACTION = 0.8
+FREE_FRACTION = 0.8
 
 
 def normalize_latents(raw: torch.Tensor) -> torch.Tensor:
@@ -383,9 +383,9 @@ class FluxVAE(nn.Module):
         # Automatic: whole batch if it fits, else one image at a time (exact), else tiles (approximate).
         budget = _available_bytes(x.device)
         per_image = estimate(x[:1].shape, self.dtype)
-        if budget is None or estimate(x.shape, self.dtype) <= _FREE_FRACTION * budget:
+        if budget is None or estimate(x.shape, self.dtype) <= FREE_FRACTION * budget:
             plan = "whole"
-        elif per_image <= _FREE_FRACTION * budget:
+        elif per_image <= FREE_FRACTION * budget:
             plan = "per_image"
         else:
             plan = "tiled"
