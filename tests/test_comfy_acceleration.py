@@ -76,3 +76,20 @@ def test_compile_vae_node_returns_a_fused_copy_and_keeps_the_image():
     assert image.shape == reference.shape == (1, 32, 48, 3)
     assert float((image - reference).abs().max()) < 1e-4
     assert torch.equal(nodes["ZImageVAEDecode"]().decode(vae, {"samples": raw})[0], reference)
+
+
+def test_loras_patch_fp8_fast_weights_through_their_row_scales():
+    """LoraLoaderModelOnly on fp8_e4m3fn_fast weights: ComfyUI patches the real (dequantized) weight and
+    stores it back with the layer's scales, so the LoRA does what it does on bf16/fp32 weights."""
+    from tests.comfy_harness import DEMO_LORA
+
+    lora = comfy_module("nodes").LoraLoaderModelOnly()
+    # Strength 0.3: the demo LoRA then changes the result by ~30%, a strong but realistic LoRA.
+    reference = _sample(lora.load_lora_model_only(_load("default"), DEMO_LORA, 0.3)[0])
+    fp8 = _load("fp8_e4m3fn_fast")
+    plain = _sample(fp8)
+    patched = _sample(lora.load_lora_model_only(fp8, DEMO_LORA, 0.3)[0])
+    assert _rel(patched, reference) < 0.1  # fp8 rounding, as without a LoRA
+    assert _rel(plain, reference) > 3 * _rel(patched, reference)  # the LoRA was applied, not lost
+    comfy_module("comfy.model_management").unload_all_models()
+    assert torch.equal(_sample(fp8), plain)  # unpatching restores the stored fp8 weights

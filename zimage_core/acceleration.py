@@ -132,6 +132,28 @@ class Fp8Linear(nn.Module):
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.weight.float() * self.weight_scale.reshape(-1, 1)).to(dtype)
 
+    # Weight patching by a host (ComfyUI's LoRA loaders read `convert_weight` / `set_weight`, as for its own
+    # scaled-fp8 layers): a patch is computed on the real weight and stored back with the same row scales.
+    def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **kwargs: Any) -> torch.Tensor:
+        """The stored (scaled) weight values → the real weight, in float32 (or in place)."""
+        scale = self.weight_scale.reshape(-1, 1).to(weight.device)
+        if inplace:
+            return weight.mul_(scale.to(weight.dtype))
+        return weight.float() * scale
+
+    def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed: int | None = None,
+                   return_weight: bool = False, **kwargs: Any) -> torch.Tensor | None:
+        """A real (e.g. LoRA-patched) weight → stored fp8 with this layer's row scales (clipped to e4m3's range)."""
+        scale = self.weight_scale.reshape(-1, 1).to(weight.device)
+        stored = (weight.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+        if return_weight:
+            return stored
+        if inplace_update:
+            self.weight.data.copy_(stored.to(self.weight.device))
+        else:
+            self.weight = nn.Parameter(stored, requires_grad=False)
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.use_scaled_mm and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)):
             return F.linear(x, self.dequantized(x.dtype))
