@@ -12,7 +12,7 @@ import logging
 
 import comfy.patcher_extension
 
-from ..zimage_core.acceleration import CompiledBlockCall, is_compile_failure
+from ..zimage_core.acceleration import CompiledBlockCall
 from .core_model import BLOCK_CALL_KEY, ZImageDiffusionModel
 from .core_vae import ZImageCoreVAE, fused_copy
 
@@ -22,26 +22,16 @@ log = logging.getLogger("ComfyUI-ZImage")
 
 
 class CompiledBlocksWrapper:
-    """DIFFUSION_MODEL wrapper: runs the transformer's blocks compiled; eager again after a compiler failure."""
+    """DIFFUSION_MODEL wrapper: hands the transformer the compiled block runner for this call (after a
+    compiler failure the transformer disables it and runs eagerly)."""
 
     def __init__(self, mode: str | None) -> None:
         self.block_call = CompiledBlockCall(mode)
 
     def __call__(self, executor, *args, **kwargs):
-        if not self.block_call.enabled:
-            return executor(*args, **kwargs)
-        eager_options = kwargs.get("transformer_options", {})
-        kwargs["transformer_options"] = {**eager_options, BLOCK_CALL_KEY: self.block_call}
-        try:
-            return executor(*args, **kwargs)
-        except Exception as exc:
-            if not is_compile_failure(exc):
-                raise
-            log.warning("ZImageCompileModel: torch.compile failed (%s: %s); running eagerly.", type(exc).__name__,
-                        str(exc).splitlines()[0][:200] if str(exc) else "")
-            self.block_call.disable()
-            kwargs["transformer_options"] = eager_options
-            return executor(*args, **kwargs)
+        if self.block_call.enabled:
+            kwargs["transformer_options"] = {**kwargs.get("transformer_options", {}), BLOCK_CALL_KEY: self.block_call}
+        return executor(*args, **kwargs)
 
 
 class ZImageCompileModel:

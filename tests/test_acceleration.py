@@ -128,6 +128,34 @@ def test_compile_failure_falls_back_to_eager(ref, caplog):
     assert not model._compiled_blocks and all("forward" not in b.__dict__ for b in blocks)
 
 
+def test_failing_compiled_block_call_is_disabled_and_the_call_finishes_eagerly(ref, caplog):
+    """The per-call compiled runner (what ZImageCompileModel hands the transformer) falls back the same way,
+    and stays off for later calls; the model itself is never changed."""
+    from zimage_core.acceleration import CompiledBlockCall
+
+    model = _tiny(ref)
+    x, sigma, caps = ragged_inputs()
+    with torch.no_grad():
+        expected = model(x, sigma, caps)
+
+    class FakeCompilerError(RuntimeError):
+        pass
+    FakeCompilerError.__module__ = "torch._inductor.exc"
+
+    class Broken(CompiledBlockCall):
+        def __call__(self, *args):
+            if self.enabled:
+                raise FakeCompilerError("no C compiler")
+            return super().__call__(*args)
+
+    runner = Broken()
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        got = model(x, sigma, caps, block_call=runner)
+    assert torch.equal(got, expected)
+    assert "running the Z-Image transformer eagerly" in caplog.text
+    assert not runner.enabled and not model._compiled_blocks
+
+
 def test_model_errors_are_not_swallowed_by_the_compile_fallback(ref):
     model = _tiny(ref)
     model._compiled_blocks = list(model.layers)

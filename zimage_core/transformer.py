@@ -276,7 +276,8 @@ class FinalLayer(nn.Module):
 
 BlockCall = Callable[..., torch.Tensor]
 """`(block, x, rope, mask, c) -> x`: runs one modulated block (default: `block(x, rope, mask, c)`).
-A compiled variant can be passed per call, so compiling never changes the model itself."""
+A compiled variant can be passed per call, so compiling never changes the model itself; if it has a
+`disable()` method, `forward` calls it after a compiler failure and finishes eagerly."""
 
 
 class BlockHooks(Protocol):
@@ -429,7 +430,8 @@ class ZImageTransformer(nn.Module):
         `image_pos` (scale_y, shift_y, scale_x, shift_x) of the image RoPE positions.
         """
         kw = {"hooks": hooks, "block_call": block_call or _call_block, "image_pos": image_pos or IMAGE_POS_IDENTITY}
-        if not self._compiled_blocks:
+        disable_call = getattr(block_call, "disable", None)  # a compiled BlockCall (CompiledBlockCall)
+        if not self._compiled_blocks and disable_call is None:
             return self._forward(x, sigma, cap_feats, **kw)
         try:
             return self._forward(x, sigma, cap_feats, **kw)
@@ -441,7 +443,9 @@ class ZImageTransformer(nn.Module):
                         type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
             uncompile_blocks(self._compiled_blocks)
             self._compiled_blocks = []
-            return self._forward(x, sigma, cap_feats, **kw)
+            if disable_call is not None:
+                disable_call()  # its later calls run eagerly too
+            return self._forward(x, sigma, cap_feats, **{**kw, "block_call": _call_block})
 
     def _forward(self, x: torch.Tensor, sigma: torch.Tensor, cap_feats: list[torch.Tensor], *,
                  hooks: BlockHooks | None, block_call: BlockCall,
