@@ -134,8 +134,3 @@ def load_zimage_clip(path: str) -> comfy.sd.CLIP:
                "dtype": dtype}
     return ZImageCLIP(target=_Target(encoder), model_options=options)
 
-
-def zimage_encoder_of(clip) -> object | None:
-    """zimage_core's encoder inside a CLIP from our loader, else None (e.g. ComfyUI's native Z-Image CLIP)."""
-    model = getattr(clip, "cond_stage_model", None)
-    return model.encoder if type(model).__name__ == ZImageClipModel.__name__ else None
