@@ -430,7 +430,7 @@ class Impls:
         """Qwen3's tokenizer (zimage_core's loader, from ComfyUI's bundled qwen25_tokenizer files):
         the same ids for every implementation."""
         if self._tok is None:
-            from zimage_core.tokenizer import load_tokenizer
+            from zimage_core.text_encoder.tokenizer import load_tokenizer
             self._tok = load_tokenizer(self._tok_arg())
         return self._tok
 

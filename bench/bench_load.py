@@ -79,7 +79,7 @@ def _specs(component: str) -> tuple[list[tuple[str, tuple[int, ...]]], Any]:
         return [("model." + k, v) for k, v in bench.qwen_hf_shapes().items()], torch.bfloat16
     from zimage_core.demo_weights import DEMO_VAE
     from zimage_core.vae import FluxVAE
-    from zimage_core.vae_model import FluxAEConfig
+    from zimage_core.vae.model import FluxAEConfig
 
     with torch.device("meta"):
         vae = FluxVAE(DEMO_VAE if TINY else FluxAEConfig())

@@ -110,7 +110,7 @@ def model_specs(smoke: bool) -> dict[str, tuple[dict[str, tuple[int, ...]], str]
     from zimage_core.demo_weights import QWEN3_VOCAB, TEXT_HIDDEN
     from zimage_core.transformer import TransformerConfig, ZImageTransformer
     from zimage_core.vae import FluxVAE
-    from zimage_core.vae_model import FluxAEConfig
+    from zimage_core.vae.model import FluxAEConfig
 
     if smoke:
         dit_cfg = smoke_dit_config()

@@ -12,7 +12,7 @@ import logging
 
 import comfy.patcher_extension
 
-from ..zimage_core.acceleration import CompiledBlockCall
+from ..zimage_core.accel import CompiledBlockCall
 from .core_model import BLOCK_CALL_KEY, ZImageDiffusionModel
 from .core_vae import ZImageCoreVAE, fused_copy
 

@@ -150,7 +150,7 @@ def _unet_config(model: ZImageTransformer) -> dict:
 
 def load_zimage_model(path: str, weight_dtype: str) -> comfy.model_patcher.ModelPatcher:
     """A core MODEL (ModelPatcher over model_base.Lumina2) whose diffusion model is zimage_core's."""
-    from ..zimage_core.transformer_loading import load_transformer
+    from ..zimage_core.transformer import load_transformer
 
     load_device = mm.get_torch_device()
     offload_device = mm.unet_offload_device()

@@ -6,7 +6,7 @@ import os
 
 import folder_paths
 
-from ..zimage_core.safetensors_io import model_fingerprint
+from ..zimage_core.checkpoint import model_fingerprint
 from .core_clip import load_zimage_clip
 from .core_model import WEIGHT_DTYPES, load_zimage_model
 from .core_vae import load_zimage_vae

@@ -4,7 +4,7 @@ They take any Z-Image MODEL (ZImageModelLoader's, or UNETLoader's native one, wi
 and sample with ComfyUI's own machinery (`comfy.sample.sample_custom`, Euler): conditioning semantics
 (ConditioningCombine, timestep ranges, area/mask), the LATENT's `noise_mask` (inpainting), model
 patches, previews, the progress bar and Cancel are exactly KSampler's. What they add is the schedule
-(zimage_core.schedule: Turbo's shifted flow-matching sigmas, diffusers' img2img start), Z-Image's guidance
+(zimage_core.sampling: Turbo's shifted flow-matching sigmas, diffusers' img2img start), Z-Image's guidance
 convention and checks with clear messages.
 """
 
@@ -16,8 +16,8 @@ import comfy.utils
 import latent_preview
 import torch
 
-from ..zimage_core import schedule
 from ..zimage_core.errors import SamplingError
+from ..zimage_core.sampling import schedule
 from .core_model import is_zimage_model
 from .latent import LATENT_CHANNELS
 

@@ -17,9 +17,8 @@ from tests.transformer_fixtures import (
     to_comfy,
     write_comfy_file,
 )
-from zimage_core.acceleration import FP8, BlockStreamer, Fp8Linear
-from zimage_core.transformer import TransformerConfig, ZImageTransformer
-from zimage_core.transformer_loading import load_transformer
+from zimage_core.accel import FP8, BlockStreamer, Fp8Linear
+from zimage_core.transformer import TransformerConfig, ZImageTransformer, load_transformer
 
 
 def _tiny(ref, n_layers: int | None = None) -> ZImageTransformer:
@@ -131,7 +130,7 @@ def test_compile_failure_falls_back_to_eager(ref, caplog):
 def test_failing_compiled_block_call_is_disabled_and_the_call_finishes_eagerly(ref, caplog):
     """The per-call compiled runner (what ZImageCompileModel hands the transformer) falls back the same way,
     and stays off for later calls; the model itself is never changed."""
-    from zimage_core.acceleration import CompiledBlockCall
+    from zimage_core.accel import CompiledBlockCall
 
     model = _tiny(ref)
     x, sigma, caps = ragged_inputs()
@@ -165,7 +164,7 @@ def test_model_errors_are_not_swallowed_by_the_compile_fallback(ref):
 
 
 def test_channels_last_group_norm_silu_matches_torch():
-    from zimage_core.vae_model import _group_norm_silu
+    from zimage_core.vae.model import _group_norm_silu
 
     torch.manual_seed(0)
     x = torch.randn(2, 64, 6, 10).to(memory_format=torch.channels_last)

@@ -74,7 +74,7 @@ def test_sampler_node_equals_zimage_core_direct_sampling():
     from zimage_core.demo_weights import DEMO_FILES
     from zimage_core.sampling import make_noise, sample_text_to_image
     from zimage_core.text_encoder import load_text_encoder
-    from zimage_core.transformer_loading import load_transformer
+    from zimage_core.transformer import load_transformer
     from zimage_core.vae import denormalize_latents
 
     prompt = demo_prompt(T2I, width=64, height=32, seed=123)

@@ -25,8 +25,8 @@ from tests.sampling_fixtures import (
     text_to_image_pipeline,
 )
 from zimage_core import SamplingError, make_noise, sample_img2img, sample_text_to_image
-from zimage_core import sampling as sampling_mod
-from zimage_core.schedule import flow_sigmas, img2img_sigmas
+from zimage_core.sampling import flow_sigmas, img2img_sigmas
+from zimage_core.sampling import samplers as sampling_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5

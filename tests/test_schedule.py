@@ -15,7 +15,7 @@ from diffusers.pipelines.z_image.pipeline_z_image import (
 from diffusers.pipelines.z_image.pipeline_z_image_img2img import ZImageImg2ImgPipeline
 
 from tests.sampling_fixtures import zimage_scheduler
-from zimage_core.schedule import denoise_sigmas, flow_sigmas, img2img_sigmas
+from zimage_core.sampling import denoise_sigmas, flow_sigmas, img2img_sigmas
 
 
 def pipeline_scheduler(steps: int, shift: float = 3.0):
@@ -109,7 +109,7 @@ def test_bad_strength_is_rejected(strength):
 
 
 def test_step_count_is_bounded_and_the_message_says_so():
-    from zimage_core.schedule import MAX_STEPS
+    from zimage_core.sampling import MAX_STEPS
 
     assert flow_sigmas(MAX_STEPS).numel() == MAX_STEPS + 1  # the bound itself is allowed
     with pytest.raises(ValueError, match=rf"steps must be a whole number >= 1 and <= {MAX_STEPS}.*got 10001"):

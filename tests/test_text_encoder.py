@@ -294,7 +294,7 @@ def test_lone_surrogate_names_the_prompt_and_position(enc):
 
 
 def test_absurdly_long_prompt_is_refused_before_tokenizing(enc):
-    from zimage_core.tokenizer import MAX_TEXT_CHARS
+    from zimage_core.text_encoder.tokenizer import MAX_TEXT_CHARS
 
     with pytest.raises(ValueError, match=r"prompt 0 is 1,000,001 characters long; the limit is 1,000,000"):
         enc.count_tokens("a" * (MAX_TEXT_CHARS + 1))
@@ -429,8 +429,8 @@ def test_tokenizer_found_beside_diffusers_folder_only_if_present(files, tmp_path
 
 def test_config_inferred_for_real_qwen3_4b_shapes(tmp_path):
     # Header-level check on the real model's shapes (ZIMAGE_FACTS §3), without 8 GB of data.
-    from zimage_core.safetensors_io import Checkpoint, TensorInfo
-    from zimage_core.text_encoder import _find_prefix, _infer_config
+    from zimage_core.checkpoint import Checkpoint, TensorInfo
+    from zimage_core.text_encoder.loading import _find_prefix, _infer_config
 
     shapes = {"model.embed_tokens.weight": (151936, 2560), "model.norm.weight": (2560,),
               "lm_head.weight": (151936, 2560)}

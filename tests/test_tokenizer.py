@@ -9,11 +9,11 @@ import sys
 import pytest
 from tokenizers import Tokenizer
 
-import zimage_core.tokenizer as tokmod
+import zimage_core.text_encoder.tokenizer as tokmod
 from tests.comfyui_reference import comfyui_dir, require_comfyui
 from tests.text_fixtures import LONG_PROMPT, PROMPTS, qtc_tokenizer_dir, qtc_tokenizer_json
 from zimage_core import CheckpointError, load_tokenizer
-from zimage_core.tokenizer import QwenTokenizer, TokenizerNotFoundError
+from zimage_core.text_encoder.tokenizer import QwenTokenizer, TokenizerNotFoundError
 
 TEXTS = [*PROMPTS.values(), LONG_PROMPT, "",
          # special / added tokens written in the text, incl. Qwen3-only ids 151665-151668

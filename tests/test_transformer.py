@@ -149,7 +149,7 @@ def test_operations_namespace_builds_every_linear(ref):
 
 
 def test_fp16_overflow_is_clamped(ref, monkeypatch):
-    import zimage_core.transformer as zt
+    import zimage_core.transformer.model as zt
 
     model = ours_from(ref).half()
     with torch.no_grad():

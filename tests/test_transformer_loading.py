@@ -24,9 +24,10 @@ from tests.transformer_fixtures import (
     write_diffusers_folder,
 )
 from zimage_core import CheckpointError
-from zimage_core.safetensors_io import open_checkpoint
-from zimage_core.transformer import TransformerConfig, ZImageTransformer
-from zimage_core.transformer_loading import (
+from zimage_core.checkpoint import open_checkpoint
+from zimage_core.transformer import (
+    TransformerConfig,
+    ZImageTransformer,
     comfy_state_dict_from_diffusers,
     infer_transformer_config,
     load_transformer,

@@ -9,7 +9,6 @@ import torch
 
 from tests import vae_fixtures as fx
 from zimage_core import CheckpointError
-from zimage_core import vae as zvae
 from zimage_core.vae import (
     LATENT_SCALE,
     LATENT_SHIFT,
@@ -18,6 +17,7 @@ from zimage_core.vae import (
     load_vae,
     normalize_latents,
 )
+from zimage_core.vae import flux_vae as zvae
 
 REL_TOL = 1e-5
 
@@ -306,7 +306,7 @@ def test_automatic_mode_splits_by_memory(ours, monkeypatch):
 
 
 def test_attention_query_chunking_is_exact(ours, monkeypatch):
-    from zimage_core import vae_model
+    from zimage_core.vae import model as vae_model
 
     z = latents(b=1, h=6, w=6, seed=6)
     whole = ours.decode(z)

@@ -12,16 +12,16 @@ from typing import Any
 _EXPORTS = {
     "CheckpointError": "errors",
     "SamplingError": "errors",
-    "open_checkpoint": "safetensors_io",
-    "model_fingerprint": "safetensors_io",
+    "open_checkpoint": "checkpoint",
+    "model_fingerprint": "checkpoint",
     # transformer
     "ZImageTransformer": "transformer",
     "TransformerConfig": "transformer",
-    "load_transformer": "transformer_loading",
+    "load_transformer": "transformer",
     # schedule and samplers
-    "flow_sigmas": "schedule",
-    "img2img_sigmas": "schedule",
-    "denoise_sigmas": "schedule",
+    "flow_sigmas": "sampling",
+    "img2img_sigmas": "sampling",
+    "denoise_sigmas": "sampling",
     "make_noise": "sampling",
     "sample_text_to_image": "sampling",
     "sample_img2img": "sampling",
@@ -29,9 +29,9 @@ _EXPORTS = {
     # text encoder
     "load_text_encoder": "text_encoder",
     "ZImageTextEncoder": "text_encoder",
-    "load_tokenizer": "tokenizer",
-    "QwenTokenizer": "tokenizer",
-    "TokenizerNotFoundError": "tokenizer",
+    "load_tokenizer": "text_encoder",
+    "QwenTokenizer": "text_encoder",
+    "TokenizerNotFoundError": "text_encoder",
     # VAE
     "load_vae": "vae",
     "FluxVAE": "vae",

@@ -23,8 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .transformer import TransformerConfig, ZImageTransformer
-from .vae_model import FluxAEConfig
+from .transformer.model import TransformerConfig, ZImageTransformer
+from .vae.model import FluxAEConfig
 
 DEMO_VERSION = "1"
 DEMO_FILES = {
@@ -84,7 +84,7 @@ def demo_text_encoder_state_dict(seed: int = 1) -> dict[str, torch.Tensor]:
 
 def demo_vae_state_dict(seed: int = 2) -> dict[str, torch.Tensor]:
     """BFL ae.safetensors key names, float32."""
-    from .vae import FluxVAE
+    from .vae.flux_vae import FluxVAE
 
     with torch.device("meta"):
         model = FluxVAE(DEMO_VAE)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import real_number, whole_number, whole_numbers
+from ..checks import real_number, whole_number, whole_numbers
 
 log = logging.getLogger(__name__)
 
@@ -341,12 +341,12 @@ class ZImageTransformer(nn.Module):
         self._compiled_blocks: list[nn.Module] = []
         self.streamer: Any = None
 
-    # -- acceleration (opt-in; see zimage_core.acceleration) -----------------------------------
+    # -- acceleration (opt-in; see zimage_core.accel) -----------------------------------
     def compile_blocks(self, *, mode: str | None = None, refiners: bool = True) -> bool:
         """Regional torch.compile: the 30 main blocks share one compiled graph (plus one for the
         noise refiner's shorter sequence). Falls back to eager on compiler errors. Returns whether
         compilation is enabled."""
-        from .acceleration import compile_blocks
+        from ..accel.compile import compile_blocks
         blocks = [*self.layers, *(self.noise_refiner if refiners else [])]
         self._compiled_blocks = blocks if compile_blocks(blocks, mode=mode) else []
         return bool(self._compiled_blocks)
@@ -354,13 +354,13 @@ class ZImageTransformer(nn.Module):
     def quantize_fp8(self) -> int:
         """Store the block matmul weights (qkv, out, w1, w2, w3) as float8_e4m3fn with per-row scales
         (fp8 tensor-core matmuls on Ada/Hopper; dequantized matmuls elsewhere). Returns the count."""
-        from .acceleration import quantize_fp8
+        from ..accel.fp8 import quantize_fp8
         return quantize_fp8(nn.ModuleList([*self.noise_refiner, *self.context_refiner, *self.layers]))
 
     def stream_blocks(self, device: torch.device | str, resident: int) -> Any:
         """Keep the refiners, embedders and `resident` main blocks on `device`; stream the other
         main blocks' weights from pinned CPU memory during each forward (low-VRAM mode)."""
-        from .acceleration import BlockStreamer
+        from ..accel.streaming import BlockStreamer
         for name, module in self.named_children():
             if name != "layers":
                 module.to(device)
@@ -436,7 +436,7 @@ class ZImageTransformer(nn.Module):
         try:
             return self._forward(x, sigma, cap_feats, **kw)
         except Exception as exc:
-            from .acceleration import is_compile_failure, uncompile_blocks
+            from ..accel.compile import is_compile_failure, uncompile_blocks
             if not is_compile_failure(exc):
                 raise
             log.warning("torch.compile failed (%s: %s); running the Z-Image transformer eagerly.",

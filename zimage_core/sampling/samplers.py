@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from .errors import SamplingError
+from ..errors import SamplingError
 from .schedule import MAX_STEPS, flow_sigmas, img2img_sigmas
 
 __all__ = [

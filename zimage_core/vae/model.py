@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import BoundsError, real_number, whole_number, whole_numbers
+from ..checks import BoundsError, real_number, whole_number, whole_numbers
 
 # Upper bound for one attention score matrix (queries x keys) if SDPA uses its math kernel.
 ATTN_CHUNK_BYTES = 1 << 30

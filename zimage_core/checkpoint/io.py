@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 _MAX_JSON = 64 * 1024 * 1024  # config.json, shard indexes, tokenizer files: a few MB at most in practice

@@ -24,8 +24,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-from .errors import CheckpointError
-from .safetensors_io import check_regular, read_json, read_small_file
+from ..checkpoint.io import check_regular, read_json, read_small_file
+from ..errors import CheckpointError
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checks import (
+from ..checkpoint.io import Checkpoint, open_checkpoint
+from ..checks import (
     BoundsError,
     checkpoint_errors,
     compute_dtype,
@@ -27,9 +28,8 @@ from .checks import (
     release_on_error,
     require_float,
 )
-from .errors import CheckpointError
-from .safetensors_io import Checkpoint, open_checkpoint
-from .transformer import MAX_LAYERS, TransformerConfig, ZImageTransformer
+from ..errors import CheckpointError
+from .model import MAX_LAYERS, TransformerConfig, ZImageTransformer
 
 WHAT = "a Z-Image transformer (S3-DiT) checkpoint"
 # The official Z-Image-Turbo transformer: tensors in a ComfyUI file (without norm_final) and parameters.

@@ -1,0 +1,20 @@
+"""Opt-in speed and memory options: regional compile, fp8 weights, weight streaming."""
+
+from __future__ import annotations
+
+from .compile import CompiledBlockCall, compile_blocks, is_compile_failure, uncompile_blocks
+from .fp8 import FP8, FP8_MAX, Fp8Linear, fp8_matmul_supported, quantize_fp8
+from .streaming import BlockStreamer
+
+__all__ = [
+    "BlockStreamer",
+    "CompiledBlockCall",
+    "FP8",
+    "FP8_MAX",
+    "Fp8Linear",
+    "compile_blocks",
+    "fp8_matmul_supported",
+    "is_compile_failure",
+    "quantize_fp8",
+    "uncompile_blocks",
+]
