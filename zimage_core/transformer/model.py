@@ -20,13 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..accel import kernels
+from ..accel.fp8_attention import fp8_attention
 from ..checks import real_number, whole_number, whole_numbers
 
 log = logging.getLogger(__name__)
 
 ADALN_DIM = 256  # width of the timestep embedding that drives all modulation
 SEQ_MULTIPLE = 32  # caption and image sequences are padded to a multiple of this
-FP16_MAX = 65504.0
+FP16_MAX = kernels.FP16_MAX
 
 
 MAX_LAYERS = 128  # Z-Image-Turbo has 30; anything past this bound is not this architecture
@@ -109,26 +111,6 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), w, self.eps)
 
 
-def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:
-    # Z-Image's attention/FFN branches overflow fp16; clamping (as ComfyUI does) keeps images finite.
-    if x.dtype == torch.float16:
-        return torch.nan_to_num(x, nan=0.0, posinf=FP16_MAX, neginf=-FP16_MAX)
-    return x
-
-
-def _apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of the head dim. x: (B, L, H, D); rope: (B|1, L, 1, D/2, 2, 2).
-
-    rope[..., :, j] is column j of each 2x2 rotation matrix, so out = R @ (x0, x1): two fused
-    elementwise kernels. It runs in the compute dtype (the references upcast to fp32; on bf16 that
-    changes outputs by ~0.07% relative, ten times less than bf16 itself, and saves two fp32 copies).
-    """
-    xp = x.unflatten(-1, (-1, 1, 2))  # (..., D/2, 1, 2)
-    out = rope[..., 0] * xp[..., 0]
-    out.addcmul_(rope[..., 1], xp[..., 1])
-    return out.flatten(-2)
-
-
 def rope_table(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: float) -> torch.Tensor:
     """Rotation matrices (L, D/2, 2, 2) float32 for integer position ids (L, n_axes).
 
@@ -186,6 +168,9 @@ def _padded(n: int) -> int:
 
 
 class Attention(nn.Module):
+    # fp8 attention (zimage_core.accel.fp8_attention): off by default; ZImageTransformer.set_fp8_attention.
+    fp8_attention = False
+
     def __init__(self, cfg: TransformerConfig, ops: Any, dd: dict[str, Any]) -> None:
         super().__init__()
         self.n_heads = cfg.n_heads
@@ -195,11 +180,13 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, 1e-5, **dd)
         self.k_norm = RMSNorm(cfg.head_dim, 1e-5, **dd)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
+                fused: bool = False) -> torch.Tensor:
         b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, self.head_dim).unbind(2)
-        q = _apply_rope(self.q_norm(q), rope)
-        k = _apply_rope(self.k_norm(k), rope)
+        qkv = self.qkv(x).view(b, n, 3, self.n_heads, self.head_dim)
+        q, k, v = kernels.qk_norm_rope(qkv, self.q_norm, self.k_norm, rope, fused)
+        if self.fp8_attention:
+            return self.out(fp8_attention(q, k, v, mask).reshape(b, n, -1))
         # mask is None for equal-length batches so SDPA can pick flash/cuDNN kernels.
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=mask)
@@ -213,12 +200,20 @@ class FeedForward(nn.Module):
         self.w2 = ops.Linear(cfg.ffn_hidden, cfg.dim, bias=False, **dd)
         self.w3 = ops.Linear(cfg.dim, cfg.ffn_hidden, bias=False, **dd)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(_clamp_fp16(F.silu(self.w1(x)) * self.w3(x)))
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        return self.w2(kernels.silu_mul(self.w1(x), self.w3(x), fused))
 
 
 class TransformerBlock(nn.Module):
-    """Sandwich-norm block; modulated blocks get (scale, gate) pairs from the timestep embedding."""
+    """Sandwich-norm block; modulated blocks get (scale, gate) pairs from the timestep embedding.
+
+    Its elementwise steps (norm and modulation, q/k norm and RoPE, gated residual, SwiGLU product) go
+    through zimage_core.accel.kernels: fused Triton kernels on CUDA when `fused_kernels` is on (the
+    default; ZImageTransformer.fused_kernels sets it for all blocks), the same math in plain torch ops
+    elsewhere and under torch.compile.
+    """
+
+    fused_kernels = True
 
     def __init__(self, cfg: TransformerConfig, ops: Any, dd: dict[str, Any], modulation: bool) -> None:
         super().__init__()
@@ -235,14 +230,15 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
                 c: torch.Tensor | None = None) -> torch.Tensor:
+        fused = self.fused_kernels and kernels.fused_ok(x)
+        scale_msa = gate_msa = scale_mlp = gate_mlp = None
         if self.modulation:
             scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).unsqueeze(1).chunk(4, dim=2)
-            h = self.attention(self.attention_norm1(x) * (1 + scale_msa), rope, mask)
-            x = torch.addcmul(x, gate_msa.tanh(), self.attention_norm2(_clamp_fp16(h)))
-            h = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp))
-            return torch.addcmul(x, gate_mlp.tanh(), self.ffn_norm2(_clamp_fp16(h)))
-        x = x + self.attention_norm2(_clamp_fp16(self.attention(self.attention_norm1(x), rope, mask)))
-        return x + self.ffn_norm2(_clamp_fp16(self.feed_forward(self.ffn_norm1(x))))
+        # x += tanh(gate_msa) * norm2(attn(norm1(x) * (1 + scale_msa))); the FFN likewise (no gates or
+        # scales without modulation). The attention residual also yields the FFN's modulated input.
+        h = self.attention(kernels.norm_modulate(x, self.attention_norm1, scale_msa, fused), rope, mask, fused)
+        x, h = kernels.gated_residual(x, h, self.attention_norm2, gate_msa, fused, self.ffn_norm1, scale_mlp)
+        return kernels.gated_residual(x, self.feed_forward(h, fused), self.ffn_norm2, gate_mlp, fused)[0]
 
 
 class TimestepEmbedder(nn.Module):
@@ -350,6 +346,23 @@ class ZImageTransformer(nn.Module):
         blocks = [*self.layers, *(self.noise_refiner if refiners else [])]
         self._compiled_blocks = blocks if compile_blocks(blocks, mode=mode) else []
         return bool(self._compiled_blocks)
+
+    @property
+    def fused_kernels(self) -> bool:
+        """Whether the blocks use the fused Triton kernels where they can run (CUDA with Triton, eager)."""
+        blocks = [*self.noise_refiner, *self.context_refiner, *self.layers]
+        return all(b.fused_kernels for b in blocks) if blocks else TransformerBlock.fused_kernels
+
+    @fused_kernels.setter
+    def fused_kernels(self, enabled: bool) -> None:
+        for b in [*self.noise_refiner, *self.context_refiner, *self.layers]:
+            b.fused_kernels = bool(enabled)
+
+    def set_fp8_attention(self, enabled: bool = True) -> None:
+        """Attention through float8_e4m3fn q/k/v (zimage_core.accel.fp8_attention): a Triton fp8 flash
+        kernel on Ada/Hopper/Blackwell GPUs, an emulation of its rounding elsewhere. Off by default."""
+        for b in [*self.noise_refiner, *self.context_refiner, *self.layers]:
+            b.attention.fp8_attention = bool(enabled)
 
     def quantize_fp8(self) -> int:
         """Store the block matmul weights (qkv, out, w1, w2, w3) as float8_e4m3fn with per-row scales

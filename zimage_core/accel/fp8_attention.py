@@ -1,0 +1,91 @@
+"""Optional fp8 attention for the transformer (off by default; `ZImageTransformer.set_fp8_attention`).
+
+q and k are quantized to float8_e4m3fn with one scale per (batch, head, token), v with one scale per
+(batch, head, channel); the product runs on fp8 tensor cores in a Triton flash-attention kernel
+(`triton_attention.py`, Hopper/Ada/Blackwell), fp32 accumulation, output in the compute dtype.
+
+Where that kernel cannot run (CPU, no Triton, GPUs without fp8, a key-padding mask from prompts of
+different lengths) the reference path runs instead: the same quantization of q, k, v, then PyTorch's
+SDPA on the dequantized values. It shows the quantization error on any device; it is not faster.
+
+Under torch.compile the kernel is an opaque custom op (`zimage::fp8_attention`), so compiled blocks keep it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+_triton_attn = False  # False: not looked up; None: unavailable
+
+
+def _kernel_module():
+    global _triton_attn
+    if _triton_attn is False:
+        try:
+            from . import triton_attention
+            _triton_attn = triton_attention
+        except Exception as exc:  # noqa: BLE001 - no Triton: the reference path
+            log.debug("Triton fp8 attention unavailable (%s).", exc)
+            _triton_attn = None
+    return _triton_attn
+
+
+def kernel_supported(q: torch.Tensor) -> bool:
+    """fp8 tensor-core attention needs CUDA compute capability >= 8.9 and Triton (or its interpreter)."""
+    mod = _kernel_module()
+    if mod is None:
+        return False
+    if q.device.type == "cpu":
+        return bool(mod.INTERPRET)
+    return q.is_cuda and torch.cuda.get_device_capability(q.device) >= (8, 9)
+
+
+def quantize_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, N, H, D) -> their fp8 round trips (dequantized, float32): per-row scales for q and k,
+    per-channel scales (over the tokens) for v; the kernel's quantization."""
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        s = (t.float().abs().amax(-1, keepdim=True) / FP8_MAX).clamp_(min=1e-12)
+        return (t.float() / s).to(FP8).float() * s
+    s = (v.float().abs().amax(1, keepdim=True) / FP8_MAX).clamp_(min=1e-12)
+    return rows(q), rows(k), (v.float() / s).to(FP8).float() * s
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA on the fp8 round trips of q, k, v (B, N, H, D); returns (B, N, H, D) in q's dtype."""
+    qd, kd, vd = (t.to(q.dtype).transpose(1, 2) for t in quantize_reference(q, k, v))
+    return F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask).transpose(1, 2)
+
+
+def _op_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return _kernel_module().fp8_attention(q, k, v)
+
+
+try:
+    _op = torch.library.custom_op("zimage::fp8_attention", mutates_args=())(_op_impl)
+
+    @_op.register_fake
+    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return q.new_empty(q.shape)
+except Exception as exc:  # noqa: BLE001 - old torch without torch.library.custom_op: call the kernel directly
+    log.debug("custom op registration failed (%s)", exc)
+    _op = _op_impl
+
+
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """Attention of q, k, v (B, N, H, D) through fp8; returns (B, N, H, D) in q's dtype."""
+    d = q.shape[-1]
+    if (mask is None and q.ndim == 4 and q.shape == k.shape == v.shape and q.dtype in (torch.bfloat16, torch.float16)
+            and d >= 16 and d & (d - 1) == 0 and kernel_supported(q)
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
+        return _op(q, k, v)
+    return attention_reference(q, k, v, mask)
