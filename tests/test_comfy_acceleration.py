@@ -3,6 +3,8 @@ return new models and leave the ones they are given (and every other branch) unt
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from tests.comfy_harness import comfy_module
@@ -62,6 +64,12 @@ def test_compile_node_returns_a_compiled_clone_and_leaves_the_other_branch_eager
     calls = len(wrapper.block_call._fns)
     assert torch.equal(_sample(model), reference)
     assert len(wrapper.block_call._fns) == calls
+
+    # The compiled artifacts were saved in ComfyUI's user directory (loaded again after a restart).
+    import folder_paths
+    cache = Path(folder_paths.get_user_directory()) / "zimage_compile_cache"
+    assert wrapper.block_call.cache is not None and wrapper.block_call.cache.folder == cache
+    assert list(cache.glob("*.bin")), "no compile artifacts saved"
 
 
 def test_compile_vae_node_returns_a_fused_copy_and_keeps_the_image():

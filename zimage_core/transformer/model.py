@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -335,15 +336,22 @@ class ZImageTransformer(nn.Module):
         self.compute_dtype: torch.dtype | None = None
         self._layouts: dict[tuple, _Layout] = {}
         self._compiled_blocks: list[nn.Module] = []
+        self._compile_cache: Any = None
         self.streamer: Any = None
 
     # -- acceleration (opt-in; see zimage_core.accel) -----------------------------------
-    def compile_blocks(self, *, mode: str | None = None, refiners: bool = True) -> bool:
+    def compile_blocks(self, *, mode: str | None = None, refiners: bool = True,
+                       cache_dir: str | os.PathLike | None = None) -> bool:
         """Regional torch.compile: the 30 main blocks share one compiled graph (plus one for the
         noise refiner's shorter sequence). Falls back to eager on compiler errors. Returns whether
-        compilation is enabled."""
+        compilation is enabled. With `cache_dir`, compiled artifacts saved there by an earlier process
+        are loaded first, and new ones are saved after each forward at a new shape (CompileCache)."""
         from ..accel.compile import compile_blocks
+        from ..accel.compile_cache import CompileCache
         blocks = [*self.layers, *(self.noise_refiner if refiners else [])]
+        if cache_dir is not None:
+            self._compile_cache = CompileCache(cache_dir)
+            self._compile_cache.load()
         self._compiled_blocks = blocks if compile_blocks(blocks, mode=mode) else []
         return bool(self._compiled_blocks)
 
@@ -447,7 +455,7 @@ class ZImageTransformer(nn.Module):
         if not self._compiled_blocks and disable_call is None:
             return self._forward(x, sigma, cap_feats, **kw)
         try:
-            return self._forward(x, sigma, cap_feats, **kw)
+            out = self._forward(x, sigma, cap_feats, **kw)
         except Exception as exc:
             from ..accel.compile import is_compile_failure, uncompile_blocks
             if not is_compile_failure(exc):
@@ -459,6 +467,15 @@ class ZImageTransformer(nn.Module):
             if disable_call is not None:
                 disable_call()  # its later calls run eagerly too
             return self._forward(x, sigma, cap_feats, **{**kw, "block_call": _call_block})
+        # Persist what this call compiled (compile caches; see zimage_core.accel.compile_cache).
+        done = getattr(block_call, "forward_done", None)
+        if done is not None:
+            done()
+        if self._compiled_blocks and self._compile_cache is not None:
+            lens = tuple(len(f) for f in cap_feats) if isinstance(cap_feats, (list, tuple)) else tuple(cap_feats.shape)
+            self._compile_cache.note((tuple(x.shape), lens, self._compute_dtype()))
+            self._compile_cache.save_if_new()
+        return out
 
     def _forward(self, x: torch.Tensor, sigma: torch.Tensor, cap_feats: list[torch.Tensor], *,
                  hooks: BlockHooks | None, block_call: BlockCall,
