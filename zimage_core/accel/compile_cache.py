@@ -46,6 +46,14 @@ def environment_key() -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(parts))
 
 
+def _torch_has_new_artifacts() -> bool:
+    try:
+        from torch.compiler._cache import CacheArtifactManager
+        return bool(CacheArtifactManager.need_serialize())
+    except Exception:  # noqa: BLE001 - a private API: without it, only noted signatures trigger a save
+        return False
+
+
 class CompileCache:
     """Save/load torch.compile artifacts in `folder` (created on first save)."""
 
@@ -90,8 +98,9 @@ class CompileCache:
             self._dirty = True
 
     def save_if_new(self) -> Path | None:
-        """Save this process's artifacts if new signatures were noted since the last save."""
-        if not self._dirty:
+        """Save this process's artifacts if new signatures were noted, or torch compiled something
+        (e.g. the VAE's fused kernels), since the last save."""
+        if not self._dirty and not _torch_has_new_artifacts():
             return None
         self._dirty = False
         return self.save()

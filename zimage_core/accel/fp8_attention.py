@@ -18,6 +18,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from .kernels import triton_failure
+
 log = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
@@ -87,5 +89,13 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     if (mask is None and q.ndim == 4 and q.shape == k.shape == v.shape and q.dtype in (torch.bfloat16, torch.float16)
             and d >= 16 and d & (d - 1) == 0 and kernel_supported(q)
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
-        return _op(q, k, v)
+        try:
+            return _op(q, k, v)
+        except Exception as exc:
+            if torch.compiler.is_compiling() or not triton_failure(exc):
+                raise
+            global _triton_attn
+            _triton_attn = None  # the reference path from now on
+            log.warning("Z-Image fp8 attention kernel failed (%s: %s); using its torch emulation.",
+                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
     return attention_reference(q, k, v, mask)

@@ -40,6 +40,19 @@ def triton_kernels() -> ModuleType | None:
     return _triton  # type: ignore[return-value]
 
 
+def triton_failure(exc: BaseException) -> bool:
+    """An error raised by Triton itself (compiling or launching a kernel), not by the model."""
+    return (type(exc).__module__ or "").startswith("triton")
+
+
+def disable(exc: BaseException) -> None:
+    """Turn the fused path off for this process after a Triton failure (the torch path takes over)."""
+    global ENABLED
+    ENABLED = False
+    log.warning("Z-Image fused kernels failed (%s: %s); using the plain torch path from now on.",
+                type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+
+
 def _interpreting() -> bool:
     mod = triton_kernels()
     return bool(mod is not None and mod.INTERPRET)
@@ -90,8 +103,13 @@ def _rows_ok(x: torch.Tensor, *per_batch: torch.Tensor | None) -> bool:
 
 def norm_modulate(x: torch.Tensor, norm: Any, scale: torch.Tensor | None, fused: bool) -> torch.Tensor:
     """`norm(x) * (1 + scale)` (just `norm(x)` without scale); norm is an RMSNorm (weight, eps)."""
-    if fused and _rows_ok(x, scale) and _no_grad_params(norm.weight, scale):
-        return triton_kernels().rms_norm_modulate(x, _w(norm, x), scale, norm.eps)
+    if fused and ENABLED and _rows_ok(x, scale) and _no_grad_params(norm.weight, scale):
+        try:
+            return triton_kernels().rms_norm_modulate(x, _w(norm, x), scale, norm.eps)
+        except Exception as exc:
+            if not triton_failure(exc):
+                raise
+            disable(exc)
     y = norm(x)
     return y if scale is None else y * (1 + scale)
 
@@ -101,12 +119,17 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, norm: Any, gate: torch.Tens
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`x + tanh(gate) * norm(clamp_fp16(y))` (`x + norm(..)` without gate) and, when `next_norm` is
     given, also the next sub-block's input `norm_modulate(new x, next_norm, next_scale)`."""
-    if (fused and y.shape == x.shape and y.dtype == x.dtype and _rows_ok(x, gate, next_scale)
+    if (fused and ENABLED and y.shape == x.shape and y.dtype == x.dtype and _rows_ok(x, gate, next_scale)
             and (next_norm is not None or next_scale is None)
             and _no_grad_params(y, norm.weight, gate, next_scale)
             and (next_norm is None or next_norm.eps == norm.eps)):
-        return triton_kernels().gated_residual(x, y, _w(norm, x), gate, norm.eps,
-                                               _w(next_norm, x) if next_norm is not None else None, next_scale)
+        try:
+            return triton_kernels().gated_residual(x, y, _w(norm, x), gate, norm.eps,
+                                                   _w(next_norm, x) if next_norm is not None else None, next_scale)
+        except Exception as exc:
+            if not triton_failure(exc):
+                raise
+            disable(exc)
     h = norm(clamp_fp16(y))
     x = x + h if gate is None else torch.addcmul(x, gate.tanh(), h)
     if next_norm is None:
@@ -137,19 +160,29 @@ def qk_norm_rope(qkv: torch.Tensor, q_norm: Any, k_norm: Any, rope: torch.Tensor
     (B, N, H, D). The fused path rewrites q and k in qkv's own memory (it is the projection's fresh
     output) and returns views."""
     b, n, _, h, d = qkv.shape
-    if (fused and qkv.is_contiguous() and _pow2(d) and q_norm.eps == k_norm.eps
+    if (fused and ENABLED and qkv.is_contiguous() and _pow2(d) and q_norm.eps == k_norm.eps
             and rope.ndim == 6 and rope.shape[1] == n and rope.shape[0] in (1, b) and rope.shape[2] == 1
             and rope.shape[3:] == (d // 2, 2, 2) and rope.device == qkv.device
             and _no_grad_params(qkv, q_norm.weight, k_norm.weight)):
-        triton_kernels().qk_norm_rope_(qkv, _w(q_norm, qkv), _w(k_norm, qkv),
-                                       rope.to(qkv.dtype).reshape(rope.shape[0], n, d // 2, 2, 2), q_norm.eps)
-        return qkv.unbind(2)
+        try:
+            triton_kernels().qk_norm_rope_(qkv, _w(q_norm, qkv), _w(k_norm, qkv),
+                                           rope.to(qkv.dtype).reshape(rope.shape[0], n, d // 2, 2, 2), q_norm.eps)
+            return qkv.unbind(2)
+        except Exception as exc:  # Triton fails before it writes anything: qkv is intact
+            if not triton_failure(exc):
+                raise
+            disable(exc)
     q, k, v = qkv.unbind(2)
     return apply_rope(q_norm(q), rope), apply_rope(k_norm(k), rope), v
 
 
 def silu_mul(a: torch.Tensor, b: torch.Tensor, fused: bool) -> torch.Tensor:
     """`clamp_fp16(silu(a) * b)`: the SwiGLU product."""
-    if fused and a.shape == b.shape and a.dtype == b.dtype and _no_grad_params(a, b):
-        return triton_kernels().silu_mul(a, b)
+    if fused and ENABLED and a.shape == b.shape and a.dtype == b.dtype and _no_grad_params(a, b):
+        try:
+            return triton_kernels().silu_mul(a, b)
+        except Exception as exc:
+            if not triton_failure(exc):
+                raise
+            disable(exc)
     return clamp_fp16(F.silu(a) * b)
