@@ -46,6 +46,18 @@ def test_fp8_fast_weights_use_fp8_matmuls_and_stay_close():
     assert _rel(out, reference) < 0.1
 
 
+def test_fp8_attention_weight_dtype_switches_attention_to_fp8():
+    reference = _sample(_load("default"))
+    model = _load("fp8_e4m3fn_fast_attention")
+    dit = model.model.diffusion_model
+    blocks = [*dit.noise_refiner, *dit.context_refiner, *dit.layers]
+    assert all(b.attention.fp8_attention for b in blocks)
+    assert all(b.attention.qkv.weight.dtype == torch.float8_e4m3fn for b in blocks)
+    out = _sample(model)
+    assert torch.isfinite(out).all() and 0 < _rel(out, reference) < 0.15
+    assert not any(b.attention.fp8_attention for b in _load("fp8_e4m3fn_fast").model.diffusion_model.layers)
+
+
 def test_compile_node_returns_a_compiled_clone_and_leaves_the_other_branch_eager():
     model = _load("default")
     reference = _sample(model)
