@@ -110,7 +110,8 @@ def main() -> None:
     q8 = (q.float() / qs[..., None]).to(fp8).transpose(1, 2).contiguous()
     k8 = (k.float() / ks[..., None]).to(fp8).transpose(1, 2).contiguous()
     v8t = (v.float() / vs[:, None]).to(fp8).permute(0, 2, 3, 1).contiguous()
-    quant = (q8, k8, v8t, qs.transpose(1, 2).contiguous(), ks.transpose(1, 2).contiguous(), vs.contiguous())
+    vm = torch.zeros_like(vs)
+    quant = (q8, k8, v8t, qs.transpose(1, 2).contiguous(), ks.transpose(1, 2).contiguous(), vs.contiguous(), vm)
     got = ta.fp8_attention(q, k, v, p_fp8=False, quantized=quant)
     deq = (q8.double() * quant[3][..., None], k8.double() * quant[4][..., None],
            v8t.double().transpose(-1, -2) * vs[:, :, None, :].double())
@@ -123,6 +124,12 @@ def main() -> None:
     OUT["attn_fp8_rel"] = ((got.double() - exact).norm() / exact.norm()).item()
     OUT["attn_reference_rel"] = ((fa.attention_reference(q, k, v).double() - exact).norm() / exact.norm()).item()
     OUT["attn_dispatch_uses_kernel"] = float(fa.kernel_supported(q))
+    # k and v with a common offset: the kernel centres them (exact), so the error stays at the same level.
+    k2 = (k.float() + 30 * torch.randn(1, 1, h, hd)).to(bf)
+    v2 = (v.float() + 30 * torch.randn(1, 1, h, hd)).to(bf)
+    exact = F.scaled_dot_product_attention(q.double().transpose(1, 2), k2.double().transpose(1, 2),
+                                           v2.double().transpose(1, 2)).transpose(1, 2)
+    OUT["attn_fp8_offset_rel"] = ((fa.fp8_attention(q, k2, v2).double() - exact).norm() / exact.norm()).item()
 
     # The whole tiny transformer: fused path (interpreted kernels) against the reference path.
     OUT.update(whole_model())

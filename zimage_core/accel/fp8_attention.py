@@ -51,13 +51,17 @@ def kernel_supported(q: torch.Tensor) -> bool:
 
 def quantize_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v (B, N, H, D) -> their fp8 round trips (dequantized, float32): per-row scales for q and k,
-    per-channel scales (over the tokens) for v; the kernel's quantization."""
+    """q, k, v (B, N, H, D) -> fp8 round trips (dequantized, float32) with the kernel's quantization:
+    per-row scales for q and for k minus its token mean (softmax ignores that shift, so the mean is not
+    added back), per-channel scales for v minus its token mean (added back: probabilities sum to 1)."""
     def rows(t: torch.Tensor) -> torch.Tensor:
-        s = (t.float().abs().amax(-1, keepdim=True) / FP8_MAX).clamp_(min=1e-12)
-        return (t.float() / s).to(FP8).float() * s
-    s = (v.float().abs().amax(1, keepdim=True) / FP8_MAX).clamp_(min=1e-12)
-    return rows(q), rows(k), (v.float() / s).to(FP8).float() * s
+        s = (t.abs().amax(-1, keepdim=True) / FP8_MAX).clamp_(min=1e-12)
+        return (t / s).to(FP8).float() * s
+    kc = k.float() - k.float().mean(1, keepdim=True)
+    vm = v.float().mean(1, keepdim=True)
+    vc = v.float() - vm
+    s = (vc.abs().amax(1, keepdim=True) / FP8_MAX).clamp_(min=1e-12)
+    return rows(q.float()), rows(kc), (vc / s).to(FP8).float() * s + vm
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

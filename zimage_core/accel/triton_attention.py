@@ -22,9 +22,10 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _quant_rows_kernel(Q, K, Q8, K8, QS, KS, N, H, sqb, sqn, sqh, skb, skn, skh,
+def _quant_rows_kernel(Q, K, KM, Q8, K8, QS, KS, N, H, sqb, sqn, sqh, skb, skn, skh,
                        HP: tl.constexpr, HD: tl.constexpr):
-    """q, k (B, N, H, HD) strided -> e4m3 (B, H, N, HD) contiguous with per-row scales (B, H, N)."""
+    """q, k (B, N, H, HD) strided -> e4m3 (B, H, N, HD) contiguous with per-row scales (B, H, N);
+    k minus its mean over the tokens KM (B, H, HD) first."""
     tok = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     b = tok // N
@@ -39,6 +40,8 @@ def _quant_rows_kernel(Q, K, Q8, K8, QS, KS, N, H, sqb, sqn, sqh, skb, skn, skh,
         src = K + b * skb + n * skn + heads[:, None] * skh + dims[None, :]
         dst, sc = K8, KS
     x = tl.load(src, mask=hm[:, None], other=0.0).to(tl.float32)
+    if part == 1:
+        x -= tl.load(KM + (b * H + heads[:, None]) * HD + dims[None, :], mask=hm[:, None], other=0.0)
     s = tl.maximum(tl.max(tl.abs(x), axis=1) / 448.0, 1e-12)
     row = (b * H + heads) * N + n  # (b, h, n) row index
     tl.store(dst + row[:, None] * HD + dims[None, :], (x / s[:, None]).to(dst.dtype.element_ty), mask=hm[:, None])
@@ -46,9 +49,9 @@ def _quant_rows_kernel(Q, K, Q8, K8, QS, KS, N, H, sqb, sqn, sqh, skb, skn, skh,
 
 
 @triton.jit
-def _quant_v_kernel(V, VS, V8T, N, H, svb, svn, svh, HD: tl.constexpr, BLOCK_N: tl.constexpr):
-    """v (B, N, H, HD) strided, scales (B, H, HD) -> e4m3 (B, H, HD, N) (tokens contiguous: the
-    layout fp8 tensor-core dots need for the second operand)."""
+def _quant_v_kernel(V, VM, VS, V8T, N, H, svb, svn, svh, HD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """v (B, N, H, HD) strided minus its mean VM, scales (B, H, HD) -> e4m3 (B, H, HD, N) (tokens
+    contiguous: the layout fp8 tensor-core dots need for the second operand)."""
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -57,7 +60,7 @@ def _quant_v_kernel(V, VS, V8T, N, H, svb, svn, svh, HD: tl.constexpr, BLOCK_N: 
     m = offs_n < N
     x = tl.load(V + b * svb + offs_n[:, None] * svn + h * svh + dims[None, :], mask=m[:, None], other=0.0)
     s = tl.load(VS + bh * HD + dims)
-    y = (x.to(tl.float32) / s[None, :]).to(V8T.dtype.element_ty)
+    y = ((x.to(tl.float32) - tl.load(VM + bh * HD + dims)[None, :]) / s[None, :]).to(V8T.dtype.element_ty)
     tl.store(V8T + bh * HD * N + dims[None, :] * N + offs_n[:, None], y, mask=m[:, None])
 
 
@@ -94,7 +97,7 @@ def _attn_step(acc, l_i, m_i, q, qs, K8, KS, V8T, kv_base, ks_base, start_n, N, 
 
 
 @triton.jit
-def _attn_fwd_kernel(Q8, K8, V8T, QS, KS, VS, OUT, N, H, qk_scale,
+def _attn_fwd_kernel(Q8, K8, V8T, QS, KS, VS, VM, OUT, N, H, qk_scale,
                      HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, P_FP8: tl.constexpr):
     start_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -118,7 +121,7 @@ def _attn_fwd_kernel(Q8, K8, V8T, QS, KS, VS, OUT, N, H, qk_scale,
         acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, qs, K8, KS, V8T, kv_base, bh * N, n_full, N, offs_n, dims,
                                    HD, True, P_FP8)
     vs = tl.load(VS + bh * HD + dims)
-    out = acc / l_i[:, None] * vs[None, :]
+    out = acc / l_i[:, None] * vs[None, :] + tl.load(VM + bh * HD + dims)[None, :]
     o_ptrs = OUT + (b * N + offs_m[:, None]) * (H * HD) + h * HD + dims[None, :]
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=mrow[:, None])
 
@@ -134,22 +137,29 @@ _attn_fwd_tuned = triton.autotune(configs=_CONFIGS, key=["N", "HD"])(_attn_fwd_k
 
 def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """q, k, v (B, N, H, HD) (strided views allowed, last dim contiguous) -> e4m3 q8, k8 (B, H, N, HD),
-    v8t (B, H, HD, N) and float32 scales qs, ks (B, H, N), vs (B, H, HD)."""
+    v8t (B, H, HD, N), float32 scales qs, ks (B, H, N), vs (B, H, HD), and v's mean vm (B, H, HD).
+
+    k and v are centred on their means over the tokens first (exact: a constant added to every logit of
+    a row leaves its softmax unchanged, and each row of probabilities sums to 1, so P(v - vm) + vm = Pv);
+    a common offset then costs no fp8 range."""
     b, n, h, hd = q.shape
     fp8 = torch.float8_e4m3fn
     q8 = torch.empty(b, h, n, hd, device=q.device, dtype=fp8)
     k8 = torch.empty_like(q8)
     qs = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
     ks = torch.empty_like(qs)
-    _quant_rows_kernel[(b * n, 2)](q, k, q8, k8, qs, ks, n, h, q.stride(0), q.stride(1), q.stride(2),
+    km = k.mean(dim=1, dtype=torch.float32).contiguous()  # (B, H, HD)
+    _quant_rows_kernel[(b * n, 2)](q, k, km, q8, k8, qs, ks, n, h, q.stride(0), q.stride(1), q.stride(2),
                                    k.stride(0), k.stride(1), k.stride(2), HP=triton.next_power_of_2(h), HD=hd,
                                    num_warps=4)
-    vs = (v.abs().amax(dim=1).float() / FP8_MAX).clamp_(min=1e-12).contiguous()  # (B, H, HD)
+    vm = v.mean(dim=1, dtype=torch.float32).contiguous()  # (B, H, HD)
+    spread = torch.maximum(v.amax(dim=1).float() - vm, vm - v.amin(dim=1).float())
+    vs = (spread / FP8_MAX).clamp_(min=1e-12).contiguous()
     v8t = torch.empty(b, h, hd, n, device=q.device, dtype=fp8)
     block = 16 if INTERPRET else 64
-    _quant_v_kernel[(triton.cdiv(n, block), b * h)](v, vs, v8t, n, h, v.stride(0), v.stride(1), v.stride(2),
+    _quant_v_kernel[(triton.cdiv(n, block), b * h)](v, vm, vs, v8t, n, h, v.stride(0), v.stride(1), v.stride(2),
                                                     HD=hd, BLOCK_N=block, num_warps=4)
-    return q8, k8, v8t, qs, ks, vs
+    return q8, k8, v8t, qs, ks, vs, vm
 
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
@@ -160,13 +170,13 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     b, n, h, hd = q.shape
-    q8, k8, v8t, qs, ks, vs = quantized if quantized is not None else quantize_qkv(q, k, v)
+    q8, k8, v8t, qs, ks, vs, vm = quantized if quantized is not None else quantize_qkv(q, k, v)
     out = torch.empty(b, n, h, hd, device=q.device, dtype=q.dtype)
     qk_scale = (scale if scale is not None else hd ** -0.5) * LOG2E
     if INTERPRET:
-        _attn_fwd_kernel[(triton.cdiv(n, 16), b * h)](q8, k8, v8t, qs, ks, vs, out, n, h, qk_scale,
+        _attn_fwd_kernel[(triton.cdiv(n, 16), b * h)](q8, k8, v8t, qs, ks, vs, vm, out, n, h, qk_scale,
                                                       HD=hd, BLOCK_M=16, BLOCK_N=16, P_FP8=p_fp8)
     else:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h)  # noqa: E731
-        _attn_fwd_tuned[grid](q8, k8, v8t, qs, ks, vs, out, n, h, qk_scale, HD=hd, P_FP8=p_fp8)
+        _attn_fwd_tuned[grid](q8, k8, v8t, qs, ks, vs, vm, out, n, h, qk_scale, HD=hd, P_FP8=p_fp8)
     return out
