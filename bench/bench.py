@@ -1153,7 +1153,7 @@ def _profile(label: str, fn: Callable[[], Any], nrows: int = 12) -> dict[str, An
     cats: dict[str, float] = {}
     for ms, _, name in rows:
         n = name.lower()
-        cat = ("attention" if ("fmha" in n or "flash" in n or "sdpa" in n or "attention" in n) else
+        cat = ("attention" if ("fmha" in n or "flash" in n or "sdpa" in n or "attn" in n) else
                "matmul" if ("gemm" in n or "xmma" in n or "cutlass" in n or "nvjet" in n or "matmul" in n) else
                "conv" if ("conv" in n or "implicit" in n or "winograd" in n or "cudnn" in n) else
                "elementwise/other")

@@ -156,6 +156,15 @@ def whole_model() -> dict[str, float]:
         model.fused_kernels = False
         ref = model(x, sigma, caps).double()
         res["model_fp32_fused_vs_ref_rel"] = ((fused - ref).norm() / ref.norm()).item()
+        # torch.compile of the blocks: traced blocks take the plain ops (Inductor fuses them) and keep fp8
+        # attention as an opaque custom op; the result matches the eager fused path.
+        model.fused_kernels = True
+        model.set_fp8_attention(True)
+        eager = model(x, sigma, caps).double()
+        assert model.compile_blocks()
+        compiled = model(x, sigma, caps).double()
+        res["model_compiled_fp8attn_vs_eager_rel"] = ((compiled - eager).norm() / eager.norm()).item()
+        res["model_fp8attn_vs_ref_rel"] = ((eager - ref).norm() / ref.norm()).item()
     return res
 
 

@@ -72,7 +72,18 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def _op_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return _kernel_module().fp8_attention(q, k, v)
+    # Runs eagerly even inside compiled blocks (an opaque custom op), so device checks are made here.
+    global _triton_attn
+    if kernel_supported(q):
+        try:
+            return _kernel_module().fp8_attention(q, k, v)
+        except Exception as exc:
+            if not triton_failure(exc):
+                raise
+            _triton_attn = None  # the emulation from now on
+            log.warning("Z-Image fp8 attention kernel failed (%s: %s); using its torch emulation.",
+                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+    return attention_reference(q, k, v).contiguous()
 
 
 try:
@@ -81,25 +92,19 @@ try:
     @_op.register_fake
     def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return q.new_empty(q.shape)
-except Exception as exc:  # noqa: BLE001 - old torch without torch.library.custom_op: call the kernel directly
+except Exception as exc:  # noqa: BLE001 - old torch without torch.library.custom_op: call it directly
     log.debug("custom op registration failed (%s)", exc)
     _op = _op_impl
 
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
                   ) -> torch.Tensor:
-    """Attention of q, k, v (B, N, H, D) through fp8; returns (B, N, H, D) in q's dtype."""
+    """Attention of q, k, v (B, N, H, D) through fp8; returns (B, N, H, D) in q's dtype.
+
+    Key-padding masks (prompts of different lengths in one batch) and autograd take the emulation."""
     d = q.shape[-1]
     if (mask is None and q.ndim == 4 and q.shape == k.shape == v.shape and q.dtype in (torch.bfloat16, torch.float16)
-            and d >= 16 and d & (d - 1) == 0 and kernel_supported(q)
+            and d >= 16 and d & (d - 1) == 0
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
-        try:
-            return _op(q, k, v)
-        except Exception as exc:
-            if torch.compiler.is_compiling() or not triton_failure(exc):
-                raise
-            global _triton_attn
-            _triton_attn = None  # the reference path from now on
-            log.warning("Z-Image fp8 attention kernel failed (%s: %s); using its torch emulation.",
-                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+        return _op(q, k, v)
     return attention_reference(q, k, v, mask)
