@@ -28,10 +28,10 @@ def load(paths: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return results, nodes
 
 
-def find(results, impl: str, what: str, size: int | None = SIZE, batch: int | None = BATCH, **match):
+def find(results, impl: str, what: str, size: int | None = None, batch: int | None = None):
+    size, batch = SIZE if size is None else size, BATCH if batch is None else batch
     hits = [r for r in results if r.get("impl") == impl and r.get("what") == what
-            and (size is None or r.get("size") == size) and (batch is None or r.get("batch") == batch)
-            and all(r.get(k) == v for k, v in match.items())]
+            and r.get("size") == size and r.get("batch") == batch]
     return hits[-1] if hits else None
 
 
@@ -163,10 +163,13 @@ def build(results, nodes) -> str:
 
 
 def main() -> None:
+    global SIZE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+")
     ap.add_argument("--md", help="also write the tables to this file")
+    ap.add_argument("--size", type=int, default=1024, help="the size of the targets table (default 1024)")
     args = ap.parse_args()
+    SIZE = args.size
     results, nodes = load(args.files)
     text = build(results, nodes)
     print(text)
