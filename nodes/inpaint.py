@@ -25,7 +25,9 @@ def mask_batch(mask: torch.Tensor, node: str, name: str = "mask") -> torch.Tenso
     if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3, 4) or (mask.ndim == 4 and mask.shape[1] != 1):
         found = f"shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"{node}: {name} must be a MASK (batch, height, width), got {found}.")
-    m = mask.detach().to(torch.float32).reshape(-1, mask.shape[-2], mask.shape[-1])
+    # On the CPU: small, and its convolutions are exact there (a GPU FFT convolution could leave tiny
+    # nonzero values far from the mask, which the composite would then blend).
+    m = mask.detach().to(device="cpu", dtype=torch.float32).reshape(-1, mask.shape[-2], mask.shape[-1])
     if m.numel() == 0:
         raise ValueError(f"{node}: {name} is empty ({tuple(mask.shape)}).")
     if not bool(torch.isfinite(m).all()):

@@ -10,7 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.comfy_harness import INPAINT, comfy, comfy_module, demo_prompt, fresh_run, nodes_of, saved_images
+from tests.comfy_harness import (
+    INPAINT,
+    comfy,
+    comfy_module,
+    demo_prompt,
+    fresh_run,
+    nodes_of,
+    run_ok,
+    saved_images,
+)
 from zimage_core.demo_weights import DEMO_FILES
 
 # KSampler's "simple" schedule equals Turbo's when 1000 is a multiple of the steps (as in test_comfy_core_types).
@@ -70,12 +79,12 @@ def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
 # --- the shipped workflow, through ComfyUI's executor -------------------------------------------------------
 
 
-@pytest.mark.parametrize("grow, feather", [(0, 0), (4, 3), (8, 8)])
+@pytest.mark.parametrize("grow, feather", [(0, 0), (6, 3)])
 def test_workflow_changes_no_pixel_outside_the_grown_feathered_mask(images, grow, feather):
     prompt = demo_prompt(INPAINT, seed=5, ZImageInpaintMask__grow=grow, ZImageInpaintMask__feather=feather)
     (load,) = nodes_of(prompt, "LoadImage")
     prompt[load]["inputs"]["image"] = PAINTED
-    (out,) = saved_images(fresh_run(prompt))
+    (out,) = saved_images(run_ok(prompt))  # loaders may come from ComfyUI's cache; the rest runs again
     source = images["rgb"]
     assert out.shape == source.shape  # the 80x72 picture, though sampling ran on its 80x64 centre crop
     reach = _dilate(images["painted"], grow + feather)
@@ -91,7 +100,7 @@ def test_mask_editor_result_loads_from_clipspace(images):
     prompt[load]["inputs"]["image"] = PAINTED
     (direct,) = saved_images(fresh_run(prompt))
     prompt[load]["inputs"]["image"] = f"{CLIPSPACE} [input]"
-    (clipspace,) = saved_images(fresh_run(prompt))
+    (clipspace,) = saved_images(run_ok(prompt))  # a new LoadImage input: everything after it runs again
     assert np.array_equal(direct, clipspace)
     assert not np.array_equal(clipspace, images["rgb"])
 
