@@ -2,6 +2,7 @@
 
 from .compile import ZImageCompileModel, ZImageCompileVAE
 from .conditioning import ZImageTextEncode
+from .inpaint import ZImageInpaintComposite, ZImageInpaintMask
 from .latent import ZImageEmptyLatent
 from .loaders import ZImageModelLoader, ZImageTextEncoderLoader, ZImageVAELoader
 from .sampling import ZImageImg2ImgSampler, ZImageTurboSampler
@@ -17,6 +18,8 @@ NODE_CLASS_MAPPINGS = {
     "ZImageImg2ImgSampler": ZImageImg2ImgSampler,
     "ZImageVAEEncode": ZImageVAEEncode,
     "ZImageVAEDecode": ZImageVAEDecode,
+    "ZImageInpaintMask": ZImageInpaintMask,
+    "ZImageInpaintComposite": ZImageInpaintComposite,
     "ZImageCompileModel": ZImageCompileModel,
     "ZImageCompileVAE": ZImageCompileVAE,
 }
@@ -31,6 +34,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageImg2ImgSampler": "Z-Image Img2Img Sampler",
     "ZImageVAEEncode": "Z-Image VAE Encode",
     "ZImageVAEDecode": "Z-Image VAE Decode",
+    "ZImageInpaintMask": "Z-Image Inpaint Mask (grow/feather)",
+    "ZImageInpaintComposite": "Z-Image Inpaint Composite",
     "ZImageCompileModel": "Z-Image Compile Model (torch.compile)",
     "ZImageCompileVAE": "Z-Image Compile VAE (fused GroupNorm·SiLU)",
 }

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
 T2I = WORKFLOWS / "z_image_turbo_text_to_image.json"
 IMG2IMG = WORKFLOWS / "z_image_turbo_img2img.json"
+INPAINT = WORKFLOWS / "z_image_turbo_inpaint.json"
 BATCH = WORKFLOWS / "z_image_turbo_seed_variations.json"
 LORA_CORE = WORKFLOWS / "z_image_turbo_lora_core_nodes.json"
 DEMO_LORA = "zimage_demo_random_lora.safetensors"

@@ -25,6 +25,8 @@ _EXPORTS = {
     "make_noise": "sampling",
     "sample_text_to_image": "sampling",
     "sample_img2img": "sampling",
+    "sample_inpaint": "sampling",
+    "latent_inpaint_mask": "sampling",
     "sample_euler": "sampling",
     # text encoder
     "load_text_encoder": "text_encoder",
