@@ -2,6 +2,7 @@
 
 from .compile import ZImageCompileModel, ZImageCompileVAE
 from .conditioning import ZImageTextEncode
+from .controlnet import ZImageControlNetApply, ZImageControlNetLoader
 from .latent import ZImageEmptyLatent
 from .loaders import ZImageModelLoader, ZImageTextEncoderLoader, ZImageVAELoader
 from .sampling import ZImageImg2ImgSampler, ZImageTurboSampler
@@ -19,6 +20,8 @@ NODE_CLASS_MAPPINGS = {
     "ZImageVAEDecode": ZImageVAEDecode,
     "ZImageCompileModel": ZImageCompileModel,
     "ZImageCompileVAE": ZImageCompileVAE,
+    "ZImageControlNetLoader": ZImageControlNetLoader,
+    "ZImageControlNetApply": ZImageControlNetApply,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -33,4 +36,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageVAEDecode": "Z-Image VAE Decode",
     "ZImageCompileModel": "Z-Image Compile Model (torch.compile)",
     "ZImageCompileVAE": "Z-Image Compile VAE (fused GroupNorm·SiLU)",
+    "ZImageControlNetLoader": "Z-Image ControlNet Loader (Fun Union)",
+    "ZImageControlNetApply": "Z-Image ControlNet Apply",
 }
