@@ -137,3 +137,70 @@ def test_a_controlnet_file_in_the_model_loader_names_both(tmp_path):
     path = write_random_controlnet(tmp_path / "cn.safetensors", "2.1", dim=DIM, n_heads=HEADS)
     with pytest.raises(CheckpointError, match="Fun ControlNet.*ControlNet Loader"):
         load_transformer(path)
+
+
+# -- the pipelines: ZImageControlNetPipeline / ZImageControlNetInpaintPipeline, end to end -----------------
+
+class _ControlDenoiser:
+    """Our transformer + ControlRun as the samplers' Denoiser (what the ComfyUI nodes do through patches)."""
+
+    def __init__(self, ours, net, control, scale):
+        self.ours, self.dtype, self.device = ours, torch.float32, torch.device("cpu")
+        cfg = ours.config
+        self.run = ControlRun(net, control, scale, style="diffusers", axes_dims=cfg.axes_dims,
+                              rope_theta=cfg.rope_theta)
+
+    def __call__(self, x, sigma, caps):
+        with torch.no_grad():
+            return self.ours(x, sigma, caps, hooks=ControlHooks(self.ours, [self.run]))
+
+
+def _vae_encode(vae):
+    def encode(pixels: torch.Tensor) -> torch.Tensor:  # (B, H, W, 3) in [0, 1] → scaled latents, as the pipelines
+        with torch.no_grad():
+            z = vae.encode(pixels.movedim(-1, 1) * 2 - 1).latent_dist.mode()
+        return (z - vae.config.shift_factor) * vae.config.scaling_factor
+    return encode
+
+
+@pytest.mark.parametrize("written,inpaint", [("1.0", False), ("2.1", False), ("2.1", True), ("lite", True)],
+                         ids=["1.0", "2.1", "2.1-inpaint", "lite-inpaint"])
+def test_pipelines_match_our_sampler(written, inpaint, main_models, tmp_path):
+    from diffusers import ZImageControlNetInpaintPipeline, ZImageControlNetPipeline
+
+    from tests.sampling_fixtures import build_flux_vae, zimage_scheduler
+    from zimage_core import make_noise, sample_text_to_image
+    from zimage_core.controlnet import control_latents
+
+    ref, ours = main_models
+    folder = write_random_controlnet(tmp_path / "cn", written, dim=DIM, n_heads=HEADS, seed=5, dtype=torch.float32,
+                                     std=0.05, folder=True)
+    controlnet = ZImageControlNetModel.from_pretrained(folder).eval()
+    vae = build_flux_vae(seed=1)
+    g = torch.Generator().manual_seed(8)
+    control_px = torch.rand(1, 16, 24, 3, generator=g)
+    image_px = torch.rand(1, 16, 24, 3, generator=g)
+    mask = torch.rand(1, 16, 24, generator=g)  # soft: the pipeline binarizes at 0.5
+    caps = [torch.randn(20, 32, generator=g)]
+    noise = make_noise((1, 16, 8, 12), 5)
+    kwargs = dict(prompt_embeds=caps, latents=noise.clone(), height=16, width=24, num_inference_steps=4,
+                  guidance_scale=0.0, controlnet_conditioning_scale=0.7, output_type="latent",
+                  control_image=control_px.movedim(-1, 1) * 2 - 1)
+    common = dict(scheduler=zimage_scheduler(), vae=vae, text_encoder=None, tokenizer=None, transformer=ref,
+                  controlnet=controlnet)
+    if inpaint:
+        pipe = ZImageControlNetInpaintPipeline(**common)
+        kwargs.update(image=image_px.movedim(-1, 1) * 2 - 1, mask_image=mask[:, None])
+    else:
+        pipe = ZImageControlNetPipeline(**common)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        expected = pipe(**kwargs).images
+    net, _ = load_controlnet(folder, dtype=torch.float32)
+    control = control_latents(_vae_encode(vae), net.config.in_channels, control_image=control_px,
+                              inpaint_image=image_px if inpaint else None, mask=mask if inpaint else None,
+                              style="diffusers")
+    got = sample_text_to_image(_ControlDenoiser(ours, net, control, 0.7), caps, noise, steps=4)
+    without = sample_text_to_image(_ControlDenoiser(ours, net, control, 0.0), caps, noise, steps=4)
+    assert _rel(expected, without) > 1e-3
+    assert _rel(got, expected) < TOL, _rel(got, expected)
