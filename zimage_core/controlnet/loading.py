@@ -270,7 +270,7 @@ def load_controlnet(path: str | os.PathLike, *, dtype: torch.dtype | None = None
 # -- random-weight files in the published layouts (tests and demos) --------------------------------------
 
 def random_controlnet_state_dict(layout: str, *, dim: int = 3840, n_heads: int = 30, seed: int = 0,
-                                 std: float | None = None) -> dict[str, torch.Tensor]:
+                                 std: float | None = None, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Random tensors under the published files' names and shapes for `layout` ("1.0", "2.0", "2.0-broken"
     i.e. with the untrained all-zero refiner ComfyUI calls broken, "2.1", "lite", "tile" = 2.1's)."""
     base = {"tile": "2.1", "2.0-broken": "2.0"}.get(layout, layout)
@@ -298,7 +298,7 @@ def random_controlnet_state_dict(layout: str, *, dim: int = 3840, n_heads: int =
             value = 0.02 * r
         keys = file_keys(name)
         for key, part in zip(keys, value.chunk(len(keys), 0), strict=True):
-            out[key] = part.contiguous()
+            out[key] = part.to(dtype).contiguous()  # converted tensor by tensor: full-width files stay small
     if layout == "2.0-broken":
         for key in list(out):
             if key.startswith("control_noise_refiner."):
@@ -329,8 +329,7 @@ def write_random_controlnet(path: str | os.PathLike, layout: str, *, dim: int = 
     """Write `layout` as an alibaba-pai single file, or (folder=True) as a diffusers model folder."""
     from safetensors.torch import save_file
 
-    state = {k: v.to(dtype) for k, v in random_controlnet_state_dict(layout, dim=dim, n_heads=n_heads, seed=seed,
-                                                                      std=std).items()}
+    state = random_controlnet_state_dict(layout, dim=dim, n_heads=n_heads, seed=seed, std=std, dtype=dtype)
     path = Path(path)
     meta = {"format": "pt", **(metadata or {})}
     if folder:
