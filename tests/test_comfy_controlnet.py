@@ -223,14 +223,23 @@ def test_real_modelpatchloader_lite_on_native_and_our_model(tiny):
                                                                image=image, inpaint_image=image, mask=mask)[0],
                                             cond, latent)
         results["plain"] = _sample(nodes, native, cond, latent)
+        # The diffusers computation re-runs the MODEL's own noise-refiner blocks: native NextDiT's here.
+        results["diffusers_on_native"] = _sample(nodes, apply.apply(native, ours_net, vae, 0.7, 0.0, 1.0, "diffusers",
+                                                                    image=image, inpaint_image=image, mask=mask)[0],
+                                                 cond, latent)
         native = None
         mm.unload_all_models()
         gc.collect()
         mine = nodes.NODE_CLASS_MAPPINGS["ZImageModelLoader"]().load(FULL_DIT, "default")[0]
         results["ours"] = _sample(nodes, apply.apply(mine, ours_net, vae, 0.7, 0.0, 1.0, "comfyui", image=image,
                                                      inpaint_image=image, mask=mask)[0], cond, latent)
+        results["diffusers_on_ours"] = _sample(nodes, apply.apply(mine, ours_net, vae, 0.7, 0.0, 1.0, "diffusers",
+                                                                  image=image, inpaint_image=image, mask=mask)[0],
+                                               cond, latent)
         mine = None
         assert _rel(results["theirs"], results["plain"]) > 1e-3
+        assert _rel(results["diffusers_on_native"], results["diffusers_on_ours"]) < 1e-4
+        assert _rel(results["diffusers_on_ours"], results["ours"]) > 1e-3  # the two references really differ
         for key in ("ours_on_native", "ours"):
             assert _rel(results[key], results["theirs"]) < 1e-4, (key, _rel(results[key], results["theirs"]))
     finally:

@@ -142,7 +142,12 @@ class ZImageControlNet(nn.Module):
 
 
 def _batch(t: torch.Tensor, b: int) -> torch.Tensor:
-    return t if t.shape[0] == b else t.expand(b, *t.shape[1:])
+    """t's rows for a batch of b: as is, broadcast from one row, or cycled (ComfyUI's repeat_to_batch_size)."""
+    if t.shape[0] == b:
+        return t
+    if t.shape[0] == 1:
+        return t.expand(b, *t.shape[1:])
+    return t[torch.arange(b, device=t.device) % t.shape[0]]
 
 
 STYLES = ("diffusers", "comfyui")
