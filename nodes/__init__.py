@@ -2,6 +2,7 @@
 
 from .compile import ZImageCompileModel, ZImageCompileVAE
 from .conditioning import ZImageTextEncode
+from .controlnet import ZImageControlNetApply, ZImageControlNetLoader
 from .inpaint import ZImageInpaintComposite, ZImageInpaintMask
 from .latent import ZImageEmptyLatent
 from .loaders import ZImageModelLoader, ZImageTextEncoderLoader, ZImageVAELoader
@@ -22,6 +23,8 @@ NODE_CLASS_MAPPINGS = {
     "ZImageInpaintComposite": ZImageInpaintComposite,
     "ZImageCompileModel": ZImageCompileModel,
     "ZImageCompileVAE": ZImageCompileVAE,
+    "ZImageControlNetLoader": ZImageControlNetLoader,
+    "ZImageControlNetApply": ZImageControlNetApply,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -38,4 +41,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageInpaintComposite": "Z-Image Inpaint Composite",
     "ZImageCompileModel": "Z-Image Compile Model (torch.compile)",
     "ZImageCompileVAE": "Z-Image Compile VAE (fused GroupNorm·SiLU)",
+    "ZImageControlNetLoader": "Z-Image ControlNet Loader (Fun Union)",
+    "ZImageControlNetApply": "Z-Image ControlNet Apply",
 }

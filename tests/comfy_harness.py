@@ -34,6 +34,7 @@ LOADER_INPUTS = {
     "ZImageModelLoader": ("model_name", "diffusion_models"),
     "ZImageTextEncoderLoader": ("text_encoder_name", "text_encoders"),
     "ZImageVAELoader": ("vae_name", "vae"),
+    "ZImageControlNetLoader": ("control_net_name", "model_patches"),
 }
 
 _instance: HeadlessComfyUI | None = None

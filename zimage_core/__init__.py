@@ -34,6 +34,9 @@ _EXPORTS = {
     "load_tokenizer": "text_encoder",
     "QwenTokenizer": "text_encoder",
     "TokenizerNotFoundError": "text_encoder",
+    # Fun ControlNet Union
+    "load_controlnet": "controlnet",
+    "ZImageControlNet": "controlnet",
     # VAE
     "load_vae": "vae",
     "FluxVAE": "vae",

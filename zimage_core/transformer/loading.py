@@ -106,8 +106,16 @@ def detect_transformer_format(keys: Iterable[str], path: object = "<state dict>"
     raise CheckpointError(path, WHAT, _describe_other_model(keys), _fix_for_other_model(keys))
 
 
+def _is_controlnet(keys: set[str]) -> bool:
+    from ..controlnet.loading import is_controlnet_checkpoint  # lazy: controlnet builds on this package
+
+    return is_controlnet_checkpoint(keys)
+
+
 def _describe_other_model(keys: set[str]) -> str:
     text = " ".join(sorted(keys)[:2000])
+    if _is_controlnet(keys):
+        return "a Z-Image Fun ControlNet Union file (control_layers keys), not the transformer"
     if "double_blocks." in text or "single_blocks." in text:
         return "a FLUX-style transformer (double_blocks/single_blocks keys)"
     if "input_blocks." in text:
@@ -122,6 +130,9 @@ def _describe_other_model(keys: set[str]) -> str:
 
 def _fix_for_other_model(keys: set[str]) -> str:
     text = " ".join(sorted(keys)[:2000])
+    if _is_controlnet(keys):
+        return ("Put it in models/model_patches and load it with Z-Image ControlNet Loader; here pick "
+                "z_image_turbo_bf16.safetensors.")
     if "self_attn." in text:
         return "This is the text encoder: put qwen_3_4b.safetensors in models/text_encoders and load it there."
     if "decoder.conv_in" in text or "encoder.down" in text or "decoder.up" in text:
