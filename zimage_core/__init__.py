@@ -32,6 +32,10 @@ _EXPORTS = {
     "load_tokenizer": "text_encoder",
     "QwenTokenizer": "text_encoder",
     "TokenizerNotFoundError": "text_encoder",
+    # the text encoder as a causal LM, and the prompt enhancer on it
+    "CausalLM": "text_encoder",
+    "load_lm_tail": "text_encoder",
+    "enhance_prompt": "prompt_enhancer",
     # VAE
     "load_vae": "vae",
     "FluxVAE": "vae",
