@@ -2,6 +2,7 @@
 
 from .compile import ZImageCompileModel, ZImageCompileVAE
 from .conditioning import ZImageTextEncode
+from .enhancer import ZImagePromptEnhancer
 from .latent import ZImageEmptyLatent
 from .loaders import ZImageModelLoader, ZImageTextEncoderLoader, ZImageVAELoader
 from .sampling import ZImageImg2ImgSampler, ZImageTurboSampler
@@ -12,6 +13,7 @@ NODE_CLASS_MAPPINGS = {
     "ZImageTextEncoderLoader": ZImageTextEncoderLoader,
     "ZImageVAELoader": ZImageVAELoader,
     "ZImageTextEncode": ZImageTextEncode,
+    "ZImagePromptEnhancer": ZImagePromptEnhancer,
     "ZImageEmptyLatent": ZImageEmptyLatent,
     "ZImageTurboSampler": ZImageTurboSampler,
     "ZImageImg2ImgSampler": ZImageImg2ImgSampler,
@@ -26,6 +28,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageTextEncoderLoader": "Z-Image Text Encoder Loader (Qwen3-4B)",
     "ZImageVAELoader": "Z-Image VAE Loader",
     "ZImageTextEncode": "Z-Image Text Encode",
+    "ZImagePromptEnhancer": "Z-Image Prompt Enhancer (offline, Qwen3-4B)",
     "ZImageEmptyLatent": "Z-Image Empty Latent",
     "ZImageTurboSampler": "Z-Image Turbo Sampler",
     "ZImageImg2ImgSampler": "Z-Image Img2Img Sampler",
