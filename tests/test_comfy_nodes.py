@@ -12,7 +12,7 @@ from tests.comfy_harness import BATCH, IMG2IMG, LORA_CORE, T2I, WORKFLOWS, comfy
 
 NODE_IDS = ["ZImageModelLoader", "ZImageTextEncoderLoader", "ZImageVAELoader", "ZImageTextEncode",
             "ZImageEmptyLatent", "ZImageTurboSampler", "ZImageImg2ImgSampler", "ZImageVAEEncode",
-            "ZImageVAEDecode", "ZImageCompileModel", "ZImageCompileVAE"]
+            "ZImageVAEDecode", "ZImageCompileModel", "ZImageCompileVAE", "ZImagePromptEnhancer"]
 EXPECTED_INPUTS = {
     "ZImageModelLoader": {"model_name", "weight_dtype"},
     "ZImageTextEncoderLoader": {"text_encoder_name"},
@@ -25,6 +25,7 @@ EXPECTED_INPUTS = {
     "ZImageVAEDecode": {"vae", "latent"},
     "ZImageCompileModel": {"model", "mode"},
     "ZImageCompileVAE": {"vae"},
+    "ZImagePromptEnhancer": {"text", "mode", "seed", "max_new_tokens", "temperature", "clip", "text_encoder_name"},
 }
 
 
