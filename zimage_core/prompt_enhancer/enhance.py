@@ -20,7 +20,7 @@ from .instructions import DEFAULT_NEGATIVE, INSTRUCTIONS, MODES, QUALITY_BOOST
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _LATIN_WORD = re.compile(r"[A-Za-z]+")
 _THINK = re.compile(r"<think>.*?</think>", re.S)
-_LABEL = r"(?:\*\*|#+\s*)?\s*{names}\s*(?:\*\*)?\s*[:：]\s*(?:\*\*)?"
+_LABEL = r"(?:\*\*|#+\s*)?\s*(?:{names})\s*(?:\*\*)?\s*[:：]\s*(?:\*\*)?"
 _PROMPT_LABEL = re.compile("^" + _LABEL.format(names=r"(?:enhanced |improved |completed |english )?prompt|"
                                                       r"translation|提示词|优化后的提示词|补全后的提示词|正面提示词"),
                            re.I)
