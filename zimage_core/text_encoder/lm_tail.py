@@ -18,19 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoint.dequant import dequantize, quant_layers, stored_dtype
 from ..checkpoint.io import Checkpoint, open_checkpoint
 from ..checks import compute_dtype
 from ..errors import CheckpointError
-from .loading import (
-    FIX,
-    WHAT,
-    _dequantize,
-    _find_prefix,
-    _infer_config,
-    _quant_layers,
-    _stored_format,
-    _use_operations,
-)
+from .loading import FIX, WHAT, _find_prefix, _infer_config, _use_operations
 
 _TIE_SAMPLE_ROWS = 64  # rows of lm_head compared with the embedding to tell a tied head from an untied one
 
@@ -111,8 +103,8 @@ def _untied_head(ckpt: Checkpoint, prefix: str) -> str | None:
     if tuple(ckpt.shape(key)) != tuple(ckpt.shape(emb_key)):
         raise CheckpointError(ckpt.path, f"{WHAT}; {key} of the embedding's shape {tuple(ckpt.shape(emb_key))}",
                               f"shape {tuple(ckpt.shape(key))}", FIX)
-    quant = _quant_layers(ckpt)
-    if _stored_format(ckpt, key, quant) != _stored_format(ckpt, emb_key, quant):
+    layers = quant_layers(ckpt)
+    if stored_dtype(ckpt, key, layers, WHAT, FIX) != stored_dtype(ckpt, emb_key, layers, WHAT, FIX):
         return key
     # Saved tied heads are byte copies of the embedding: compare a spread of rows (cheap, no full read).
     n = ckpt.shape(key)[0]
@@ -152,16 +144,17 @@ def _assign(ckpt: Checkpoint, keys: dict[str, tuple[nn.Module, str]], dtype: tor
             "The text encoder itself still works with this file (Z-Image reads the second-to-last layer); the "
             "prompt enhancer needs the complete model: use qwen_3_4b.safetensors from Comfy-Org/z_image_turbo "
             "(split_files/text_encoders) or the text_encoder/ folder of Tongyi-MAI/Z-Image-Turbo.")
-    quant = _quant_layers(ckpt)
+    layers = quant_layers(ckpt)
+    stored: dict[str, torch.dtype] = {}
     for key, (module, attr) in keys.items():
         param = getattr(module, attr)
         if tuple(ckpt.shape(key)) != tuple(param.shape):
             raise CheckpointError(ckpt.path, f"{WHAT}; tensor {key} of shape {tuple(param.shape)}",
                                   f"shape {tuple(ckpt.shape(key))}", FIX)
-        _stored_format(ckpt, key, quant)
+        stored[key] = stored_dtype(ckpt, key, layers, WHAT, FIX)
     for key, (module, attr) in keys.items():
         if check_interrupt is not None:
             check_interrupt()
-        tensor = _dequantize(ckpt, key, quant, device)
+        tensor = dequantize(ckpt, key, stored[key], device)
         module._parameters[attr] = nn.Parameter(ckpt.owned(tensor.to(device=device, dtype=dtype)),
                                                 requires_grad=False)
