@@ -27,6 +27,7 @@ T2I = WORKFLOWS / "z_image_turbo_text_to_image.json"
 IMG2IMG = WORKFLOWS / "z_image_turbo_img2img.json"
 BATCH = WORKFLOWS / "z_image_turbo_seed_variations.json"
 LORA_CORE = WORKFLOWS / "z_image_turbo_lora_core_nodes.json"
+ENHANCED_PROMPT = WORKFLOWS / "z_image_turbo_enhanced_prompt.json"
 DEMO_LORA = "zimage_demo_random_lora.safetensors"
 SOURCE_IMAGE = "zimage_test_source.png"
 LOADER_INPUTS = {

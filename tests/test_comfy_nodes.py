@@ -8,7 +8,16 @@ import json
 
 import pytest
 
-from tests.comfy_harness import BATCH, IMG2IMG, LORA_CORE, T2I, WORKFLOWS, comfy_module, demo_prompt
+from tests.comfy_harness import (
+    BATCH,
+    ENHANCED_PROMPT,
+    IMG2IMG,
+    LORA_CORE,
+    T2I,
+    WORKFLOWS,
+    comfy_module,
+    demo_prompt,
+)
 
 NODE_IDS = ["ZImageModelLoader", "ZImageTextEncoderLoader", "ZImageVAELoader", "ZImageTextEncode",
             "ZImageEmptyLatent", "ZImageTurboSampler", "ZImageImg2ImgSampler", "ZImageVAEEncode",
@@ -74,7 +83,7 @@ def test_core_types_fit_between_our_nodes():
     assert m["ZImageVAEEncode"].INPUT_TYPES()["required"]["image"][0] == "IMAGE"
 
 
-@pytest.mark.parametrize("workflow", [T2I, IMG2IMG, BATCH], ids=lambda p: p.stem)
+@pytest.mark.parametrize("workflow", [T2I, IMG2IMG, BATCH, ENHANCED_PROMPT], ids=lambda p: p.stem)
 def test_shipped_ui_workflow_converts_and_validates(workflow):
     execution = comfy_module("execution")
     ui = json.loads(workflow.read_text())
@@ -109,4 +118,4 @@ def test_workflows_are_in_the_folder_comfyui_template_browser_reads():
     # over HTTP in test_comfy_server).
     names = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
     assert WORKFLOWS.name == "workflows"
-    assert names == sorted([T2I.stem, IMG2IMG.stem, BATCH.stem, LORA_CORE.stem])
+    assert names == sorted([T2I.stem, IMG2IMG.stem, BATCH.stem, LORA_CORE.stem, ENHANCED_PROMPT.stem])

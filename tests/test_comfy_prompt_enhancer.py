@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.comfy_harness import (
-    WORKFLOWS,
+    ENHANCED_PROMPT,
     comfy,
     comfy_module,
     demo_models,
@@ -30,7 +30,6 @@ from zimage_core.demo_weights import DEMO_FILES
 from zimage_core.prompt_enhancer import enhance_prompt
 from zimage_core.text_encoder import CausalLM, Sampling, load_lm_tail, load_text_encoder
 
-ENHANCED = WORKFLOWS / "z_image_turbo_enhanced_prompt.json"
 NEW = 16
 TE_FILE = DEMO_FILES["text_encoders"]
 
@@ -39,7 +38,7 @@ def enhancer_prompt(**overrides) -> dict:
     """The shipped workflow on demo weights, 64x64, a short greedy answer."""
     settings = {"ZImagePromptEnhancer__max_new_tokens": NEW, "ZImagePromptEnhancer__temperature": 0.0}
     settings.update(overrides)
-    return demo_prompt(ENHANCED, width=64, height=64, seed=5, **settings)
+    return demo_prompt(ENHANCED_PROMPT, width=64, height=64, seed=5, **settings)
 
 
 def enhancer_id(prompt: dict) -> str:
