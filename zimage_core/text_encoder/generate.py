@@ -205,8 +205,15 @@ class CausalLM:
             else:
                 # One new token: the query heads sharing a key/value head become rows of one query
                 # block against that head's cached keys, so the cache is never copied.
-                o = F.scaled_dot_product_attention(q.reshape(1, la.n_kv, rep, hd), cache.k[i][:, :, :keys],
-                                                   cache.v[i][:, :, :keys], attn_mask=mask, scale=la.scale)
+                qg, kc, vc = q.reshape(1, la.n_kv, rep, hd), cache.k[i][:, :, :keys], cache.v[i][:, :, :keys]
+                if mask is None:
+                    o = F.scaled_dot_product_attention(qg, kc, vc, scale=la.scale)
+                else:
+                    # The masked fixed-size step (CUDA graphs): plain matmuls and a float32 softmax, as
+                    # transformers' eager attention, so no fused kernel's mask support decides capture.
+                    scores = torch.matmul(qg, kc.transpose(-1, -2)) * la.scale
+                    scores = scores.float().masked_fill(~mask, float("-inf"))
+                    o = torch.matmul(torch.softmax(scores, dim=-1).to(vc.dtype), vc)
             o = o.reshape(1, la.n_heads, t, hd).transpose(1, 2).reshape(1, t, la.n_heads * hd)
             x = x + attn.o_proj(o)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
