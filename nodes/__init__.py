@@ -3,6 +3,7 @@
 from .compile import ZImageCompileModel, ZImageCompileVAE
 from .conditioning import ZImageTextEncode
 from .controlnet import ZImageControlNetApply, ZImageControlNetLoader
+from .enhancer import ZImagePromptEnhancer
 from .inpaint import ZImageInpaintComposite, ZImageInpaintMask
 from .latent import ZImageEmptyLatent
 from .loaders import ZImageModelLoader, ZImageTextEncoderLoader, ZImageVAELoader
@@ -14,6 +15,7 @@ NODE_CLASS_MAPPINGS = {
     "ZImageTextEncoderLoader": ZImageTextEncoderLoader,
     "ZImageVAELoader": ZImageVAELoader,
     "ZImageTextEncode": ZImageTextEncode,
+    "ZImagePromptEnhancer": ZImagePromptEnhancer,
     "ZImageEmptyLatent": ZImageEmptyLatent,
     "ZImageTurboSampler": ZImageTurboSampler,
     "ZImageImg2ImgSampler": ZImageImg2ImgSampler,
@@ -32,6 +34,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageTextEncoderLoader": "Z-Image Text Encoder Loader (Qwen3-4B)",
     "ZImageVAELoader": "Z-Image VAE Loader",
     "ZImageTextEncode": "Z-Image Text Encode",
+    "ZImagePromptEnhancer": "Z-Image Prompt Enhancer (offline, Qwen3-4B)",
     "ZImageEmptyLatent": "Z-Image Empty Latent",
     "ZImageTurboSampler": "Z-Image Turbo Sampler",
     "ZImageImg2ImgSampler": "Z-Image Img2Img Sampler",

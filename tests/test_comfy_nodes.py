@@ -8,12 +8,24 @@ import json
 
 import pytest
 
-from tests.comfy_harness import BATCH, IMG2IMG, INPAINT, LORA_CORE, T2I, WORKFLOWS, comfy_module, demo_prompt
+from tests.comfy_harness import (
+    BATCH,
+    CONTROLNET_CANNY,
+    CONTROLNET_INPAINT,
+    ENHANCED_PROMPT,
+    IMG2IMG,
+    INPAINT,
+    LORA_CORE,
+    T2I,
+    WORKFLOWS,
+    comfy_module,
+    demo_prompt,
+)
 
 NODE_IDS = ["ZImageModelLoader", "ZImageTextEncoderLoader", "ZImageVAELoader", "ZImageTextEncode",
             "ZImageEmptyLatent", "ZImageTurboSampler", "ZImageImg2ImgSampler", "ZImageVAEEncode",
             "ZImageVAEDecode", "ZImageCompileModel", "ZImageCompileVAE", "ZImageInpaintMask",
-            "ZImageInpaintComposite"]
+            "ZImageInpaintComposite", "ZImagePromptEnhancer", "ZImageControlNetLoader", "ZImageControlNetApply"]
 EXPECTED_INPUTS = {
     "ZImageModelLoader": {"model_name", "weight_dtype"},
     "ZImageTextEncoderLoader": {"text_encoder_name"},
@@ -28,6 +40,7 @@ EXPECTED_INPUTS = {
     "ZImageCompileVAE": {"vae"},
     "ZImageInpaintMask": {"mask", "grow", "feather", "image"},
     "ZImageInpaintComposite": {"source", "generated", "mask"},
+    "ZImagePromptEnhancer": {"text", "mode", "seed", "max_new_tokens", "temperature", "clip", "text_encoder_name"},
 }
 
 
@@ -76,7 +89,7 @@ def test_core_types_fit_between_our_nodes():
     assert m["ZImageVAEEncode"].INPUT_TYPES()["required"]["image"][0] == "IMAGE"
 
 
-@pytest.mark.parametrize("workflow", [T2I, IMG2IMG, INPAINT, BATCH], ids=lambda p: p.stem)
+@pytest.mark.parametrize("workflow", [T2I, IMG2IMG, INPAINT, BATCH, ENHANCED_PROMPT], ids=lambda p: p.stem)
 def test_shipped_ui_workflow_converts_and_validates(workflow):
     execution = comfy_module("execution")
     ui = json.loads(workflow.read_text())
@@ -111,4 +124,5 @@ def test_workflows_are_in_the_folder_comfyui_template_browser_reads():
     # over HTTP in test_comfy_server).
     names = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
     assert WORKFLOWS.name == "workflows"
-    assert names == sorted([T2I.stem, IMG2IMG.stem, INPAINT.stem, BATCH.stem, LORA_CORE.stem])
+    assert names == sorted([T2I.stem, IMG2IMG.stem, INPAINT.stem, BATCH.stem, LORA_CORE.stem, ENHANCED_PROMPT.stem,
+                            CONTROLNET_CANNY.stem, CONTROLNET_INPAINT.stem])

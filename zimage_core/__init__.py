@@ -37,6 +37,10 @@ _EXPORTS = {
     # Fun ControlNet Union
     "load_controlnet": "controlnet",
     "ZImageControlNet": "controlnet",
+    # the text encoder as a causal LM, and the prompt enhancer on it
+    "CausalLM": "text_encoder",
+    "load_lm_tail": "text_encoder",
+    "enhance_prompt": "prompt_enhancer",
     # VAE
     "load_vae": "vae",
     "FluxVAE": "vae",
