@@ -41,6 +41,9 @@ EXPECTED_INPUTS = {
     "ZImageInpaintMask": {"mask", "grow", "feather", "image"},
     "ZImageInpaintComposite": {"source", "generated", "mask"},
     "ZImagePromptEnhancer": {"text", "mode", "seed", "max_new_tokens", "temperature", "clip", "text_encoder_name"},
+    "ZImageControlNetLoader": {"control_net_name"},
+    "ZImageControlNetApply": {"model", "controlnet", "vae", "strength", "start_percent", "end_percent", "reference",
+                              "image", "inpaint_image", "mask"},
 }
 
 
