@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .samplers import Denoiser, StepCallback, _check_latents, model_placement, sample_euler
+from .samplers import Denoiser, StepCallback, check_source, model_placement, sample_euler
 from .schedule import img2img_sigmas
 
 __all__ = ["latent_inpaint_mask", "sample_inpaint"]
@@ -88,13 +88,7 @@ def sample_inpaint(
     more of it. Returns float32 latents on the model's device; where the mask is 0 they equal the source.
     An all-zero mask, or a strength that leaves no step, returns the source without calling the model.
     """
-    source_latents = _check_latents("source_latents", source_latents)
-    noise = _check_latents("noise", noise)
-    if source_latents.shape[1:] != noise.shape[1:] or source_latents.shape[0] not in (1, noise.shape[0]):
-        raise ValueError(
-            f"source_latents {tuple(source_latents.shape)} and noise {tuple(noise.shape)} must have the same shape "
-            "(or the source a batch of 1)."
-        )
+    source_latents, noise = check_source(source_latents, noise)
     m = _check_mask(mask, noise)
     sig = img2img_sigmas(steps, strength, shift)
     device, _ = model_placement(model, noise.device)

@@ -373,6 +373,18 @@ def sample_text_to_image(
     )
 
 
+def check_source(source_latents: object, noise: object) -> tuple[Tensor, Tensor]:
+    """Source latents and noise of an image-to-image run: same shape, or a source of batch 1 shared by all."""
+    source_latents = _check_latents("source_latents", source_latents)
+    noise = _check_latents("noise", noise)
+    if source_latents.shape[1:] != noise.shape[1:] or source_latents.shape[0] not in (1, noise.shape[0]):
+        raise ValueError(
+            f"source_latents {tuple(source_latents.shape)} and noise {tuple(noise.shape)} must have the same shape "
+            "(or the source a batch of 1)."
+        )
+    return source_latents, noise
+
+
 def sample_img2img(
     model: Denoiser,
     positive: list[Tensor],
@@ -394,13 +406,7 @@ def sample_img2img(
     text-to-image from the source's noise; strength 0 (or any strength leaving no step) returns the source
     unchanged without calling the model. Latents are normalized (B,16,h,w); a source of batch 1 is shared.
     """
-    source_latents = _check_latents("source_latents", source_latents)
-    noise = _check_latents("noise", noise)
-    if source_latents.shape[1:] != noise.shape[1:] or source_latents.shape[0] not in (1, noise.shape[0]):
-        raise ValueError(
-            f"source_latents {tuple(source_latents.shape)} and noise {tuple(noise.shape)} must have the same shape "
-            "(or the source a batch of 1)."
-        )
+    source_latents, noise = check_source(source_latents, noise)
     sig = img2img_sigmas(steps, strength, shift)
     device, _ = model_placement(model, noise.device)
     source = source_latents.to(device=device, dtype=torch.float32).expand(noise.shape[0], -1, -1, -1)
