@@ -26,6 +26,7 @@ _EXPORTS = {
     "sample_text_to_image": "sampling",
     "sample_img2img": "sampling",
     "sample_euler": "sampling",
+    "SeedVariety": "sampling",
     # text encoder
     "load_text_encoder": "text_encoder",
     "ZImageTextEncoder": "text_encoder",
@@ -39,6 +40,7 @@ _EXPORTS = {
     "LATENT_SHIFT": "vae",
     "normalize_latents": "vae",
     "denormalize_latents": "vae",
+    "limit_decode_latents": "vae",
 }
 
 __all__ = sorted(_EXPORTS)
