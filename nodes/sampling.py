@@ -73,9 +73,12 @@ def _finite_callback(model, steps: int, node: str):
     preview = latent_preview.prepare_callback(model, steps)
 
     def callback(step, x0, x, total_steps):
-        if not torch.isfinite(x).all():
+        # ComfyUI calls back before applying step `step`: its denoised x0 comes from this step's model
+        # output (x only shows it one step later, and never for the last step).
+        if not (torch.isfinite(x0).all() and torch.isfinite(x).all()):
             raise SamplingError(f"{node}: the latents became NaN/inf at step {step + 1} of {total_steps}. This "
-                                "happens with fp16 compute; load the model with weight_dtype default or bf16.")
+                                "happens with fp16 compute; load the model with weight_dtype default or bf16, or set "
+                                "on_nan to recompute_fp32 to compute such steps again in float32.")
         preview(step, x0, x, total_steps)
 
     return callback
