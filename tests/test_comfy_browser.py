@@ -10,18 +10,25 @@ text in its UI output (ZImagePromptEnhancer, where the pack has it) shows that t
 test-artifacts/browser/<ComfyUI version>/ (gitignored; CI keeps them as artifacts).
 
 Without the browser tools the test is skipped locally and fails under CI=true.
+
+Time: about 2 minutes per ComfyUI version on the 2-core CI machine (server start, frontend load, four
+workflows), so scripts/test.sh runs them under one version only: ComfyUI 0.18.1, whose frontend (1.42.8)
+is the one current users have (its Run button and dialogs differ from 0.3.75's 1.32.9). Under 0.3.75
+they are skipped unless ZIMAGE_BROWSER_ALL_VERSIONS=1 (they pass there too).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from scripts.comfy_headless import default_comfyui_dir
 from tests.comfy_harness import DEMO_LORA, SOURCE_IMAGE, WORKFLOWS, _write_source_image
 from tests.comfy_server import running_server
 from zimage_core.demo_weights import DEMO_FILES
@@ -33,6 +40,7 @@ ARTIFACTS = ROOT / "test-artifacts" / "browser"
 SIZE = 32
 TIMEOUT_S = 90  # per workflow
 ENHANCER = "ZImagePromptEnhancer"
+BROWSER_COMFYUI = "0.18.1"
 DEMO_WIDGETS = {
     "ZImageModelLoader": {"model_name": DEMO_FILES["diffusion_models"]},
     "ZImageTextEncoderLoader": {"text_encoder_name": DEMO_FILES["text_encoders"]},
@@ -59,8 +67,17 @@ def _source_image_bytes(tmp: Path) -> bytes:
     return path.read_bytes()
 
 
+def _comfyui_version() -> str:
+    text = (default_comfyui_dir() / "comfyui_version.py").read_text()
+    return re.search(r"__version__\s*=\s*['\"]([^'\"]+)", text).group(1)
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
+    version = _comfyui_version()
+    if version != BROWSER_COMFYUI and not os.environ.get("ZIMAGE_BROWSER_ALL_VERSIONS"):
+        pytest.skip(f"browser tests run under ComfyUI {BROWSER_COMFYUI} only (time budget); "
+                    "ZIMAGE_BROWSER_ALL_VERSIONS=1 runs them here too")
     tools, missing = _browser_tools()
     if missing:
         message = "browser tests need " + ", ".join(missing) + "; run scripts/setup.sh"
