@@ -12,15 +12,16 @@ from tests.comfy_harness import BATCH, IMG2IMG, LORA_CORE, T2I, WORKFLOWS, comfy
 
 NODE_IDS = ["ZImageModelLoader", "ZImageTextEncoderLoader", "ZImageVAELoader", "ZImageTextEncode",
             "ZImageEmptyLatent", "ZImageTurboSampler", "ZImageImg2ImgSampler", "ZImageVAEEncode",
-            "ZImageVAEDecode", "ZImageCompileModel", "ZImageCompileVAE"]
+            "ZImageVAEDecode", "ZImageCompileModel", "ZImageCompileVAE", "ZImageSeedVariety"]
 EXPECTED_INPUTS = {
     "ZImageModelLoader": {"model_name", "weight_dtype"},
     "ZImageTextEncoderLoader": {"text_encoder_name"},
     "ZImageVAELoader": {"vae_name"},
     "ZImageTextEncode": {"text_encoder", "text"},
     "ZImageEmptyLatent": {"width", "height", "preset", "batch_size"},
-    "ZImageTurboSampler": {"model", "positive", "latent", "seed", "steps", "shift", "guidance", "negative"},
-    "ZImageImg2ImgSampler": {"model", "positive", "latent", "strength", "seed", "steps", "shift"},
+    "ZImageTurboSampler": {"model", "positive", "latent", "seed", "steps", "shift", "guidance", "negative", "on_nan"},
+    "ZImageImg2ImgSampler": {"model", "positive", "latent", "strength", "seed", "steps", "shift", "on_nan"},
+    "ZImageSeedVariety": {"model", "strength", "end"},
     "ZImageVAEEncode": {"vae", "image"},
     "ZImageVAEDecode": {"vae", "latent"},
     "ZImageCompileModel": {"model", "mode"},
