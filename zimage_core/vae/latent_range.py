@@ -55,6 +55,8 @@ def limit_decode_latents(raw: Tensor, bound: float = DECODE_BOUND) -> tuple[Tens
     if non_finite == 0 and out_of_range == 0:
         return raw, None
     max_abs = float(magnitude.max()) if magnitude.numel() else 0.0
-    fixed = torch.nan_to_num(z, nan=0.0, posinf=bound, neginf=-bound).clamp(-bound, bound)
-    fixed = (fixed / LATENT_SCALE + LATENT_SHIFT).to(dtype=raw.dtype)
+    limited = torch.nan_to_num(z, nan=0.0, posinf=bound, neginf=-bound).clamp(-bound, bound)
+    limited = (limited / LATENT_SCALE + LATENT_SHIFT).to(dtype=raw.dtype)
+    # Only the bad values are replaced: the others keep their exact bits.
+    fixed = torch.where((~finite) | (magnitude > bound), limited, raw.detach())
     return fixed, LatentRangeReport(non_finite, out_of_range, z.numel(), max_abs)
