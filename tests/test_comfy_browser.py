@@ -47,6 +47,8 @@ DEMO_WIDGETS = {
     "ZImageVAELoader": {"vae_name": DEMO_FILES["vae"]},
     "LoraLoaderModelOnly": {"lora_name": DEMO_LORA},
     "LoadImage": {"image": SOURCE_IMAGE},
+    # The demo language model writes gibberish until max_new_tokens: keep that short on the CPU.
+    ENHANCER: {"max_new_tokens": 16},
 }
 
 

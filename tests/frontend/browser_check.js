@@ -131,11 +131,17 @@ async function clickQueue(page) {
   });
   const element = handle.asElement();
   if (!element) throw new Error('no visible Run/Queue button in the page');
-  const cover = await element.evaluate((b) => {
-    const r = b.getBoundingClientRect();
-    const top = document.elementFromPoint(r.x + r.width / 2, r.y + r.height / 2);
-    return b.contains(top) ? null : (top ? top.outerHTML.slice(0, 200) : 'nothing');
-  });
+  // A transient overlay (the frontend's block-UI mask while a workflow loads) may cover it for a moment.
+  let cover = null;
+  for (let i = 0; i < 50; i++) {
+    cover = await element.evaluate((b) => {
+      const r = b.getBoundingClientRect();
+      const top = document.elementFromPoint(r.x + r.width / 2, r.y + r.height / 2);
+      return b.contains(top) ? null : (top ? top.outerHTML.slice(0, 200) : 'nothing');
+    });
+    if (!cover) break;
+    await sleep(200);
+  }
   if (cover) throw new Error(`the Run/Queue button is covered by ${cover}`);
   const label = await element.evaluate((b) => b.innerText.trim());
   await element.click();
