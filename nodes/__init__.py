@@ -9,6 +9,7 @@ from .latent import ZImageEmptyLatent
 from .loaders import ZImageModelLoader, ZImageTextEncoderLoader, ZImageVAELoader
 from .sampling import ZImageImg2ImgSampler, ZImageTurboSampler
 from .vae import ZImageVAEDecode, ZImageVAEEncode
+from .variety import ZImageSeedVariety
 
 NODE_CLASS_MAPPINGS = {
     "ZImageModelLoader": ZImageModelLoader,
@@ -19,6 +20,7 @@ NODE_CLASS_MAPPINGS = {
     "ZImageEmptyLatent": ZImageEmptyLatent,
     "ZImageTurboSampler": ZImageTurboSampler,
     "ZImageImg2ImgSampler": ZImageImg2ImgSampler,
+    "ZImageSeedVariety": ZImageSeedVariety,
     "ZImageVAEEncode": ZImageVAEEncode,
     "ZImageVAEDecode": ZImageVAEDecode,
     "ZImageInpaintMask": ZImageInpaintMask,
@@ -38,6 +40,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageEmptyLatent": "Z-Image Empty Latent",
     "ZImageTurboSampler": "Z-Image Turbo Sampler",
     "ZImageImg2ImgSampler": "Z-Image Img2Img Sampler",
+    "ZImageSeedVariety": "Z-Image Seed Variety",
     "ZImageVAEEncode": "Z-Image VAE Encode",
     "ZImageVAEDecode": "Z-Image VAE Decode",
     "ZImageInpaintMask": "Z-Image Inpaint Mask (grow/feather)",

@@ -12,7 +12,9 @@ rope options) mapped onto zimage_core's hooks, and the dtype/device choices of t
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import comfy.model_base
@@ -202,3 +204,25 @@ def is_zimage_model(model: Any) -> bool:
     """A MODEL whose denoiser is Z-Image-shaped: ours, or ComfyUI's native Z-Image (UNETLoader)."""
     inner = getattr(model, "model", None)
     return isinstance(inner, comfy.model_base.Lumina2) and getattr(inner.latent_format, "latent_channels", 16) == 16
+
+
+@contextlib.contextmanager
+def fp32_compute(diffusion_model: torch.nn.Module) -> Iterator[None]:
+    """Run a Z-Image diffusion model (ours or ComfyUI's NextDiT) in float32 for the calls inside the block,
+    whatever its weights are stored in: ComfyUI's layers cast their weights to the input's dtype
+    (comfy_cast_weights, as for partly loaded models) and ours computes in compute_dtype. Every flag is
+    restored afterwards, so the model is left as it was."""
+    layers = [(m, m.comfy_cast_weights) for m in diffusion_model.modules() if hasattr(m, "comfy_cast_weights")]
+    has_compute_dtype = hasattr(diffusion_model, "compute_dtype")
+    compute_dtype = getattr(diffusion_model, "compute_dtype", None)
+    try:
+        for m, _ in layers:
+            m.comfy_cast_weights = True
+        if has_compute_dtype:
+            diffusion_model.compute_dtype = torch.float32
+        yield
+    finally:
+        for m, flag in layers:
+            m.comfy_cast_weights = flag
+        if has_compute_dtype:
+            diffusion_model.compute_dtype = compute_dtype

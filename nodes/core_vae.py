@@ -10,6 +10,7 @@ directly for its fused kernels and memory-driven tiling.
 from __future__ import annotations
 
 import copy
+import logging
 
 import comfy.model_management as mm
 import comfy.ops
@@ -19,6 +20,17 @@ import torch
 from ..zimage_core import vae as core_vae
 from .core_model import COMPUTE_DTYPES, CorePatcher, load_options
 from .errors import load_explained
+
+log = logging.getLogger("ComfyUI-ZImage")
+
+
+def checked_for_decode(raw_latents: torch.Tensor, node: str) -> torch.Tensor:
+    """Raw latents about to be decoded, with NaN/inf and wildly out-of-range values fixed and a warning
+    (zimage_core.vae.limit_decode_latents has the bound and why); unchanged latents are returned as is."""
+    fixed, report = core_vae.limit_decode_latents(raw_latents)
+    if report is not None:
+        log.warning("%s: the latent to decode had %s", node, report.describe())
+    return fixed
 
 
 class FluxFirstStage(torch.nn.Module):
@@ -32,7 +44,8 @@ class FluxFirstStage(torch.nn.Module):
         return self.flux.encode_raw(x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.flux.decode_raw(z)
+        # Core VAEDecode / VAEDecodeTiled on our VAE come here (ZImageVAEDecode checks before).
+        return self.flux.decode_raw(checked_for_decode(z, "VAE decode"))
 
 
 class ZImageCoreVAE(comfy.sd.VAE):

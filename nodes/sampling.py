@@ -10,6 +10,9 @@ convention and checks with clear messages.
 
 from __future__ import annotations
 
+import logging
+
+import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
 import comfy.utils
@@ -19,11 +22,18 @@ import torch
 from ..zimage_core.errors import SamplingError
 from ..zimage_core.sampling import schedule
 from . import inpaint
-from .core_model import is_zimage_model
+from .core_model import fp32_compute, is_zimage_model
 from .latent import LATENT_CHANNELS
 
 NODE_CATEGORY = "Z-Image/sampling"
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
+log = logging.getLogger("ComfyUI-ZImage")
+
+# What the samplers do when a step gives NaN/inf latents (the `on_nan` input).
+ON_NAN_ERROR = "error"
+ON_NAN_RECOMPUTE = "recompute_fp32"
+ON_NAN_MODES = [ON_NAN_ERROR, ON_NAN_RECOMPUTE]
+RECOVERY_KEY = "zimage_nan_recovery"
 
 
 def _source_latents(latent: dict, node: str) -> torch.Tensor:
@@ -64,21 +74,69 @@ def _finite_callback(model, steps: int, node: str):
     preview = latent_preview.prepare_callback(model, steps)
 
     def callback(step, x0, x, total_steps):
-        if not torch.isfinite(x).all():
+        # ComfyUI calls back before applying step `step`: its denoised x0 comes from this step's model
+        # output (x only shows it one step later, and never for the last step).
+        if not (torch.isfinite(x0).all() and torch.isfinite(x).all()):
             raise SamplingError(f"{node}: the latents became NaN/inf at step {step + 1} of {total_steps}. This "
-                                "happens with fp16 compute; load the model with weight_dtype default or bf16.")
+                                "happens with fp16 compute; load the model with weight_dtype default or bf16, or set "
+                                "on_nan to recompute_fp32 to compute such steps again in float32.")
         preview(step, x0, x, total_steps)
 
     return callback
 
 
+class _RecomputeInFp32:
+    """DIFFUSION_MODEL wrapper of the recovery mode: a model call whose output has NaN/inf (fp16/bf16
+    overflow) is computed again in float32 and sampling goes on with that result, with a warning naming
+    the step. If float32 fails too, the weights themselves are broken: a clear error."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+
+    def __call__(self, executor, x, timesteps, context, *args, **kwargs):
+        out = executor(x, timesteps, context, *args, **kwargs)
+        if bool(torch.isfinite(out).all()):  # one host sync per model call: the price of this mode
+            return out
+        options = kwargs.get("transformer_options", {})
+        sigmas = options.get("sample_sigmas")
+        sigma = float(torch.as_tensor(options.get("sigmas", timesteps)).reshape(-1)[0])
+        where = (f"step {schedule.step_of(sigma, sigmas) + 1} of {len(sigmas) - 1}" if sigmas is not None
+                 else f"sigma {sigma:.4g}")
+        dtype = str(x.dtype).replace("torch.", "")
+        if x.dtype == torch.float32:
+            raise SamplingError(f"{self.node}: the model gave NaN/inf at {where} in float32 already. The checkpoint "
+                                "or a LoRA has NaN/inf weights; re-download it or remove the LoRA.")
+        log.warning("%s: %s gave NaN/inf in %s; recomputing that step in float32 and continuing.",
+                    self.node, where, dtype)
+        with fp32_compute(executor.class_obj):
+            out = executor(x.float(), timesteps, context.float() if context is not None else None, *args, **kwargs)
+        if not bool(torch.isfinite(out).all()):
+            raise SamplingError(f"{self.node}: the model gave NaN/inf at {where}, also when recomputed in float32. "
+                                "The checkpoint or a LoRA has NaN/inf weights; re-download it or remove the LoRA.")
+        return out
+
+
+def with_nan_recovery(model, node: str):
+    """A clone of `model` whose NaN/inf model calls are recomputed in float32 (outermost DIFFUSION_MODEL
+    wrapper, so the recomputation runs every other wrapper and patch again)."""
+    patched = model.clone()
+    kind = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+    others = {k: v for k, v in patched.wrappers.get(kind, {}).items() if k != RECOVERY_KEY}
+    patched.wrappers[kind] = {RECOVERY_KEY: [_RecomputeInFp32(node)], **others}
+    return patched
+
+
 def sample(model, positive, negative, latent: dict, seed: int, sigmas: torch.Tensor, cfg: float,
-           node: str, mask: torch.Tensor | None = None) -> tuple[dict]:
+           node: str, mask: torch.Tensor | None = None, on_nan: str = ON_NAN_ERROR) -> tuple[dict]:
     """KSampler-style Euler sampling over explicit sigmas; returns the LATENT (other keys kept).
 
     A MASK, when given, becomes the latent's noise_mask (1 = repaint), which KSampler's machinery honours.
     """
     _check_model(model, node)
+    if on_nan not in ON_NAN_MODES:
+        raise ValueError(f"{node}: on_nan must be one of {ON_NAN_MODES}, got {on_nan!r}.")
+    if on_nan == ON_NAN_RECOMPUTE:
+        model = with_nan_recovery(model, node)
     _check_conditioning(model, positive, "positive", node)
     if negative is not positive:
         _check_conditioning(model, negative, "negative", node)
@@ -104,6 +162,13 @@ _COMMON_INPUTS = {
     "shift": ("FLOAT", {"default": 3.0, "min": 0.1, "max": 100.0, "step": 0.1,
                         "tooltip": "Flow-matching timestep shift. 3.0 is Z-Image-Turbo's value; higher spends "
                                    "more steps at high noise."}),
+}
+_ON_NAN_INPUT = {
+    "on_nan": (ON_NAN_MODES, {"default": ON_NAN_ERROR,
+                              "tooltip": "If a step gives NaN/inf latents (fp16/bf16 overflow, black images): "
+                                         "'error' stops with a message naming the step; 'recompute_fp32' computes "
+                                         "that step again in float32 and continues (with a warning). The check "
+                                         "costs one GPU sync per step in recompute_fp32 mode."}),
 }
 
 _MASK_INPUT = ("MASK", {"tooltip": "Inpainting: where to repaint (1 = repaint, 0 = keep), e.g. LoadImage's painted "
@@ -136,11 +201,12 @@ class ZImageTurboSampler:
             "optional": {
                 "negative": ("CONDITIONING", {"tooltip": "Negative prompt; used only when guidance > 0."}),
                 "mask": _MASK_INPUT,
+                **_ON_NAN_INPUT,
             },
         }
 
     def sample(self, model, positive, latent, seed: int, steps: int, shift: float, guidance: float,
-               negative=None, mask=None):
+               negative=None, mask=None, on_nan: str = ON_NAN_ERROR):
         node = "ZImageTurboSampler"
         if guidance > 0 and negative is None:
             raise ValueError(f"{node}: guidance {guidance} > 0 needs a negative conditioning. Connect a "
@@ -149,7 +215,7 @@ class ZImageTurboSampler:
         # cfg 1 ComfyUI skips the negative pass, so the positive stands in when none is connected.
         negative = negative if guidance > 0 else positive
         return sample(model, positive, negative, latent, seed, schedule.flow_sigmas(steps, shift),
-                      1.0 + guidance, node, mask)
+                      1.0 + guidance, node, mask, on_nan)
 
 
 class ZImageImg2ImgSampler:
@@ -175,14 +241,16 @@ class ZImageImg2ImgSampler:
             },
             "optional": {
                 "mask": _MASK_INPUT,
+                **_ON_NAN_INPUT,
             },
         }
 
-    def sample(self, model, positive, latent, strength: float, seed: int, steps: int, shift: float, mask=None):
+    def sample(self, model, positive, latent, strength: float, seed: int, steps: int, shift: float, mask=None,
+               on_nan: str = ON_NAN_ERROR):
         node = "ZImageImg2ImgSampler"
         sigmas = schedule.img2img_sigmas(steps, strength, shift)
         if len(sigmas) < 2:
             # Nothing to denoise: the source itself, bit for bit.
             _source_latents(latent, node)
             return ({**latent, "samples": latent["samples"].clone()},)
-        return sample(model, positive, positive, latent, seed, sigmas, 1.0, node, mask)
+        return sample(model, positive, positive, latent, seed, sigmas, 1.0, node, mask, on_nan)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from .core_vae import ZImageCoreVAE
+from .core_vae import ZImageCoreVAE, checked_for_decode
 from .latent import LATENT_CHANNELS, MULTIPLE
 
 NODE_CATEGORY = "Z-Image/vae"
@@ -38,6 +38,7 @@ class ZImageVAEDecode:
             raise ValueError(f"ZImageVAEDecode: expected a 16-channel latent (batch, 16, h, w), got "
                              f"{tuple(samples.shape)}; this latent is not from a Z-Image/FLUX model.")
         _check_vae(vae, "ZImageVAEDecode")
+        samples = checked_for_decode(samples, "ZImageVAEDecode")
         if isinstance(vae, ZImageCoreVAE):
             return (vae.decode_auto(samples),)
         return (vae.decode(samples),)

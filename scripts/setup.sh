@@ -5,6 +5,7 @@
 # and, for the tests' second ComfyUI version (`setup.sh 0.3.75 0.18.1`, as scripts/test.sh does):
 #   .venv-comfyui-0.18.1/        its own Python env (0.18.1 pins another frontend package than 0.3.75)
 #   .comfyui/ComfyUI-0.18.1      ComfyUI 0.18.1, an unmodified copy of ../shared/comfyui-0.18.1
+# and for the browser tests (scripts/setup_browser.sh): Debian's chromium and node, puppeteer-core in .node/.
 # ComfyUI is installed at setup time and never committed.
 # Usage: setup.sh [0.3.75] [0.18.1]  (the versions to set up; default 0.3.75, all the main job needs)
 set -euo pipefail
@@ -124,3 +125,5 @@ if wants 0.18.1; then
   fi
   log "ready: ComfyUI 0.18.1 venv=$VENV_0181 comfyui=$COMFY_0181"
 fi
+
+"$ROOT/scripts/setup_browser.sh"

@@ -25,15 +25,18 @@ from tests.comfy_harness import (
 NODE_IDS = ["ZImageModelLoader", "ZImageTextEncoderLoader", "ZImageVAELoader", "ZImageTextEncode",
             "ZImageEmptyLatent", "ZImageTurboSampler", "ZImageImg2ImgSampler", "ZImageVAEEncode",
             "ZImageVAEDecode", "ZImageCompileModel", "ZImageCompileVAE", "ZImageInpaintMask",
-            "ZImageInpaintComposite", "ZImagePromptEnhancer", "ZImageControlNetLoader", "ZImageControlNetApply"]
+            "ZImageInpaintComposite", "ZImagePromptEnhancer", "ZImageControlNetLoader", "ZImageControlNetApply",
+            "ZImageSeedVariety"]
 EXPECTED_INPUTS = {
     "ZImageModelLoader": {"model_name", "weight_dtype"},
     "ZImageTextEncoderLoader": {"text_encoder_name"},
     "ZImageVAELoader": {"vae_name"},
     "ZImageTextEncode": {"text_encoder", "text"},
     "ZImageEmptyLatent": {"width", "height", "preset", "batch_size"},
-    "ZImageTurboSampler": {"model", "positive", "latent", "seed", "steps", "shift", "guidance", "negative", "mask"},
-    "ZImageImg2ImgSampler": {"model", "positive", "latent", "strength", "seed", "steps", "shift", "mask"},
+    "ZImageTurboSampler": {"model", "positive", "latent", "seed", "steps", "shift", "guidance", "negative", "mask",
+                           "on_nan"},
+    "ZImageImg2ImgSampler": {"model", "positive", "latent", "strength", "seed", "steps", "shift", "mask", "on_nan"},
+    "ZImageSeedVariety": {"model", "strength", "end"},
     "ZImageVAEEncode": {"vae", "image"},
     "ZImageVAEDecode": {"vae", "latent"},
     "ZImageCompileModel": {"model", "mode"},

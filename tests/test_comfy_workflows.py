@@ -32,15 +32,19 @@ def test_text_to_image_size_and_seed_reproducibility():
     assert not np.array_equal(first, other), "a different seed must change the image"
 
 
-def test_batch_and_seed_variation_workflow():
-    prompt = demo_prompt(BATCH, width=48, height=32, batch_size=2)
-    seeds = [prompt[n]["inputs"]["seed"] for n in nodes_of(prompt, "ZImageTurboSampler")]
-    assert len(set(seeds)) == 2
+def test_seed_variations_workflow_gives_eight_varied_images():
+    """One prompt, eight varied seeds: a batch of 8 through ZImageSeedVariety (strength 0 = without it)."""
+    prompt = demo_prompt(BATCH, width=32, height=32, seed=4)
+    (variety,) = nodes_of(prompt, "ZImageSeedVariety")
+    assert prompt[variety]["inputs"]["strength"] > 0
+    (latent,) = nodes_of(prompt, "ZImageEmptyLatent")
+    assert prompt[latent]["inputs"]["batch_size"] == 8
     images = saved_images(fresh_run(prompt))
-    assert len(images) == 4 and all(im.shape == (32, 48, 3) for im in images)
-    a1, a2, b1, b2 = images
-    assert not np.array_equal(a1, a2), "images of one batch get different noise"
-    assert not np.array_equal(a1, b1) and not np.array_equal(a2, b2), "the two seeds differ"
+    assert len(images) == 8 and all(im.shape == (32, 32, 3) for im in images)
+    assert all(not np.array_equal(a, b) for i, a in enumerate(images) for b in images[i + 1:])
+    plain = saved_images(fresh_run(demo_prompt(BATCH, width=32, height=32, seed=4, ZImageSeedVariety__strength=0.0)))
+    assert len(plain) == 8
+    assert any(not np.array_equal(a, b) for a, b in zip(images, plain, strict=True)), "the variety changes them"
 
 
 def test_img2img_strength_zero_returns_the_source_latent():

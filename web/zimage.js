@@ -42,7 +42,7 @@ function setupNegativeNotice(node) {
     const negative = node.inputs?.find((i) => i.name === "negative");
     if (!negative) return;
     const ignored = negative.link != null && Number(guidance.value) === 0;
-    negative.label = ignored ? "negative (ignored: guidance 0)" : undefined;
+    negative.label = ignored ? "negative (unused: guidance 0)" : undefined;
     node.setDirtyCanvas?.(true, true);
   };
   if (!node.__zimageNegative) {

@@ -28,6 +28,7 @@ _EXPORTS = {
     "sample_inpaint": "sampling",
     "latent_inpaint_mask": "sampling",
     "sample_euler": "sampling",
+    "SeedVariety": "sampling",
     # text encoder
     "load_text_encoder": "text_encoder",
     "ZImageTextEncoder": "text_encoder",
@@ -48,6 +49,7 @@ _EXPORTS = {
     "LATENT_SHIFT": "vae",
     "normalize_latents": "vae",
     "denormalize_latents": "vae",
+    "limit_decode_latents": "vae",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -12,12 +12,15 @@ from .samplers import (
     sample_img2img,
     sample_text_to_image,
 )
-from .schedule import MAX_STEPS, denoise_sigmas, flow_sigmas, img2img_sigmas, img2img_start_index
+from .schedule import MAX_STEPS, denoise_sigmas, flow_sigmas, img2img_sigmas, img2img_start_index, step_of
+from .variety import SeedVariety, caption_noise, noise_seed, vary_caption
 
 __all__ = [
     "Denoiser",
+    "SeedVariety",
     "MAX_STEPS",
     "StepCallback",
+    "caption_noise",
     "denoise_sigmas",
     "flow_sigmas",
     "img2img_sigmas",
@@ -25,8 +28,11 @@ __all__ = [
     "latent_inpaint_mask",
     "make_noise",
     "model_placement",
+    "noise_seed",
     "sample_euler",
     "sample_img2img",
     "sample_inpaint",
     "sample_text_to_image",
+    "step_of",
+    "vary_caption",
 ]

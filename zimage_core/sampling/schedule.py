@@ -96,3 +96,12 @@ def denoise_sigmas(steps: int, denoise: float, shift: float = 3.0) -> torch.Tens
         raise ValueError(f"denoise {denoise:g} with {steps} steps needs a schedule of {total} steps, more than "
                          f"{MAX_STEPS}: use denoise >= {steps / MAX_STEPS:g} (or 0 for no denoising).")
     return flow_sigmas(total, shift)[-(steps + 1) :].clone()
+
+
+def step_of(sigma: float, sigmas: torch.Tensor) -> int:
+    """The 0-based step of a schedule `sigmas` (N+1 values, the last ends the run) whose start sigma is
+    closest to `sigma`: which step a model call at `sigma` belongs to."""
+    starts = torch.as_tensor(sigmas).detach().float().cpu().reshape(-1)
+    if starts.numel() > 1:
+        starts = starts[:-1]
+    return int((starts - float(sigma)).abs().argmin())

@@ -11,6 +11,7 @@ from .flux_vae import (
     estimate_memory,
     normalize_latents,
 )
+from .latent_range import DECODE_BOUND, LatentRangeReport, limit_decode_latents
 from .loading import convert_diffusers_vae_keys, load_vae
 from .model import (
     ATTN_CHUNK_BYTES,
@@ -29,6 +30,7 @@ __all__ = [
     "ATTN_CHUNK_BYTES",
     "AttnBlock",
     "CONFIG_LIMITS",
+    "DECODE_BOUND",
     "FREE_FRACTION",
     "Decoder",
     "Downsample",
@@ -37,12 +39,14 @@ __all__ = [
     "FluxVAE",
     "LATENT_SCALE",
     "LATENT_SHIFT",
+    "LatentRangeReport",
     "ResnetBlock",
     "Upsample",
     "convert_diffusers_vae_keys",
     "denormalize_latents",
     "estimate_memory",
     "fuse_norm_act",
+    "limit_decode_latents",
     "load_vae",
     "normalize_latents",
 ]
