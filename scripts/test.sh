@@ -14,6 +14,19 @@ if [ -n "${CI:-}" ]; then VERSIONS="0.3.75 0.18.1"; fi
 "$ROOT/scripts/setup.sh" $VERSIONS
 cd "$ROOT"
 
+# Triton, for the fused-kernel tests through its CPU interpreter (tests/test_kernels.py runs them in a child
+# process with this folder on its path; the CPU torch wheel has no Triton, and Triton 3.6's interpreter needs
+# numpy < 2.4). Tests only: the main job never needs it.
+TRITON_DIR="$ROOT/.triton"
+if [ ! -f "$TRITON_DIR/.installed-3.6.0" ]; then
+  printf '[test] installing Triton 3.6.0 (CPU interpreter) into %s\n' "$TRITON_DIR" >&2
+  rm -rf "$TRITON_DIR"
+  "${ZIMAGE_VENV:-$ROOT/.venv}/bin/python" -m pip -q --disable-pip-version-check install --no-deps \
+    --target "$TRITON_DIR" triton==3.6.0 numpy==2.3.5
+  touch "$TRITON_DIR/.installed-3.6.0"
+fi
+export ZIMAGE_TRITON_PATH="${ZIMAGE_TRITON_PATH:-$TRITON_DIR}"
+
 log() { printf '[test] %s\n' "$*" >&2; }
 status=0
 summary=()

@@ -169,7 +169,10 @@ def _triton_env() -> dict[str, str] | None:
 def interpreted() -> dict[str, float]:
     env = _triton_env()
     if env is None:
-        pytest.skip("Triton is not importable (install it, or point ZIMAGE_TRITON_PATH at a folder holding it)")
+        why = "Triton is not importable (scripts/test.sh installs it; or point ZIMAGE_TRITON_PATH at a folder holding it)"
+        if os.environ.get("CI"):
+            pytest.fail(why)  # CI must check the kernels, not skip them
+        pytest.skip(why)
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "kernels_interpret.py")], env=env,
                           capture_output=True, text=True, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("KERNEL_RESULTS ")]
