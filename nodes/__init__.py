@@ -4,6 +4,7 @@ from .compile import ZImageCompileModel, ZImageCompileVAE
 from .conditioning import ZImageTextEncode
 from .latent import ZImageEmptyLatent
 from .loaders import ZImageModelLoader, ZImageTextEncoderLoader, ZImageVAELoader
+from .lora import ZImageLoraLoader
 from .sampling import ZImageImg2ImgSampler, ZImageTurboSampler
 from .vae import ZImageVAEDecode, ZImageVAEEncode
 
@@ -11,6 +12,7 @@ NODE_CLASS_MAPPINGS = {
     "ZImageModelLoader": ZImageModelLoader,
     "ZImageTextEncoderLoader": ZImageTextEncoderLoader,
     "ZImageVAELoader": ZImageVAELoader,
+    "ZImageLoraLoader": ZImageLoraLoader,
     "ZImageTextEncode": ZImageTextEncode,
     "ZImageEmptyLatent": ZImageEmptyLatent,
     "ZImageTurboSampler": ZImageTurboSampler,
@@ -25,6 +27,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageModelLoader": "Z-Image Model Loader",
     "ZImageTextEncoderLoader": "Z-Image Text Encoder Loader (Qwen3-4B)",
     "ZImageVAELoader": "Z-Image VAE Loader",
+    "ZImageLoraLoader": "Z-Image LoRA Loader (any trainer's format)",
     "ZImageTextEncode": "Z-Image Text Encode",
     "ZImageEmptyLatent": "Z-Image Empty Latent",
     "ZImageTurboSampler": "Z-Image Turbo Sampler",

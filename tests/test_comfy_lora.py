@@ -1,0 +1,280 @@
+"""ZImageLoraLoader in the real ComfyUI, against the references: ComfyUI's own LoraLoaderModelOnly and
+diffusers' `load_lora_weights` + `fuse_lora` on ZImagePipeline, per dialect, in each trainer's real key
+names. fp32 on the CPU, tiny random models.
+
+Which reference reads which dialect (read from their source, checked here: a dialect a reference does
+not read leaves its model unchanged there):
+- ComfyUI 0.3.75 and 0.18.1: ComfyUI `diffusion_model.` (fused qkv), kohya's fused `lora_unet_…_qkv`,
+  ai-toolkit `diffusion_model.` with split q/k/v, LyCORIS `lycoris_` (LoHa), `diffusion_model.` LoKr;
+  0.18.1 also diffusers `transformer.` and DiffSynth's bare names.
+- diffusers 0.42.1: `transformer.`, `diffusion_model.` split, kohya/musubi `lora_unet_` (split and
+  fused), ai-toolkit LoKr.
+Every dialect is also written as a twin of one a reference reads (the same weight change), so the
+dialects no reference reads (PEFT `base_model.model.`, kohya LoHa, and on 0.3.75 kohya split q/k/v,
+diffusers and DiffSynth) are checked against a reference's result on the twin.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+
+import pytest
+import torch
+
+from tests.comfy_harness import comfy, comfy_module
+from tests.sampling_fixtures import zimage_scheduler
+from tests.transformer_fixtures import make_diffusers_model, write_comfy_file
+from zimage_core.demo_weights import random_lora_state_dict, write_lora
+from zimage_core.transformer import TransformerConfig
+
+# The tiny model (tests/transformer_fixtures.TINY) as zimage_core's config, for the LoRA generator.
+CONFIG = TransformerConfig(dim=64, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
+                           axes_dims=(8, 12, 12), axes_lens=(256, 64, 64))
+FILE = "zimage_lora_tiny.safetensors"
+SEED, STEPS, PIXELS = 41, 3, 64
+RANK, ALPHA, SCALE = 4, 2.0, 0.6
+LORAS = {  # file stem → (dialect, form)
+    "comfyui": ("comfyui", "lora"), "kohya-fused": ("kohya-fused", "lora"), "ai-toolkit": ("ai-toolkit", "lora"),
+    "peft": ("peft", "lora"), "peft-base": ("peft-base", "lora"), "kohya": ("kohya", "lora"),
+    "diffsynth": ("diffsynth", "lora"), "loha-lycoris": ("lycoris", "loha"), "loha-kohya": ("kohya", "loha"),
+    "lokr": ("ai-toolkit", "lokr"),
+}
+COMFY_READS = {"comfyui", "kohya-fused", "ai-toolkit", "loha-lycoris", "lokr"}
+COMFY_0_18_READS = COMFY_READS | {"peft", "diffsynth"}
+DIFFUSERS_READS = {"peft", "ai-toolkit", "kohya", "kohya-fused", "lokr"}
+TWIN = {"loha-kohya": "loha-lycoris", "lokr": "lokr"}  # LyCORIS forms' twins; LoRA dialects twin "comfyui"
+
+
+def _name(stem: str) -> str:
+    return f"zimage_lora_{stem}.safetensors"
+
+
+def _comfy_version() -> tuple[int, ...]:
+    import comfyui_version
+
+    return tuple(int(x) for x in re.findall(r"\d+", comfyui_version.__version__)[:3])
+
+
+@pytest.fixture(scope="module")
+def lora_setup():
+    c = comfy()
+    models = c.models_dir
+    reference = make_diffusers_model(seed=4)
+    write_comfy_file(reference, models / "diffusion_models" / FILE)
+    paths = [models / "diffusion_models" / FILE]
+    for stem, (dialect, form) in LORAS.items():
+        rank = 2 if form == "lokr" else RANK  # peft rebuilds LoKr factors only when the rank is small
+        sd = random_lora_state_dict(CONFIG, dialect=dialect, form=form, rank=rank, alpha=ALPHA, scale=SCALE, seed=9)
+        paths.append(write_lora(models / "loras" / _name(stem), sd))
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(1, 12, 32, generator=g)
+    cond = [[features, {"pooled_output": None, "attention_mask": torch.ones(1, 12, dtype=torch.long)}]]
+    nodes = comfy_module("nodes")
+    base = nodes.NODE_CLASS_MAPPINGS["ZImageModelLoader"]().load(FILE, "default")[0]
+    assert base.model.diffusion_model.x_embedder.weight.dtype == torch.float32
+    yield nodes, base, reference, cond, features
+    comfy_module("comfy.model_management").unload_all_models()
+    gc.collect()
+    for p in paths:
+        p.unlink(missing_ok=True)
+
+
+def _ours(nodes, model, stem: str, strength: float = 1.0):
+    out = nodes.NODE_CLASS_MAPPINGS["ZImageLoraLoader"]().load(model, _name(stem), strength)
+    return out["result"][0], out["result"][2]
+
+
+def _comfy(nodes, model, stem: str, strength: float = 1.0):
+    return nodes.LoraLoaderModelOnly().load_lora_model_only(model, _name(stem), strength)[0]
+
+
+def _weights(patcher) -> dict[str, torch.Tensor]:
+    """The diffusion model's weights as ComfyUI computes them when it loads this MODEL (patches applied)."""
+    patcher.patch_model()
+    try:
+        return {k: v.detach().clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
+    finally:
+        patcher.unpatch_model()
+
+
+def _latent(nodes, model, cond) -> torch.Tensor:
+    """ZImageTurboSampler's denoised latent, in the model's latent space (as diffusers returns it)."""
+    latent = nodes.NODE_CLASS_MAPPINGS["ZImageEmptyLatent"]().generate(PIXELS, PIXELS, "custom", 1)[0]
+    out = nodes.NODE_CLASS_MAPPINGS["ZImageTurboSampler"]().sample(model, cond, latent, SEED, STEPS, 3.0, 0.0)[0]
+    return comfy_module("comfy.latent_formats").Flux().process_in(out["samples"])
+
+
+_CACHE: dict = {}
+
+
+def _once(key: str, compute):
+    """A result shared by the tests of this module (e.g. the latents without a LoRA)."""
+    if key not in _CACHE:
+        _CACHE[key] = compute()
+    return _CACHE[key]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _changed(weights: dict, base: dict) -> set[str]:
+    return {k for k in base if not torch.equal(weights[k], base[k])}
+
+
+@pytest.mark.parametrize("stem", sorted(LORAS))
+def test_each_dialect_patches_as_comfyui_loraloader(lora_setup, stem):
+    nodes, base, _, _, _ = lora_setup
+    plain = _weights(base)
+    model, report = _ours(nodes, base, stem)
+    ours = _weights(model)
+    reads = COMFY_0_18_READS if _comfy_version() >= (0, 18) else COMFY_READS
+    twin = stem if stem in reads else TWIN.get(stem, "comfyui")
+    expected = _weights(_comfy(nodes, base, twin))
+    assert _changed(expected, plain), f"ComfyUI did not apply {twin}"
+    if stem not in reads:  # ComfyUI leaves (part of) this dialect unapplied, e.g. ComfyUI issue 11487 for kohya's
+        # split q/k/v: the gap this node fills
+        assert _changed(_weights(_comfy(nodes, base, stem)), plain) < _changed(ours, plain)
+    assert _changed(ours, plain) == _changed(expected, plain)
+    for k in plain:
+        torch.testing.assert_close(ours[k], expected[k], rtol=1e-5, atol=1e-6, msg=f"{stem}: {k}")
+    assert "not matched: none" in report and "keys matched:" in report
+    assert _weights(base).keys() == plain.keys() and not _changed(_weights(base), plain)  # input unchanged
+
+
+def _diffusers_latent(reference, stem: str | None, features: torch.Tensor) -> torch.Tensor:
+    import copy
+
+    from diffusers import ZImagePipeline
+
+    transformer = copy.deepcopy(reference)
+    pipe = ZImagePipeline(scheduler=zimage_scheduler(), vae=None, text_encoder=None, tokenizer=None,
+                          transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    if stem is not None:
+        pipe.load_lora_weights(str(comfy().models_dir / "loras" / _name(stem)))
+        pipe.fuse_lora()
+    noise = comfy_module("comfy.sample").prepare_noise(torch.zeros(1, 16, PIXELS // 8, PIXELS // 8), SEED)
+    with torch.no_grad():
+        return pipe(prompt_embeds=[features[0]], latents=noise, height=PIXELS, width=PIXELS,
+                    num_inference_steps=STEPS, guidance_scale=0.0, output_type="latent").images
+
+
+@pytest.mark.parametrize("stem", sorted(s for s in LORAS if not s.startswith("loha")))
+def test_each_dialect_denoises_as_diffusers_load_lora_weights(lora_setup, stem):
+    nodes, base, reference, cond, features = lora_setup
+    twin = stem if stem in DIFFUSERS_READS else "kohya"  # (LoHa, which diffusers does not read: ComfyUI only)
+    expected = _diffusers_latent(reference, twin, features)
+    plain = _once("diffusers plain", lambda: _diffusers_latent(reference, None, features))
+    assert _rel(expected, plain) > 3e-3  # the LoRA changes diffusers' result ...
+    model, _ = _ours(nodes, base, stem)
+    got = _latent(nodes, model, cond)
+    print(f"{stem}: LoRA changes diffusers' latent by {_rel(expected, plain):.2e}; ours vs diffusers "
+          f"{_rel(got, expected):.2e}")
+    assert _rel(got, expected) < 1e-4, f"{stem}: {_rel(got, expected):.2e}"  # ... and ours the same way
+    assert _rel(_once("ours plain", lambda: _latent(nodes, base, cond)), plain) < 1e-4  # (and without the LoRA)
+
+
+def test_strength_zero_is_no_lora_bit_for_bit(lora_setup):
+    nodes, base, _, cond, _ = lora_setup
+    model, report = _ours(nodes, base, "kohya", 0.0)
+    assert torch.equal(_latent(nodes, model, cond), _latent(nodes, base, cond))
+    assert "strength 0: not applied" in report
+
+
+def test_loras_stack_with_each_other_and_with_comfyui_and_unpatch_exactly(lora_setup):
+    nodes, base, _, cond, _ = lora_setup
+    plain = _weights(base)
+    # ComfyUI's loader twice (the reference) = ours twice = ours then ComfyUI's, in any order.
+    expected = _weights(_comfy(nodes, _comfy(nodes, base, "comfyui", 0.7), "lokr", -0.5))
+    ours_twice = _ours(nodes, _ours(nodes, base, "kohya", 0.7)[0], "lokr", -0.5)[0]
+    mixed = _comfy(nodes, _ours(nodes, base, "lokr", -0.5)[0], "comfyui", 0.7)
+    for model in (ours_twice, mixed):
+        got = _weights(model)
+        for k in plain:
+            torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
+    assert len(_changed(expected, plain)) > 0
+    # Sampling loads the stacked model (weights patched in place) and unloading restores them bit for bit.
+    before = _latent(nodes, base, cond)
+    _latent(nodes, ours_twice, cond)
+    comfy_module("comfy.model_management").unload_all_models()
+    after = {k: v.detach().clone() for k, v in base.model.diffusion_model.state_dict().items()}
+    assert all(torch.equal(after[k], plain[k]) for k in plain)
+    assert torch.equal(_latent(nodes, base, cond), before)
+
+
+def test_report_is_the_node_ui_text_and_output(lora_setup):
+    from tests.comfy_harness import run_ok
+
+    prompt = {
+        "1": {"class_type": "ZImageModelLoader", "inputs": {"model_name": FILE, "weight_dtype": "default"}},
+        "2": {"class_type": "ZImageLoraLoader", "inputs": {"model": ["1", 0], "lora_name": _name("kohya"),
+                                                           "strength_model": 0.8}},
+        "3": {"class_type": "ZImageLoraLoader", "inputs": {"model": ["2", 0], "lora_name": _name("lokr"),
+                                                           "strength_model": 1.0}},
+        "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 2]}},
+    }
+    result = run_ok(prompt)
+    (kohya,) = result.outputs["2"]["text"]
+    assert kohya.startswith(f"LoRA {_name('kohya')}") and "kohya / musubi (lora_unet_)" in kohya
+    assert "alpha 2; effective scale (alpha/rank x strength): 0.5 x 0.8 = 0.4" in kohya
+    (lokr,) = result.outputs["3"]["text"]
+    assert "LoKr" in lokr and "not matched: none" in lokr
+
+
+def test_other_models_lora_is_refused_with_a_clear_error(lora_setup):
+    from safetensors.torch import save_file
+
+    from tests.comfy_harness import comfy as harness
+
+    path = harness().models_dir / "loras" / "zimage_test_flux_lora.safetensors"
+    save_file({"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 3072),
+               "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(3072, 4)}, str(path))
+    try:
+        prompt = {
+            "1": {"class_type": "ZImageModelLoader", "inputs": {"model_name": FILE, "weight_dtype": "default"}},
+            "2": {"class_type": "ZImageLoraLoader", "inputs": {"model": ["1", 0], "lora_name": path.name,
+                                                               "strength_model": 1.0}},
+            "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 2]}},
+        }
+        result = harness().run(prompt)
+        assert not result.ok
+        message = result.error_message
+        assert f"LoRA {path.name} is not a Z-Image LoRA: it looks like a FLUX.1" in message, message
+        assert "Traceback" not in message
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def test_pickle_lora_is_refused_when_queued(lora_setup):
+    nodes, *_ = lora_setup
+    check = nodes.NODE_CLASS_MAPPINGS["ZImageLoraLoader"].VALIDATE_INPUTS(lora_name="old_style.ckpt")
+    assert isinstance(check, str) and "not a .safetensors file" in check
+
+
+def test_two_stacked_loras_workflow_runs_and_reports_on_each_node():
+    """workflows/z_image_turbo_two_loras.json on the demo files: ComfyUI-format LoRA, then a kohya LoRA with a
+    text-encoder part on top (model and CLIP pass through both nodes)."""
+    from tests.comfy_harness import (
+        DEMO_LORA,
+        DEMO_LORA_KOHYA,
+        TWO_LORAS,
+        demo_prompt,
+        nodes_of,
+        run_ok,
+        saved_images,
+    )
+
+    prompt = demo_prompt(TWO_LORAS, width=32, height=32, seed=5)
+    first, second = sorted(nodes_of(prompt, "ZImageLoraLoader"), key=lambda k: (len(k), k))
+    assert prompt[second]["inputs"]["model"] == [first, 0] and prompt[second]["inputs"]["clip"] == [first, 1]
+    result = run_ok(prompt)
+    (image,) = saved_images(result)
+    assert image.shape == (32, 32, 3)
+    (report1,) = result.outputs[first]["text"]
+    (report2,) = result.outputs[second]["text"]
+    assert report1.startswith(f"LoRA {DEMO_LORA}") and "text encoder:" not in report1
+    assert report2.startswith(f"LoRA {DEMO_LORA_KOHYA}") and "kohya / musubi (lora_unet_)" in report2
+    assert "text encoder: 14 weights patched" in report2  # the demo Qwen3 runs 2 layers x 7 linears
+    assert "text encoder's last layer(s)" in report2  # its third layer is never run: listed, not applied
