@@ -17,7 +17,9 @@ diffusers and DiffSynth) are checked against a reference's result on the twin.
 from __future__ import annotations
 
 import gc
+import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -266,15 +268,27 @@ def test_two_stacked_loras_workflow_runs_and_reports_on_each_node():
         saved_images,
     )
 
-    prompt = demo_prompt(TWO_LORAS, width=32, height=32, seed=5)
+    prompt = demo_prompt(TWO_LORAS, width=64, height=64)  # as tests/frontend/lora_report.js queues it
     first, second = sorted(nodes_of(prompt, "ZImageLoraLoader"), key=lambda k: (len(k), k))
     assert prompt[second]["inputs"]["model"] == [first, 0] and prompt[second]["inputs"]["clip"] == [first, 1]
     result = run_ok(prompt)
     (image,) = saved_images(result)
-    assert image.shape == (32, 32, 3)
+    assert image.shape == (64, 64, 3)
     (report1,) = result.outputs[first]["text"]
     (report2,) = result.outputs[second]["text"]
     assert report1.startswith(f"LoRA {DEMO_LORA}") and "text encoder:" not in report1
     assert report2.startswith(f"LoRA {DEMO_LORA_KOHYA}") and "kohya / musubi (lora_unet_)" in report2
     assert "text encoder: 14 weights patched" in report2  # the demo Qwen3 runs 2 layers x 7 linears
     assert "text encoder's last layer(s)" in report2  # its third layer is never run: listed, not applied
+    # What ComfyUI's real frontend showed on these two nodes after queueing this workflow with the same
+    # files (tests/frontend/lora_report.js: web/zimage.js fills a read-only text box from the UI output).
+    shown = json.loads((Path(__file__).parent / "frontend" / "lora_report_ui.json").read_text())
+    assert shown["page_errors"] == []
+    assert [(n["node"], n["lora_name"]) for n in shown["nodes"]] == [(int(first), DEMO_LORA),
+                                                                      (int(second), DEMO_LORA_KOHYA)]
+    for node, report in zip(shown["nodes"], (report1, report2), strict=True):
+        assert node["text_box"] == node["widget_text"] == report
+        assert node["text_box_visible"] and node["read_only"]
+    # The text box is display only: the frontend does not send it with the prompt.
+    assert all(sorted(inputs) == ["clip", "lora_name", "model", "strength_clip", "strength_model"]
+               for inputs in shown["prompt_inputs"])
