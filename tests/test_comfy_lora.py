@@ -292,3 +292,45 @@ def test_two_stacked_loras_workflow_runs_and_reports_on_each_node():
     # The text box is display only: the frontend does not send it with the prompt.
     assert all(sorted(inputs) == ["clip", "lora_name", "model", "strength_clip", "strength_model"]
                for inputs in shown["prompt_inputs"])
+
+
+def _real(weights: dict) -> dict[str, torch.Tensor]:
+    """Stored weights → the values the model computes with (fp8_e4m3fn_fast keeps one scale per row)."""
+    out = {}
+    for k, v in weights.items():
+        scale = weights.get(k + "_scale")
+        out[k] = v.float() * scale.reshape(-1, 1) if scale is not None else v.float()
+    return out
+
+
+@pytest.mark.parametrize("weight_dtype", ["fp8_e4m3fn", "fp8_e4m3fn_fast"])
+def test_fp8_weights_are_patched_within_the_reported_bound(lora_setup, weight_dtype):
+    """fp8 storage: the LoRA is computed in float32 on the real weight and stored back in fp8. Every patched
+    weight must be the exact result (fp8 base + the fp32 change ComfyUI computes) within the bound the
+    report states: stochastic rounding < one fp8 step, fp8_e4m3fn_fast round-to-nearest <= half a step
+    of its row scale."""
+    nodes, base32, *_ = lora_setup
+    delta = {k: v - p for (k, v), p in zip(_weights(_ours(nodes, base32, "kohya")[0]).items(),
+                                           _weights(base32).values(), strict=True)}
+    base = nodes.NODE_CLASS_MAPPINGS["ZImageModelLoader"]().load(FILE, weight_dtype)[0]
+    model, report = _ours(nodes, base, "kohya")
+    plain_stored, patched_stored = _weights(base), _weights(model)
+    plain, patched = _real(plain_stored), _real(patched_stored)
+    fast = weight_dtype.endswith("fast")
+    assert "fp8: " in report and ("rounds to nearest" if fast else "rounds stochastically") in report
+    checked = 0
+    for k, d in delta.items():
+        if not d.abs().max() > 0 or patched_stored[k].dtype != torch.float8_e4m3fn:
+            continue
+        exact = plain[k] + d
+        err = (patched[k] - exact).abs()
+        if fast:
+            scale = patched_stored[k + "_scale"].reshape(-1, 1)
+            clip = (exact.abs() - 448 * scale).clamp(min=0)
+            bound = 2**-4 * exact.abs() + 2**-10 * scale + clip
+        else:
+            bound = 2**-3 * exact.abs() + 2**-9
+        assert (err <= bound * (1 + 1e-5) + 1e-12).all(), f"{weight_dtype} {k}: {float((err - bound).max())}"
+        assert not torch.equal(patched_stored[k], plain_stored[k])  # the LoRA is there
+        checked += 1
+    assert checked == 20  # every patched block weight: qkv, out, w1, w2, w3 of 4 blocks
