@@ -334,3 +334,64 @@ def test_fp8_weights_are_patched_within_the_reported_bound(lora_setup, weight_dt
         assert not torch.equal(patched_stored[k], plain_stored[k])  # the LoRA is there
         checked += 1
     assert checked == 20  # every patched block weight: qkv, out, w1, w2, w3 of 4 blocks
+
+
+def test_text_encoder_lora_matches_peft_on_transformers_qwen3(lora_setup):
+    """A Qwen3 LoRA (kohya names, alpha) on our CLIP gives the caption features transformers' Qwen3 gives with
+    the same change merged by PEFT (hidden_states[-2], Z-Image's features). Our CLIP computes in bf16 on
+    the CPU, so the comparison is at bf16 precision; the LoRA changes the features far more than that."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from zimage_core.demo_weights import (
+        DEMO_FILES,
+        demo_text_encoder_lora_targets,
+        random_text_encoder_lora_state_dict,
+    )
+
+    nodes, base, *_ = lora_setup
+    models = comfy().models_dir
+    lora = dict(rank=4, alpha=2.0, scale=0.4, seed=7)
+    path = write_lora(models / "loras" / "zimage_test_te_lora.safetensors",
+                      random_text_encoder_lora_state_dict(demo_text_encoder_lora_targets(), dialect="kohya", **lora))
+    try:
+        clip = nodes.NODE_CLASS_MAPPINGS["ZImageTextEncoderLoader"]().load(DEMO_FILES["text_encoders"])[0]
+        out = nodes.NODE_CLASS_MAPPINGS["ZImageLoraLoader"]().load(base, path.name, 1.0, clip=clip,
+                                                                   strength_clip=1.0)
+        patched_clip = out["result"][1]
+        tokens = clip.tokenize("a lighthouse at dusk")
+        ids = torch.tensor([[t[0] for t in tokens["qwen3_4b"][0]]])
+        ours = patched_clip.encode_from_tokens(tokens).float()[0]
+        plain = clip.encode_from_tokens(tokens).float()[0]
+    finally:
+        path.unlink(missing_ok=True)
+
+    # Reference: transformers' Qwen3 with the demo file's weights, the same change in PEFT's names
+    # (diffusers-style file: alpha folded into lora_B, so PEFT's own scale is 1).
+    config = Qwen3Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, rope_theta=1e6,
+                         rms_norm_eps=1e-6, tie_word_embeddings=True)
+    lm = Qwen3ForCausalLM(config).eval()
+    missing, unexpected = lm.load_state_dict(load_file(str(models / "text_encoders" / DEMO_FILES["text_encoders"])),
+                                             strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected
+    with torch.no_grad():
+        expected_plain = lm.model(ids, output_hidden_states=True).hidden_states[-2][0]
+    peft_sd = {k.replace("text_encoder.", "base_model.model.", 1): v for k, v in random_text_encoder_lora_state_dict(
+        demo_text_encoder_lora_targets(), dialect="diffusers", **lora).items()}
+    peft_model = get_peft_model(lm, LoraConfig(r=4, lora_alpha=4, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    result = set_peft_model_state_dict(peft_model, peft_sd)
+    assert not result.unexpected_keys
+    merged = peft_model.merge_and_unload()
+    with torch.no_grad():
+        expected = merged.model(ids, output_hidden_states=True).hidden_states[-2][0]
+    assert ours.shape == expected.shape
+    change = _rel(expected, plain)
+    err, err_plain = _rel(ours, expected), _rel(plain, expected_plain)
+    print(f"text-encoder LoRA: changes features by {change:.2e}; ours vs transformers+PEFT {err:.2e} "
+          f"({err_plain:.2e} without the LoRA: bf16)")
+    # bf16 rounding through the layers is ~1e-2 here (also without the LoRA); a wrong module or scale would
+    # be off by a sizeable part of the change.
+    assert err_plain < 0.02 and err < 0.03 and change > 0.5
