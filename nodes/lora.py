@@ -64,7 +64,7 @@ class ZImageLoraLoader:
     FUNCTION = "load"
 
     def __init__(self) -> None:
-        self._cached: tuple[str, float, dict] | None = None
+        self._cached: tuple[str, float, tuple[dict, dict]] | None = None
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -95,17 +95,17 @@ class ZImageLoraLoader:
             return f"ZImageLoraLoader: no LoRA {lora_name!r} in models/loras. Put the file there and refresh."
         return True
 
-    def _read(self, path: str) -> dict[str, torch.Tensor]:
+    def _read(self, path: str) -> tuple[dict[str, torch.Tensor], dict]:
         stamp = os.path.getmtime(path)
         if self._cached is not None and self._cached[:2] == (path, stamp):
             return self._cached[2]
         try:
-            lora = comfy.utils.load_torch_file(path, safe_load=True)
+            lora, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
         except Exception as e:  # noqa: BLE001 - a broken file: say which, and what to do
             raise ValueError(f"ZImageLoraLoader: cannot read {path} as safetensors ({e}). The file is damaged or "
                              "not a LoRA; download it again.") from e
-        self._cached = (path, stamp, lora)
-        return lora
+        self._cached = (path, stamp, (lora, metadata or {}))
+        return lora, metadata or {}
 
     def load(self, model, lora_name: str, strength_model: float = 1.0, clip=None, strength_clip: float = 1.0):
         if not is_zimage_model(model):
@@ -113,15 +113,17 @@ class ZImageLoraLoader:
             raise ValueError(f"ZImageLoraLoader: this MODEL ({name}) is not a Z-Image model. Use ComfyUI's "
                              "LoraLoader for other models.")
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
-        lora = self._read(path)
+        lora, metadata = self._read(path)
         alphas = {k: float(v.item()) for k, v in lora.items() if k.endswith(".alpha") and v.numel() == 1}
         clip_shapes = _shapes(clip.patcher.model) if clip is not None else None
         try:
             plan = plan_lora({k: tuple(v.shape) for k, v in lora.items()}, alphas, name=lora_name,
-                             model_shapes=_shapes(model.model), clip_shapes=clip_shapes)
+                             model_shapes=_shapes(model.model), clip_shapes=clip_shapes, metadata=metadata)
         except NotZImageLoraError as e:
             raise ValueError(f"ZImageLoraLoader: {e}") from None
         report = plan.report
+        if plan.extra_alphas:  # PEFT's alpha from the metadata, as ComfyUI's adapters read it (a new dict)
+            lora = {**lora, **{k: torch.tensor(v) for k, v in plan.extra_alphas.items()}}
         new_model, new_clip = model, clip
         if plan.model_map and strength_model != 0:  # strength 0: the input model itself, bit for bit
             new_model = model.clone()

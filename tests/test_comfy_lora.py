@@ -41,10 +41,12 @@ LORAS = {  # file stem → (dialect, form)
     "peft": ("peft", "lora"), "peft-base": ("peft-base", "lora"), "kohya": ("kohya", "lora"),
     "diffsynth": ("diffsynth", "lora"), "loha-lycoris": ("lycoris", "loha"), "loha-kohya": ("kohya", "loha"),
     "lokr": ("ai-toolkit", "lokr"),
+    # diffusers' save_lora_weights: PEFT names, alpha in the file's metadata (lora_adapter_metadata), not tensors
+    "peft-metadata": ("peft", "lora"),
 }
 COMFY_READS = {"comfyui", "kohya-fused", "ai-toolkit", "loha-lycoris", "lokr"}
 COMFY_0_18_READS = COMFY_READS | {"peft", "diffsynth"}
-DIFFUSERS_READS = {"peft", "ai-toolkit", "kohya", "kohya-fused", "lokr"}
+DIFFUSERS_READS = {"peft", "ai-toolkit", "kohya", "kohya-fused", "lokr", "peft-metadata"}
 TWIN = {"loha-kohya": "loha-lycoris", "lokr": "lokr"}  # LyCORIS forms' twins; LoRA dialects twin "comfyui"
 
 
@@ -58,6 +60,16 @@ def _comfy_version() -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", comfyui_version.__version__)[:3])
 
 
+def _peft_metadata(rank: int, alpha: float) -> dict[str, str]:
+    """What diffusers' save_lora_weights stores for a PEFT LoRA: its LoraConfig, keys prefixed `transformer.`."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0", "w1", "w2",
+                                                                    "w3"]).to_dict()
+    config = {f"transformer.{k}": sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    return {"lora_adapter_metadata": json.dumps(config, sort_keys=True)}
+
+
 @pytest.fixture(scope="module")
 def lora_setup():
     c = comfy()
@@ -67,6 +79,10 @@ def lora_setup():
     paths = [models / "diffusion_models" / FILE]
     for stem, (dialect, form) in LORAS.items():
         rank = 2 if form == "lokr" else RANK  # peft rebuilds LoKr factors only when the rank is small
+        if stem == "peft-metadata":  # the same change: alpha/rank applied from the metadata
+            sd = random_lora_state_dict(CONFIG, dialect=dialect, rank=rank, alpha=rank, scale=SCALE, seed=9)
+            paths.append(write_lora(models / "loras" / _name(stem), sd, metadata=_peft_metadata(rank, ALPHA)))
+            continue
         sd = random_lora_state_dict(CONFIG, dialect=dialect, form=form, rank=rank, alpha=ALPHA, scale=SCALE, seed=9)
         paths.append(write_lora(models / "loras" / _name(stem), sd))
     g = torch.Generator().manual_seed(0)
@@ -135,13 +151,18 @@ def test_each_dialect_patches_as_comfyui_loraloader(lora_setup, stem):
     twin = stem if stem in reads else TWIN.get(stem, "comfyui")
     expected = _weights(_comfy(nodes, base, twin))
     assert _changed(expected, plain), f"ComfyUI did not apply {twin}"
-    if stem not in reads:  # ComfyUI leaves (part of) this dialect unapplied, e.g. ComfyUI issue 11487 for kohya's
-        # split q/k/v: the gap this node fills
+    if stem == "peft-metadata":  # ComfyUI ignores the metadata's alpha: applied at another strength, if at all
+        theirs = _weights(_comfy(nodes, base, stem))
+        assert any(not torch.allclose(theirs[k], ours[k]) for k in plain) or not _changed(theirs, plain)
+    elif stem not in reads:  # ComfyUI leaves (part of) this dialect unapplied, e.g. ComfyUI issue 11487 for
+        # kohya's split q/k/v: the gap this node fills
         assert _changed(_weights(_comfy(nodes, base, stem)), plain) < _changed(ours, plain)
     assert _changed(ours, plain) == _changed(expected, plain)
     for k in plain:
         torch.testing.assert_close(ours[k], expected[k], rtol=1e-5, atol=1e-6, msg=f"{stem}: {k}")
     assert "not matched: none" in report and "keys matched:" in report
+    if stem == "peft-metadata":
+        assert "alpha from the file's PEFT metadata (lora_adapter_metadata)" in report and "0.5 x 1 = 0.5" in report
     assert _weights(base).keys() == plain.keys() and not _changed(_weights(base), plain)  # input unchanged
 
 

@@ -208,3 +208,24 @@ def test_a_few_z_image_keys_in_a_flux_file_do_not_make_it_apply():
             "diffusion_model.layers.0.attention.out.lora_up.weight": (DIM, 4)}
     with pytest.raises(NotZImageLoraError, match="FLUX"):
         plan_lora(keys, {}, name="mixed.safetensors", model_shapes=MODEL)
+
+
+@pytest.mark.parametrize("config,scale", [
+    ({"lora_alpha": 2, "r": 4}, 0.5),
+    ({"lora_alpha": 8, "r": 4, "use_rslora": True}, 4.0),  # PEFT's rsLoRA: alpha / sqrt(r)
+    ({"lora_alpha": 2, "r": 4, "alpha_pattern": {"attention.to_q": 4}}, None)])
+def test_peft_metadata_alpha_scales_modules_without_alpha_tensors(config, scale):
+    import json
+
+    sd = random_lora_state_dict(DEMO_TRANSFORMER, dialect="peft")
+    meta = {"lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in config.items()})}
+    plan = plan_lora({k: tuple(v.shape) for k, v in sd.items()}, {}, name="x.safetensors", model_shapes=MODEL,
+                     metadata=meta)
+    scales = {h.module + h.part: h.scale for h in plan.report.hits}
+    if scale is not None:
+        assert set(scales.values()) == {scale}
+    else:  # the pattern's alpha for to_q only
+        assert {s for m, s in scales.items() if m.endswith("qkvq")} == {1.0}
+        assert {s for m, s in scales.items() if not m.endswith("qkvq")} == {0.5}
+    assert "PEFT metadata" in plan.report.text()
+    assert len(plan.extra_alphas) == len(plan.model_map)

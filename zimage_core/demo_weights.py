@@ -99,12 +99,14 @@ def _is_current(path: Path) -> bool:
         return False
 
 
-def _save(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype, what: str) -> None:
+def _save(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype, what: str,
+          metadata: dict[str, str] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({k: v.to(dtype) for k, v in state.items()}, str(tmp),
               metadata={"format": "pt", "zimage_demo": DEMO_VERSION,
-                        "description": f"RANDOM demo weights ({what}); images made with them are noise"})
+                        "description": f"RANDOM demo weights ({what}); images made with them are noise",
+                        **(metadata or {})})
     os.replace(tmp, path)
 
 
@@ -308,8 +310,10 @@ def write_random_lora(path: str | os.PathLike, config: TransformerConfig, **kwar
     return path
 
 
-def write_lora(path: str | os.PathLike, state: dict[str, torch.Tensor]) -> Path:
-    """A LoRA state dict (e.g. from `random_lora_state_dict`) saved as a safetensors file (fp32)."""
+def write_lora(path: str | os.PathLike, state: dict[str, torch.Tensor], *,
+               metadata: dict[str, str] | None = None) -> Path:
+    """A LoRA state dict (e.g. from `random_lora_state_dict`) saved as a safetensors file (fp32), with extra
+    safetensors metadata (e.g. diffusers' "lora_adapter_metadata", PEFT's config as JSON)."""
     path = Path(path)
-    _save(state, path, torch.float32, "Z-Image LoRA")
+    _save(state, path, torch.float32, "Z-Image LoRA", metadata)
     return path

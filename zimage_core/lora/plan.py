@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .forms import ModuleWeights, group_modules
+from .metadata import METADATA_KEY, metadata_alphas
 from .report import LoraReport, ModuleHit
 from .targets import (
     DIT_FLAT_PREFIXES,
@@ -65,6 +66,7 @@ class LoraPlan:
     model_map: dict[str, str | tuple[str, tuple[int, int, int]]] = field(default_factory=dict)
     clip_map: dict[str, str | tuple[str, tuple[int, int, int]]] = field(default_factory=dict)
     report: LoraReport = field(default_factory=LoraReport)
+    extra_alphas: dict[str, float] = field(default_factory=dict)  # `.alpha` keys from the file's metadata
 
 
 def _dialect(name: str) -> str:
@@ -99,19 +101,27 @@ def describe_foreign(keys: Sequence[str]) -> str | None:
 
 def plan_lora(shapes: Mapping[str, Sequence[int]], alphas: Mapping[str, float], *, name: str,
               model_shapes: Mapping[str, Sequence[int]] | None,
-              clip_shapes: Mapping[str, Sequence[int]] | None = None) -> LoraPlan:
+              clip_shapes: Mapping[str, Sequence[int]] | None = None,
+              metadata: Mapping[str, str] | None = None) -> LoraPlan:
     """Map a LoRA file (its key → shape, and its `.alpha` values) onto a Z-Image model and text encoder.
 
     `model_shapes` / `clip_shapes`: the host's state-dict key → shape of the MODEL (transformer under
     `diffusion_model.`) and of the CLIP (Qwen3 `…layers.N.…`); None when that input is not connected.
+    `metadata`: the file's safetensors metadata; a diffusers/PEFT config there gives the alpha of modules
+    that have no `.alpha` tensor (`plan.extra_alphas`, to be added to the file's tensors before patching).
     Raises NotZImageLoraError when nothing fits and the file looks like another model's LoRA, or
     when it holds no LoRA weights at all.
     """
     modules, unknown = group_modules(shapes, alphas)
+    extra = metadata_alphas(metadata, modules)
+    if extra:
+        modules, unknown = group_modules(shapes, {**alphas, **extra})
     dit = transformer_targets(model_shapes) if model_shapes is not None else None
     te, te_layers = text_encoder_targets(clip_shapes) if clip_shapes is not None else (None, 0)
-    plan = LoraPlan()
+    plan = LoraPlan(extra_alphas=extra)
     report = plan.report
+    if extra:
+        report.notes.append(f"alpha from the file's PEFT metadata ({METADATA_KEY}) for {len(extra)} modules")
     report.name = name
     report.total_keys = len(shapes)
     covered: dict[str, list[tuple[int, int, str]]] = {}  # host key → row ranges already patched
