@@ -108,12 +108,14 @@ def _comfy(nodes, model, stem: str, strength: float = 1.0):
 
 
 def _weights(patcher) -> dict[str, torch.Tensor]:
-    """The diffusion model's weights as ComfyUI computes them when it loads this MODEL (patches applied)."""
-    patcher.patch_model()
+    """The diffusion model's weights as ComfyUI computes them when it loads this MODEL for sampling (its
+    own load_models_gpu: patches applied), then unloaded again (which restores the weights)."""
+    mm = comfy_module("comfy.model_management")
+    mm.load_models_gpu([patcher], force_full_load=True)
     try:
         return {k: v.detach().clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
     finally:
-        patcher.unpatch_model()
+        mm.unload_all_models()
 
 
 def _latent(nodes, model, cond) -> torch.Tensor:

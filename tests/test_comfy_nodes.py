@@ -8,11 +8,20 @@ import json
 
 import pytest
 
-from tests.comfy_harness import BATCH, IMG2IMG, LORA_CORE, T2I, WORKFLOWS, comfy_module, demo_prompt
+from tests.comfy_harness import (
+    BATCH,
+    IMG2IMG,
+    LORA_CORE,
+    T2I,
+    TWO_LORAS,
+    WORKFLOWS,
+    comfy_module,
+    demo_prompt,
+)
 
 NODE_IDS = ["ZImageModelLoader", "ZImageTextEncoderLoader", "ZImageVAELoader", "ZImageTextEncode",
             "ZImageEmptyLatent", "ZImageTurboSampler", "ZImageImg2ImgSampler", "ZImageVAEEncode",
-            "ZImageVAEDecode", "ZImageCompileModel", "ZImageCompileVAE"]
+            "ZImageVAEDecode", "ZImageCompileModel", "ZImageCompileVAE", "ZImageLoraLoader"]
 EXPECTED_INPUTS = {
     "ZImageModelLoader": {"model_name", "weight_dtype"},
     "ZImageTextEncoderLoader": {"text_encoder_name"},
@@ -25,6 +34,7 @@ EXPECTED_INPUTS = {
     "ZImageVAEDecode": {"vae", "latent"},
     "ZImageCompileModel": {"model", "mode"},
     "ZImageCompileVAE": {"vae"},
+    "ZImageLoraLoader": {"model", "lora_name", "strength_model", "clip", "strength_clip"},
 }
 
 
@@ -108,4 +118,4 @@ def test_workflows_are_in_the_folder_comfyui_template_browser_reads():
     # over HTTP in test_comfy_server).
     names = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
     assert WORKFLOWS.name == "workflows"
-    assert names == sorted([T2I.stem, IMG2IMG.stem, BATCH.stem, LORA_CORE.stem])
+    assert names == sorted([T2I.stem, IMG2IMG.stem, BATCH.stem, LORA_CORE.stem, TWO_LORAS.stem])
