@@ -17,6 +17,7 @@ import comfy.utils
 import folder_paths
 import torch
 
+from ..zimage_core.checkpoint import model_fingerprint
 from ..zimage_core.lora import NotZImageLoraError, plan_lora
 from .core_model import is_zimage_model
 
@@ -94,6 +95,14 @@ class ZImageLoraLoader:
         if lora_name not in folder_paths.get_filename_list("loras"):
             return f"ZImageLoraLoader: no LoRA {lora_name!r} in models/loras. Put the file there and refresh."
         return True
+
+    @classmethod
+    def IS_CHANGED(cls, lora_name: str, **_) -> str:
+        """A LoRA file replaced on disk under the same name is read again on the next queue."""
+        try:
+            return model_fingerprint(folder_paths.get_full_path_or_raise("loras", lora_name))
+        except Exception:  # noqa: BLE001 - an unknown name: VALIDATE_INPUTS / load report it
+            return "missing"
 
     def _read(self, path: str) -> tuple[dict[str, torch.Tensor], dict]:
         stamp = os.path.getmtime(path)

@@ -418,3 +418,17 @@ def test_text_encoder_lora_matches_peft_on_transformers_qwen3(lora_setup):
     # bf16 rounding through the layers is ~1e-2 here (also without the LoRA); a wrong module or scale would
     # be off by a sizeable part of the change.
     assert err_plain < 0.02 and err < 0.03 and change > 0.5
+
+
+def test_a_lora_replaced_on_disk_is_read_again(lora_setup):
+    nodes, *_ = lora_setup
+    cls = nodes.NODE_CLASS_MAPPINGS["ZImageLoraLoader"]
+    path = comfy().models_dir / "loras" / "zimage_test_replaced.safetensors"
+    try:
+        write_lora(path, random_lora_state_dict(CONFIG, dialect="comfyui", rank=2))
+        first = cls.IS_CHANGED(lora_name=path.name)
+        write_lora(path, random_lora_state_dict(CONFIG, dialect="comfyui", rank=4))
+        assert cls.IS_CHANGED(lora_name=path.name) != first
+        assert cls.IS_CHANGED(lora_name="no_such_lora.safetensors") == "missing"
+    finally:
+        path.unlink(missing_ok=True)
