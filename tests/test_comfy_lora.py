@@ -326,12 +326,16 @@ def _real(weights: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("weight_dtype", ["fp8_e4m3fn", "fp8_e4m3fn_fast"])
-def test_fp8_weights_are_patched_within_the_reported_bound(lora_setup, weight_dtype):
-    """fp8 storage: the LoRA is computed in float32 on the real weight and stored back in fp8. Every patched
-    weight must be the exact result (fp8 base + the fp32 change ComfyUI computes) within the bound the
-    report states: stochastic rounding < one fp8 step, fp8_e4m3fn_fast round-to-nearest <= half a step
-    of its row scale."""
+STORED = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8_e4m3fn": torch.float8_e4m3fn,
+          "fp8_e4m3fn_fast": torch.float8_e4m3fn}
+
+
+@pytest.mark.parametrize("weight_dtype", ["bf16", "fp16", "fp8_e4m3fn", "fp8_e4m3fn_fast"])
+def test_low_precision_weights_are_patched_within_the_rounding_bound(lora_setup, weight_dtype):
+    """The LoRA is computed in float32 on the real weight and stored back in the weight's dtype. Every patched
+    weight must be the exact result (stored base + the fp32 change ComfyUI computes) within that dtype's
+    rounding: bf16/fp16 round to nearest; for fp8 the bound the report states: stochastic rounding < one fp8
+    step, fp8_e4m3fn_fast round-to-nearest <= half a step of its row scale."""
     nodes, base32, *_ = lora_setup
     delta = {k: v - p for (k, v), p in zip(_weights(_ours(nodes, base32, "kohya")[0]).items(),
                                            _weights(base32).values(), strict=True)}
@@ -340,14 +344,21 @@ def test_fp8_weights_are_patched_within_the_reported_bound(lora_setup, weight_dt
     plain_stored, patched_stored = _weights(base), _weights(model)
     plain, patched = _real(plain_stored), _real(patched_stored)
     fast = weight_dtype.endswith("fast")
-    assert "fp8: " in report and ("rounds to nearest" if fast else "rounds stochastically") in report
+    if weight_dtype.startswith("fp8"):
+        assert "fp8: " in report and ("rounds to nearest" if fast else "rounds stochastically") in report
+    else:
+        assert "fp8" not in report
     checked = 0
     for k, d in delta.items():
-        if not d.abs().max() > 0 or patched_stored[k].dtype != torch.float8_e4m3fn:
+        if not d.abs().max() > 0 or patched_stored[k].dtype != STORED[weight_dtype]:
             continue
         exact = plain[k] + d
         err = (patched[k] - exact).abs()
-        if fast:
+        if weight_dtype == "bf16":
+            bound = 2**-8 * exact.abs()  # half a step: 8 significant bits
+        elif weight_dtype == "fp16":
+            bound = 2**-11 * exact.abs() + 2**-25  # 11 significant bits; subnormal steps 2^-24
+        elif fast:
             scale = patched_stored[k + "_scale"].reshape(-1, 1)
             clip = (exact.abs() - 448 * scale).clamp(min=0)
             bound = 2**-4 * exact.abs() + 2**-10 * scale + clip
