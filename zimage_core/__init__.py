@@ -39,6 +39,11 @@ _EXPORTS = {
     "LATENT_SHIFT": "vae",
     "normalize_latents": "vae",
     "denormalize_latents": "vae",
+    # LoRA files of every dialect (key/shape logic)
+    "plan_lora": "lora",
+    "LoraPlan": "lora",
+    "LoraReport": "lora",
+    "NotZImageLoraError": "lora",
 }
 
 __all__ = sorted(_EXPORTS)
