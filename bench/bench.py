@@ -408,16 +408,20 @@ class Impls:
         return m.eval().requires_grad_(False)
 
     def _build_dit_ours(self, variant: str):
-        """variant: "" (eager), "compile" (regional), "fp8", "fp8+compile"."""
+        """variant: "" (eager, fused Triton kernels where available), "compile" (regional), "fp8",
+        "fp8attn" (fp8 attention), "nofuse" (eager without the fused kernels); combinable with "+"."""
         opts = set(variant.split("+")) - {""}
         m = self.new_ours()
+        m.fused_kernels = "nofuse" not in opts
         if "fp8" in opts:
             t0 = time.perf_counter()
             n = m.quantize_fp8()
             sync()
             log(f"  fp8: {n} linears quantized in {time.perf_counter() - t0:.2f} s")
+        if "fp8attn" in opts:
+            m.set_fp8_attention(True)
         if "compile" in opts:
-            m.compile_blocks()
+            m.compile_blocks(cache_dir=self.args.compile_cache or None)
         self.__dict__.setdefault("_mods", {})["ours+" + variant if variant else "ours"] = m
 
         def run(x, sigma, caps):
@@ -702,8 +706,14 @@ def dit_impls(args) -> list[str]:
             out.append(impl)
         if impl in args.compile:
             out.append(impl + "+compile")
-        if impl == "ours" and args.fp8:
-            out.append("ours+fp8+compile" if "ours" in args.compile else "ours+fp8")
+        if impl == "ours" and args.nofuse and not (args.compiled_only and impl in args.compile):
+            out.insert(out.index("ours") + 1, "ours+nofuse")
+        if impl == "ours" and (args.fp8 or args.fp8_attn):
+            tail = "+compile" if "ours" in args.compile else ""
+            if args.fp8:
+                out.append("ours+fp8" + tail)
+            if args.fp8_attn:
+                out.append("ours+fp8+fp8attn" + tail)
     return out
 
 
@@ -867,13 +877,14 @@ def stage_parity(args, zi: Impls) -> None:
     if fp8 and bf16:
         from zimage_core.sampling import sample_text_to_image
         noise = torch.randn(1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(11))
-        lat = {i: sample_text_to_image(zi.get_dit(i).model, caps[:1], noise, steps=8) for i in (bf16[-1], fp8[-1])}
+        lat = {i: sample_text_to_image(zi.get_dit(i).model, caps[:1], noise, steps=8) for i in (bf16[-1], *fp8)}
         vae = zi.get_vae("ours+" + args.e2e_vae if args.e2e_vae else "ours")
         img = {i: vae(v) for i, v in lat.items()}
-        record(fp8[-1], "fp8_vs_bf16_8step", size, 1, None, latent_rel_err=_rel(lat[fp8[-1]], lat[bf16[-1]]),
-               pixel_rel_err=_rel(img[fp8[-1]], img[bf16[-1]]),
-               pixel_mean_abs=(img[fp8[-1]] - img[bf16[-1]]).abs().mean().item(),
-               psnr_db=(10 * torch.log10(1.0 / ((img[fp8[-1]] - img[bf16[-1]]) ** 2).mean())).item())
+        b = bf16[-1]
+        for f in fp8:  # every fp8 variant (weights only; + fp8 attention) against the same bf16 run
+            record(f, "fp8_vs_bf16_8step", size, 1, None, latent_rel_err=_rel(lat[f], lat[b]),
+                   pixel_rel_err=_rel(img[f], img[b]), pixel_mean_abs=(img[f] - img[b]).abs().mean().item(),
+                   psnr_db=(10 * torch.log10(1.0 / ((img[f] - img[b]) ** 2).mean())).item())
 
 
 def _ours_fp32(zi: Impls, x, sig, caps) -> torch.Tensor:
@@ -1142,7 +1153,7 @@ def _profile(label: str, fn: Callable[[], Any], nrows: int = 12) -> dict[str, An
     cats: dict[str, float] = {}
     for ms, _, name in rows:
         n = name.lower()
-        cat = ("attention" if ("fmha" in n or "flash" in n or "sdpa" in n or "attention" in n) else
+        cat = ("attention" if ("fmha" in n or "flash" in n or "sdpa" in n or "attn" in n) else
                "matmul" if ("gemm" in n or "xmma" in n or "cutlass" in n or "nvjet" in n or "matmul" in n) else
                "conv" if ("conv" in n or "implicit" in n or "winograd" in n or "cudnn" in n) else
                "elementwise/other")
@@ -1175,13 +1186,23 @@ def stage_profile(args, zi: Impls) -> None:
 
 @torch.inference_mode()
 def stage_warmup(args, zi: Impls) -> None:
-    """First-call cost of ours+compile in a fresh process: compiler import, wrapping, first step.
-    Run it as the only stage, twice: once with an empty TORCHINDUCTOR_CACHE_DIR (cold), once reusing
-    it (warm: what a user sees on every later start)."""
+    """First-call cost of ours+compile in a fresh process: compiler import, wrapping (and loading the
+    saved compile artifacts with --compile-cache), then the first step, or with --first-image the
+    whole first image (text encode + 8 steps + decode with the e2e VAE, compilation included).
+    Run it as the only stage, twice, in fresh processes with the same --compile-cache: once with the
+    folder empty (cold), once after (warm). Give each run its own empty TORCHINDUCTOR_CACHE_DIR and
+    TRITON_CACHE_DIR so that only the saved artifacts can help the warm run. Random weights are built
+    before the clock starts (loading checkpoints is not part of this figure)."""
     size = args.sizes[0]
     x, caps, _ = make_inputs(zi, size, 1)
     sig = torch.full((1,), 0.75, device=DEV)
     _ = zi.dit_sd
+    cache_dir = args.compile_cache or None
+    cache_files = len(list(Path(cache_dir).glob("*.bin"))) if cache_dir and Path(cache_dir).is_dir() else 0
+    enc = vae = None
+    if args.first_image:
+        enc = zi.get_te("ours").encoder
+        vae = zi.get_vae("ours+" + args.e2e_vae if args.e2e_vae else "ours")
     t0 = time.perf_counter()
     import importlib
     importlib.import_module("torch._dynamo")
@@ -1189,17 +1210,160 @@ def stage_warmup(args, zi: Impls) -> None:
     t_import = time.perf_counter() - t0
     t0 = time.perf_counter()
     m = zi.new_ours()
-    ok = m.compile_blocks()
+    ok = m.compile_blocks(cache_dir=cache_dir)
     t_wrap = time.perf_counter() - t0
-    first, _ = first_call(lambda: m(x, sig, caps))
-    second, _ = first_call(lambda: m(x, sig, caps))
-    times = time_ms(lambda: m(x, sig, caps), 5, warmup=0)
-    record("ours+compile", "warmup", size, 1, times, cache=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"),
-           compiled=ok, import_s=t_import, wrap_s=t_wrap, first_call_s=first / 1e3, second_call_ms=second,
+    if args.first_image:
+        from zimage_core.sampling import sample_text_to_image
+        noise = torch.randn(1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(7))
+
+        def call():
+            lat = sample_text_to_image(m, enc.encode([PROMPT]), noise, steps=8)
+            return vae(lat)
+        what = "first_image"
+    else:
+        def call():
+            return m(x, sig, caps)
+        what = "warmup"
+    first, _ = first_call(call)
+    t_save = 0.0
+    if cache_dir:  # what the DiT's own save did not hold yet (the VAE's fused kernels compile after it)
+        from zimage_core.accel import CompileCache
+        t0 = time.perf_counter()
+        CompileCache(cache_dir).save_if_new()
+        t_save = time.perf_counter() - t0
+    second, _ = first_call(call)
+    times = time_ms(call, 3 if args.first_image else 5, warmup=0)
+    record("ours+compile", what, size, 1, times, cache=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"),
+           compile_cache=cache_dir or "", cache_files_before=cache_files, compiled=ok, import_s=t_import,
+           wrap_s=t_wrap, first_call_s=first / 1e3, save_s=t_save, second_call_ms=second,
            total_first_s=t_import + t_wrap + first / 1e3)
 
 
-STAGES = {"warmup": stage_warmup, "env": stage_env, "dit": stage_dit, "te": stage_te, "vae": stage_vae, "parity": stage_parity,
+@torch.inference_mode()
+def stage_kernels(args, zi: Impls) -> None:
+    """GPU check of the fused kernels (zimage_core.accel) at the first size's joint sequence length, run
+    first: fused against the torch reference path and against float64 math (max abs / max rel error), and
+    their times. fp8 attention against cuDNN bf16 SDPA, both against an fp32 SDPA."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    from zimage_core.accel import fp8_attention as fa
+    from zimage_core.accel import kernels
+    from zimage_core.transformer.model import RMSNorm
+    try:
+        ENV["flash_attention_impls"] = list(torch.nn.attention.list_flash_attention_impls())
+    except Exception as e:  # noqa: BLE001
+        ENV["flash_attention_impls"] = f"n/a: {e!r}"[:100]
+    probe = torch.zeros(1, device=DEV, dtype=DT)
+    if not kernels.fused_ok(probe):
+        note(f"kernels: fused path unavailable here (triton importable: {kernels.triton_kernels() is not None})")
+        return
+    size = args.sizes[0]
+    cap = int(zi.prompt_ids([PROMPT])[0].numel())
+    n = (size // 16) ** 2
+    n += (-n) % 32 + cap + (-cap) % 32  # the main blocks' joint sequence
+    d, h = DIT["dim"], DIT["n_heads"]
+    hd, ffn, eps = d // h, int(d / 3 * 8), DIT["norm_eps"]
+    g = torch.Generator(device=DEV).manual_seed(0)
+
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, device=DEV, generator=g) * std).to(DT)
+
+    def norm(dim):
+        m = RMSNorm(dim, eps, dtype=DT, device=DEV)
+        m.weight.copy_(1 + rnd(dim, std=0.1))
+        return m
+
+    def rms64(t, m):
+        t = t.double()
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) * m.weight.double()
+
+    def errs(got, want):
+        got, want = got.double(), want.double()
+        mx = (got - want).abs().max().item()
+        return mx, mx / want.abs().max().item()
+
+    def check(name, fused, ref, exact):
+        f, r = fused(), ref()
+        f, r = (f if isinstance(f, tuple) else (f,)), (r if isinstance(r, tuple) else (r,))
+        e = exact()
+        e = e if isinstance(e, tuple) else (e,)
+        fused_ms = statistics.median(time_ms(fused, reps, warm))
+        ref_ms = statistics.median(time_ms(ref, reps, warm))
+        for i, (fi, ri, ei) in enumerate(zip(f, r, e, strict=True)):
+            fv, rv = errs(fi, ri), errs(fi, ei)
+            record("kernel", name + (f"[{i}]" if len(f) > 1 else ""), size, 1, None,
+                   fused_vs_ref_max_abs=fv[0], fused_vs_ref_max_rel=fv[1], fused_vs_fp64_max_rel=rv[1],
+                   ref_vs_fp64_max_rel=errs(ri, ei)[1], fused_ms=fused_ms, ref_ms=ref_ms,
+                   speedup=ref_ms / fused_ms, finite=bool(torch.isfinite(fi).all()))
+
+    reps, warm = (2, 1) if TINY else (20, 3)
+    x, y = rnd(1, n, d), rnd(1, n, d, std=4.0)
+    scale, gate, scale2, _ = rnd(1, 1, 4 * d, std=0.5).chunk(4, dim=2)
+    n1, n2, n3 = norm(d), norm(d), norm(d)
+    check("norm_modulate", lambda: kernels.norm_modulate(x, n1, scale, True),
+          lambda: kernels.norm_modulate(x, n1, scale, False), lambda: rms64(x, n1) * (1 + scale.double()))
+
+    def gr_exact():
+        out = x.double() + torch.tanh(gate.double()) * rms64(y, n2)
+        return out, rms64(out.to(DT), n3) * (1 + scale2.double())
+    check("gated_residual+next", lambda: kernels.gated_residual(x, y, n2, gate, True, n3, scale2),
+          lambda: kernels.gated_residual(x, y, n2, gate, False, n3, scale2), gr_exact)
+
+    qkv = rnd(1, n, 3, h, hd)
+    qn, kn = norm(hd), norm(hd)
+    ang = torch.rand(1, n, 1, hd // 2, device=DEV, generator=g, dtype=torch.float64) * 100
+    c, si = ang.cos(), ang.sin()
+    rope = torch.stack([torch.stack([c, -si], -1), torch.stack([si, c], -1)], -2).to(DT)
+    work = qkv.clone()
+
+    def qk_fused():
+        work.copy_(qkv)
+        return tuple(t.clone() for t in kernels.qk_norm_rope(work, qn, kn, rope, True)[:2])
+
+    def qk_ref():
+        return kernels.qk_norm_rope(qkv, qn, kn, rope, False)[:2]
+
+    def qk_exact():
+        out = []
+        for t, m in ((qkv[:, :, 0], qn), (qkv[:, :, 1], kn)):
+            t = rms64(t, m)
+            r = rope.double()
+            x0, x1 = t[..., 0::2], t[..., 1::2]
+            out.append(torch.stack([r[..., 0, 0] * x0 + r[..., 0, 1] * x1, r[..., 1, 0] * x0 + r[..., 1, 1] * x1],
+                                   -1).flatten(-2))
+        return tuple(out)
+    check("qk_norm_rope (+copy)", qk_fused, qk_ref, qk_exact)
+
+    a, b = rnd(1, n, ffn, std=2.0), rnd(1, n, ffn, std=2.0)
+    check("silu_mul", lambda: kernels.silu_mul(a, b, True), lambda: kernels.silu_mul(a, b, False),
+          lambda: torch.nn.functional.silu(a.double()) * b.double())
+    x = y = a = b = work = None
+
+    # fp8 attention on realistic q/k (normed, rotated) and v
+    q, k, v = kernels.qk_norm_rope(qkv, qn, kn, rope, False)
+    t = lambda z: z.transpose(1, 2)  # noqa: E731
+    exact = t(sdpa(t(q).float(), t(k).float(), t(v).float()))
+    bf = t(sdpa(t(q), t(k), t(v)))
+    fl = 4 * n * n * hd * h
+    cudnn_ms = statistics.median(time_ms(lambda: sdpa(t(q), t(k), t(v)), reps, warm))
+    rec = {"bf16_sdpa_rel": _rel(bf, exact), "bf16_sdpa_ms": cudnn_ms, "bf16_sdpa_tflops": fl / cudnn_ms / 1e9,
+           "reference_emulation_rel": _rel(fa.attention_reference(q, k, v), exact),
+           "kernel_supported": fa.kernel_supported(q)}
+    if fa.kernel_supported(q):
+        from zimage_core.accel import triton_attention as ta
+        got = fa.fp8_attention(q, k, v)
+        ms = statistics.median(time_ms(lambda: fa.fp8_attention(q, k, v), reps, warm))
+        quant = ta.quantize_qkv(q, k, v)
+        kms = statistics.median(time_ms(lambda: ta.fp8_attention(q, k, v, quantized=quant), reps, warm))
+        p16 = ta.fp8_attention(q, k, v, p_fp8=False)
+        p16_ms = statistics.median(time_ms(lambda: ta.fp8_attention(q, k, v, p_fp8=False, quantized=quant), reps, warm))
+        rec.update(fp8_rel=_rel(got, exact), fp8_vs_bf16_rel=_rel(got, bf), fp8_ms=ms, fp8_kernel_only_ms=kms,
+                   fp8_kernel_tflops=fl / kms / 1e9, fp8_p16_rel=_rel(p16, exact), fp8_p16_kernel_ms=p16_ms,
+                   speedup_vs_cudnn=cudnn_ms / ms, finite=bool(torch.isfinite(got).all()))
+    record("kernel", "fp8_attention", size, 1, None, **rec)
+
+
+STAGES = {"kernels": stage_kernels, "warmup": stage_warmup, "env": stage_env, "dit": stage_dit, "te": stage_te, "vae": stage_vae, "parity": stage_parity,
           "e2e": stage_e2e, "profile": stage_profile, "vaetiled": stage_vaetiled, "mem": stage_mem}
 
 
@@ -1240,6 +1404,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ref-loop", action="store_true", help="time ours with the reference Euler loop")
     ap.add_argument("--no-te-graphs", action="store_true", help="ours' text encoder without CUDA graphs")
     ap.add_argument("--fp8", action="store_true", help="also time ours with fp8 weights")
+    ap.add_argument("--fp8-attn", action="store_true", help="also time ours with fp8 weights + fp8 attention")
+    ap.add_argument("--nofuse", action="store_true", help="also time ours eager without the fused Triton kernels")
+    ap.add_argument("--compile-cache", default="", help="folder for ours' compile artifacts (CompileCache)")
+    ap.add_argument("--first-image", action="store_true",
+                    help="warmup stage: time the whole first image (encode + 8 steps + decode), not one step")
     ap.add_argument("--compiled-only", action="store_true", help="skip the eager variants of --compile impls")
     ap.add_argument("--mem-modes", default="resident,te_offload,lowvram")
     ap.add_argument("--lowvram-budget", type=float, default=7.6, help="GiB the lowvram mode plans for")

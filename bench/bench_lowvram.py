@@ -302,8 +302,27 @@ time_base = 1000000
 '''
 
 
+def _ensure_frontend(stub_root: Path) -> None:
+    """The lent GPU machine has no comfyui-frontend-package, and ComfyUI's PromptServer (which the headless
+    runner builds, never starts) exits when it is missing: give it an empty static folder to point at."""
+    try:
+        import comfyui_frontend_package  # noqa: F401
+
+        return
+    except ImportError:
+        pass
+    (stub_root / "comfyui_frontend_package" / "static").mkdir(parents=True, exist_ok=True)
+    (stub_root / "comfyui_frontend_package" / "__init__.py").write_text("")
+    (stub_root / "comfyui_frontend_package" / "static" / "index.html").write_text("<html></html>")
+    if str(stub_root) not in sys.path:
+        sys.path.insert(0, str(stub_root))
+    _STUBBED.add("comfyui_frontend_package")
+
+
 def _ensure_av(stub_root: Path) -> bool:
-    """Put the PyAV stand-in on sys.path if `import av` fails. Returns True if the stub is used."""
+    """Put the PyAV stand-in on sys.path if `import av` fails (and the frontend stand-in, see
+    `_ensure_frontend`). Returns True if the PyAV stub is used."""
+    _ensure_frontend(stub_root)
     try:
         import av  # noqa: F401
 

@@ -38,7 +38,8 @@ grep -q '^__version__ = "0.3.75"' "$DST/comfyui_version.py" \
 
 mkdir -p .whl
 PLAT=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any)
-for spec in torchsde==0.2.6 trampoline==0.1.2; do
+# diffusers (+ importlib_metadata, its one dependency the machine lacks): the reference in bench.py.
+for spec in torchsde==0.2.6 trampoline==0.1.2 diffusers==0.42.1 importlib_metadata==10.2.0; do
   name="${spec%%==*}"
   if ! ls .whl/"$name"-"${spec##*==}"-*.whl >/dev/null 2>&1; then
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -2,6 +2,9 @@
 
 from .compile import ZImageCompileModel, ZImageCompileVAE
 from .conditioning import ZImageTextEncode
+from .controlnet import ZImageControlNetApply, ZImageControlNetLoader
+from .enhancer import ZImagePromptEnhancer
+from .inpaint import ZImageInpaintComposite, ZImageInpaintMask
 from .latent import ZImageEmptyLatent
 from .loaders import ZImageModelLoader, ZImageTextEncoderLoader, ZImageVAELoader
 from .lora import ZImageLoraLoader
@@ -14,13 +17,18 @@ NODE_CLASS_MAPPINGS = {
     "ZImageVAELoader": ZImageVAELoader,
     "ZImageLoraLoader": ZImageLoraLoader,
     "ZImageTextEncode": ZImageTextEncode,
+    "ZImagePromptEnhancer": ZImagePromptEnhancer,
     "ZImageEmptyLatent": ZImageEmptyLatent,
     "ZImageTurboSampler": ZImageTurboSampler,
     "ZImageImg2ImgSampler": ZImageImg2ImgSampler,
     "ZImageVAEEncode": ZImageVAEEncode,
     "ZImageVAEDecode": ZImageVAEDecode,
+    "ZImageInpaintMask": ZImageInpaintMask,
+    "ZImageInpaintComposite": ZImageInpaintComposite,
     "ZImageCompileModel": ZImageCompileModel,
     "ZImageCompileVAE": ZImageCompileVAE,
+    "ZImageControlNetLoader": ZImageControlNetLoader,
+    "ZImageControlNetApply": ZImageControlNetApply,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -29,11 +37,16 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageVAELoader": "Z-Image VAE Loader",
     "ZImageLoraLoader": "Z-Image LoRA Loader (any trainer's format)",
     "ZImageTextEncode": "Z-Image Text Encode",
+    "ZImagePromptEnhancer": "Z-Image Prompt Enhancer (offline, Qwen3-4B)",
     "ZImageEmptyLatent": "Z-Image Empty Latent",
     "ZImageTurboSampler": "Z-Image Turbo Sampler",
     "ZImageImg2ImgSampler": "Z-Image Img2Img Sampler",
     "ZImageVAEEncode": "Z-Image VAE Encode",
     "ZImageVAEDecode": "Z-Image VAE Decode",
+    "ZImageInpaintMask": "Z-Image Inpaint Mask (grow/feather)",
+    "ZImageInpaintComposite": "Z-Image Inpaint Composite",
     "ZImageCompileModel": "Z-Image Compile Model (torch.compile)",
     "ZImageCompileVAE": "Z-Image Compile VAE (fused GroupNorm·SiLU)",
+    "ZImageControlNetLoader": "Z-Image ControlNet Loader (Fun Union)",
+    "ZImageControlNetApply": "Z-Image ControlNet Apply",
 }

@@ -8,6 +8,8 @@ encoding is zimage_core's (no padding, CUDA graphs on the GPU). CONDITIONING has
 
 from __future__ import annotations
 
+import logging
+
 import comfy.model_management as mm
 import comfy.ops
 import comfy.sd
@@ -15,6 +17,8 @@ import torch
 
 from .core_model import compute_dtype_for, load_options
 from .errors import load_explained
+
+log = logging.getLogger(__name__)
 
 TOKENS_KEY = "qwen3_4b"  # the key ComfyUI's own Z-Image tokenizer uses
 
@@ -49,6 +53,9 @@ class ZImageClipModel(torch.nn.Module):
         self.transformer = encoder.model
         self.encoder = encoder
         self.dtypes = {encoder.dtype}
+        # Set by ZImageCLIP.load_model: the GPU to stream the weights through for the next encode,
+        # when they stay on the CPU because the GPU has no room for them.
+        self.stream_device: torch.device | None = None
 
     def reset_clip_options(self) -> None:
         pass
@@ -68,10 +75,31 @@ class ZImageClipModel(torch.nn.Module):
             raise ValueError("Z-Image text encoder: these tokens come from another model's tokenizer. Encode the "
                              "prompt with the CLIP from ZImageTextEncoderLoader (or CLIPLoader type lumina2).")
         ids = [t[0] for chunk in chunks for t in chunk]
-        (features,) = self.encoder.encode_ids([ids])
+        (features,) = self._encode(ids)
         cond = features.unsqueeze(0).to(mm.intermediate_device(), torch.float32)
         mask = torch.ones(cond.shape[:2], dtype=torch.long, device=cond.device)
         return cond, None, {"attention_mask": mask}
+
+
+    def _encode(self, ids: list[int]) -> list[torch.Tensor]:
+        device = self.stream_device
+        if device is None:
+            return self.encoder.encode_ids([ids])
+        # Only for this encode: between prompts the weights are ordinary (pinned) CPU tensors again,
+        # which ComfyUI may load or offload as usual.
+        home = self.encoder.device
+        try:
+            self.encoder.stream_weights(device)
+        except RuntimeError as exc:  # pinning can fail on hosts short of page-locked memory
+            log.warning("Z-Image text encoder: cannot stream from pinned memory (%s); encoding on %s.",
+                               exc, home)
+            self.stream_device = None
+            self.encoder.stop_streaming(home)
+            return self.encoder.encode_ids([ids])
+        try:
+            return self.encoder.encode_ids([ids])
+        finally:
+            self.encoder.stop_streaming(home)
 
 
 class ZImageCLIP(comfy.sd.CLIP):
@@ -80,20 +108,34 @@ class ZImageCLIP(comfy.sd.CLIP):
     ComfyUI loads a text encoder onto the GPU before every encode, unloading whatever is in the way. With
     Z-Image's 7.3 GiB encoder beside the 11.5 GiB transformer on a 16 GB card that means both reload for
     every new prompt (seconds each time). When the encoder does not fit into the memory that is free
-    without unloading anything, it stays where it is (the CPU, in bf16: a fraction of a second per prompt)."""
+    without unloading anything, its weights stay in CPU memory: on a GPU they are streamed through it
+    layer by layer from pinned memory (copies overlapped with compute, two layers resident), elsewhere
+    the CPU encodes."""
 
     def load_model(self, *args, **kwargs):
         patcher = self.patcher
         device = patcher.load_device
         to_move = patcher.model_size() - patcher.loaded_size()
+        model = self.cond_stage_model
+        model.stream_device = None
         if mm.is_device_cpu(device) or to_move <= 0:
             return super().load_model(*args, **kwargs)  # nothing to move
         tokens = args[0] if args else kwargs.get("tokens", {})
-        needed = to_move + self.cond_stage_model.memory_estimation_function(tokens or {})
-        if mm.get_free_memory(device) >= needed + mm.minimum_inference_memory():
+        activations = model.memory_estimation_function(tokens or {})
+        free = mm.get_free_memory(device)
+        if free >= to_move + activations + mm.minimum_inference_memory():
             return super().load_model(*args, **kwargs)
-        # Encode where the weights are: the CPU, or split (comfy.ops layers cast the offloaded part).
+        if patcher.loaded_size() == 0 and device.type == "cuda" and free >= self._stream_room(activations):
+            model.stream_device = device
+        # Otherwise encode where the weights are: the CPU, or split (comfy.ops layers cast the offloaded part).
         return patcher
+
+    def _stream_room(self, activations: int) -> int:
+        """GPU bytes streaming needs: two decoder layers, the embedding table and the activations."""
+        enc = self.cond_stage_model.encoder
+        layer = sum(p.numel() * p.element_size() for p in enc.model.layers[0].parameters())
+        table = enc.model.embed_tokens.weight
+        return 2 * layer + table.numel() * table.element_size() + activations + mm.minimum_inference_memory()
 
     def clone(self, *args, **kwargs):
         clone = super().clone(*args, **kwargs)

@@ -38,6 +38,8 @@ WEIGHT_DTYPES = {
     "fp8_e4m3fn": torch.float8_e4m3fn,
     # fp8 tensor-core matmuls (Ada/Hopper): block weights quantized per row by zimage_core.
     "fp8_e4m3fn_fast": "fp8_matmul",
+    # ... and attention through fp8 q/k/v (zimage_core fp8_attention: a Triton kernel on Ada/Hopper).
+    "fp8_e4m3fn_fast_attention": "fp8_matmul_attention",
 }
 # transformer_options key under which a node (ZImageCompileModel's wrapper) hands the transformer a
 # zimage_core BlockCall for this call only; the model itself never changes.
@@ -156,7 +158,8 @@ def load_zimage_model(path: str, weight_dtype: str) -> comfy.model_patcher.Model
     offload_device = mm.unet_offload_device()
     compute = compute_dtype_for(load_device)
     storage = WEIGHT_DTYPES[weight_dtype]
-    fp8_matmul = storage == "fp8_matmul"
+    fp8_attention = storage == "fp8_matmul_attention"
+    fp8_matmul = storage in ("fp8_matmul", "fp8_matmul_attention")
     if fp8_matmul:
         storage = compute  # quantized after loading; the small layers stay in the compute dtype
     if storage is None:
@@ -174,6 +177,8 @@ def load_zimage_model(path: str, weight_dtype: str) -> comfy.model_patcher.Model
     diffusion_model.eval().requires_grad_(False)
     if fp8_matmul:
         diffusion_model.quantize_fp8()
+    if fp8_attention:
+        diffusion_model.set_fp8_attention(True)
     if manual_cast is not None:
         diffusion_model.compute_dtype = compute  # e.g. fp8/fp16 storage computed in bf16 (fp32 on the CPU)
 

@@ -75,7 +75,9 @@ class ZImageModelLoader:
                            "bf16: recommended. fp16: stored in fp16 but computed in bf16/fp32 (fp16 "
                            "compute gives black images). fp8_e4m3fn: half the VRAM, slightly lower quality. "
                            "fp8_e4m3fn_fast: fp8 weights with per-row scales and fp8 matmuls on Ada/Hopper "
-                           "GPUs (fastest; lower quality; dequantized matmuls on other devices)."}),
+                           "GPUs (fastest; lower quality; dequantized matmuls on other devices). "
+                           "fp8_e4m3fn_fast_attention: the same, and attention through fp8 too (faster on "
+                           "Ada/Hopper, a little lower quality again; emulated, not faster, elsewhere)."}),
         }}
 
     IS_CHANGED = _changed_by("diffusion_models", "transformer", "model_name")

@@ -18,6 +18,7 @@ import torch
 
 from ..zimage_core.errors import SamplingError
 from ..zimage_core.sampling import schedule
+from . import inpaint
 from .core_model import is_zimage_model
 from .latent import LATENT_CHANNELS
 
@@ -72,13 +73,19 @@ def _finite_callback(model, steps: int, node: str):
 
 
 def sample(model, positive, negative, latent: dict, seed: int, sigmas: torch.Tensor, cfg: float,
-           node: str) -> tuple[dict]:
-    """KSampler-style Euler sampling over explicit sigmas; returns the LATENT (other keys kept)."""
+           node: str, mask: torch.Tensor | None = None) -> tuple[dict]:
+    """KSampler-style Euler sampling over explicit sigmas; returns the LATENT (other keys kept).
+
+    A MASK, when given, becomes the latent's noise_mask (1 = repaint), which KSampler's machinery honours.
+    """
     _check_model(model, node)
     _check_conditioning(model, positive, "positive", node)
     if negative is not positive:
         _check_conditioning(model, negative, "negative", node)
+    latent = inpaint.latent_with_mask(latent, mask, node)
     samples = comfy.sample.fix_empty_latent_channels(model, _source_latents(latent, node))
+    if inpaint.nothing_to_repaint(latent, node):
+        return ({**latent, "samples": latent["samples"].clone()},)
     noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
     steps = len(sigmas) - 1
     out = comfy.sample.sample_custom(
@@ -98,6 +105,10 @@ _COMMON_INPUTS = {
                         "tooltip": "Flow-matching timestep shift. 3.0 is Z-Image-Turbo's value; higher spends "
                                    "more steps at high noise."}),
 }
+
+_MASK_INPUT = ("MASK", {"tooltip": "Inpainting: where to repaint (1 = repaint, 0 = keep), e.g. LoadImage's painted "
+                                   "mask through ZImageInpaintMask. Replaces the latent's noise_mask; a mask of "
+                                   "another size is fitted to the image (noted in the log)."})
 
 
 class ZImageTurboSampler:
@@ -124,11 +135,12 @@ class ZImageTurboSampler:
             },
             "optional": {
                 "negative": ("CONDITIONING", {"tooltip": "Negative prompt; used only when guidance > 0."}),
+                "mask": _MASK_INPUT,
             },
         }
 
     def sample(self, model, positive, latent, seed: int, steps: int, shift: float, guidance: float,
-               negative=None):
+               negative=None, mask=None):
         node = "ZImageTurboSampler"
         if guidance > 0 and negative is None:
             raise ValueError(f"{node}: guidance {guidance} > 0 needs a negative conditioning. Connect a "
@@ -137,7 +149,7 @@ class ZImageTurboSampler:
         # cfg 1 ComfyUI skips the negative pass, so the positive stands in when none is connected.
         negative = negative if guidance > 0 else positive
         return sample(model, positive, negative, latent, seed, schedule.flow_sigmas(steps, shift),
-                      1.0 + guidance, node)
+                      1.0 + guidance, node, mask)
 
 
 class ZImageImg2ImgSampler:
@@ -161,13 +173,16 @@ class ZImageImg2ImgSampler:
                                                   "With 8 steps, values below ~0.3 run very few steps."}),
                 **_COMMON_INPUTS,
             },
+            "optional": {
+                "mask": _MASK_INPUT,
+            },
         }
 
-    def sample(self, model, positive, latent, strength: float, seed: int, steps: int, shift: float):
+    def sample(self, model, positive, latent, strength: float, seed: int, steps: int, shift: float, mask=None):
         node = "ZImageImg2ImgSampler"
         sigmas = schedule.img2img_sigmas(steps, strength, shift)
         if len(sigmas) < 2:
             # Nothing to denoise: the source itself, bit for bit.
             _source_latents(latent, node)
             return ({**latent, "samples": latent["samples"].clone()},)
-        return sample(model, positive, positive, latent, seed, sigmas, 1.0, node)
+        return sample(model, positive, positive, latent, seed, sigmas, 1.0, node, mask)

@@ -232,7 +232,7 @@ class RunResult:
 def write_extra_paths_yaml(path: Path, models_dir: Path, custom_nodes_dir: Path) -> Path:
     """An extra_model_paths file: our models folder first (is_default) and a custom_nodes folder."""
     lines = ["zimage:", f"  base_path: {json.dumps(str(models_dir))}", "  is_default: true"]
-    for folder in ("diffusion_models", "text_encoders", "vae", "checkpoints", "loras"):
+    for folder in ("diffusion_models", "text_encoders", "vae", "checkpoints", "loras", "model_patches", "controlnet"):
         lines.append(f"  {folder}: {folder}")
     lines += ["zimage_nodes:", f"  custom_nodes: {json.dumps(str(custom_nodes_dir))}"]
     path.write_text("\n".join(lines) + "\n")

@@ -34,8 +34,12 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
 T2I = WORKFLOWS / "z_image_turbo_text_to_image.json"
 IMG2IMG = WORKFLOWS / "z_image_turbo_img2img.json"
+INPAINT = WORKFLOWS / "z_image_turbo_inpaint.json"
 BATCH = WORKFLOWS / "z_image_turbo_seed_variations.json"
 LORA_CORE = WORKFLOWS / "z_image_turbo_lora_core_nodes.json"
+ENHANCED_PROMPT = WORKFLOWS / "z_image_turbo_enhanced_prompt.json"
+CONTROLNET_CANNY = WORKFLOWS / "z_image_turbo_controlnet_canny.json"
+CONTROLNET_INPAINT = WORKFLOWS / "z_image_turbo_controlnet_inpaint.json"
 DEMO_LORA = "zimage_demo_random_lora.safetensors"
 # A second demo LoRA: kohya/musubi names (split q/k/v, alpha) with a Qwen3 text-encoder part.
 DEMO_LORA_KOHYA = "zimage_demo_random_lora_kohya_te.safetensors"
@@ -45,6 +49,7 @@ LOADER_INPUTS = {
     "ZImageModelLoader": ("model_name", "diffusion_models"),
     "ZImageTextEncoderLoader": ("text_encoder_name", "text_encoders"),
     "ZImageVAELoader": ("vae_name", "vae"),
+    "ZImageControlNetLoader": ("control_net_name", "model_patches"),
 }
 
 _instance: HeadlessComfyUI | None = None

@@ -3,6 +3,8 @@ return new models and leave the ones they are given (and every other branch) unt
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from tests.comfy_harness import comfy_module
@@ -44,6 +46,18 @@ def test_fp8_fast_weights_use_fp8_matmuls_and_stay_close():
     assert _rel(out, reference) < 0.1
 
 
+def test_fp8_attention_weight_dtype_switches_attention_to_fp8():
+    reference = _sample(_load("default"))
+    model = _load("fp8_e4m3fn_fast_attention")
+    dit = model.model.diffusion_model
+    blocks = [*dit.noise_refiner, *dit.context_refiner, *dit.layers]
+    assert all(b.attention.fp8_attention for b in blocks)
+    assert all(b.attention.qkv.weight.dtype == torch.float8_e4m3fn for b in blocks)
+    out = _sample(model)
+    assert torch.isfinite(out).all() and 0 < _rel(out, reference) < 0.15
+    assert not any(b.attention.fp8_attention for b in _load("fp8_e4m3fn_fast").model.diffusion_model.layers)
+
+
 def test_compile_node_returns_a_compiled_clone_and_leaves_the_other_branch_eager():
     model = _load("default")
     reference = _sample(model)
@@ -62,6 +76,12 @@ def test_compile_node_returns_a_compiled_clone_and_leaves_the_other_branch_eager
     calls = len(wrapper.block_call._fns)
     assert torch.equal(_sample(model), reference)
     assert len(wrapper.block_call._fns) == calls
+
+    # The compiled artifacts were saved in ComfyUI's user directory (loaded again after a restart).
+    import folder_paths
+    cache = Path(folder_paths.get_user_directory()) / "zimage_compile_cache"
+    assert wrapper.block_call.cache is not None and wrapper.block_call.cache.folder == cache
+    assert list(cache.glob("*.bin")), "no compile artifacts saved"
 
 
 def test_compile_vae_node_returns_a_fused_copy_and_keeps_the_image():

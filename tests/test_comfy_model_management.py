@@ -82,6 +82,36 @@ def test_text_encoder_splits_across_devices_like_comfyui_encoders():
         clip.patcher.unpatch_model(device_to=cpu)
 
 
+def test_text_encoder_streamed_from_host_memory_gives_the_same_features_and_leaves_no_trace():
+    """When the encoder does not fit beside the diffusion model, ZImageCLIP streams its layers through the
+    GPU for one encode. Here the streaming device is the CPU (no GPU in CI): the features must equal the
+    resident encode, and afterwards the layers must be plain parameters again (no hooks, nothing moved)
+    so ComfyUI can load or offload them as usual."""
+    nodes = comfy_module("nodes").NODE_CLASS_MAPPINGS
+    clip = nodes["ZImageTextEncoderLoader"]().load(DEMO_FILES["text_encoders"])[0]
+    model = clip.cond_stage_model
+    tokens = clip.tokenize("a red fox in the snow")
+    reference = model.encode_token_weights(tokens)[0]
+    layer = model.encoder.model.layers[0]
+    before = [p.data_ptr() for p in layer.parameters()]
+    seen = []  # the weights layer 0 ran with: a streaming slot, not its own parameters
+    probe = layer.self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.append(m.weight.data_ptr()))
+    model.stream_device = torch.device("cpu")
+    try:
+        streamed = model.encode_token_weights(tokens)[0]
+    finally:
+        model.stream_device = None
+        probe.remove()
+    assert seen and seen[0] != before[[n for n, _ in layer.named_parameters()].index("self_attn.q_proj.weight")]
+    assert torch.equal(streamed, reference)
+    assert not layer._forward_pre_hooks and not layer._forward_hooks
+    assert [p.data_ptr() for p in layer.parameters()] == before
+    assert model.encoder.device.type == "cpu"
+    # A plain load (ComfyUI deciding it fits) clears the streaming choice.
+    clip.load_model()
+    assert model.stream_device is None
+
+
 def test_text_encoder_memory_request_scales_with_tokens_not_characters():
     nodes = comfy_module("nodes").NODE_CLASS_MAPPINGS
     clip = nodes["ZImageTextEncoderLoader"]().load(DEMO_FILES["text_encoders"])[0]

@@ -10,7 +10,11 @@ import pytest
 
 from tests.comfy_harness import (
     BATCH,
+    CONTROLNET_CANNY,
+    CONTROLNET_INPAINT,
+    ENHANCED_PROMPT,
     IMG2IMG,
+    INPAINT,
     LORA_CORE,
     T2I,
     TWO_LORAS,
@@ -21,19 +25,27 @@ from tests.comfy_harness import (
 
 NODE_IDS = ["ZImageModelLoader", "ZImageTextEncoderLoader", "ZImageVAELoader", "ZImageTextEncode",
             "ZImageEmptyLatent", "ZImageTurboSampler", "ZImageImg2ImgSampler", "ZImageVAEEncode",
-            "ZImageVAEDecode", "ZImageCompileModel", "ZImageCompileVAE", "ZImageLoraLoader"]
+            "ZImageVAEDecode", "ZImageCompileModel", "ZImageCompileVAE", "ZImageInpaintMask",
+            "ZImageInpaintComposite", "ZImagePromptEnhancer", "ZImageControlNetLoader", "ZImageControlNetApply",
+            "ZImageLoraLoader"]
 EXPECTED_INPUTS = {
     "ZImageModelLoader": {"model_name", "weight_dtype"},
     "ZImageTextEncoderLoader": {"text_encoder_name"},
     "ZImageVAELoader": {"vae_name"},
     "ZImageTextEncode": {"text_encoder", "text"},
     "ZImageEmptyLatent": {"width", "height", "preset", "batch_size"},
-    "ZImageTurboSampler": {"model", "positive", "latent", "seed", "steps", "shift", "guidance", "negative"},
-    "ZImageImg2ImgSampler": {"model", "positive", "latent", "strength", "seed", "steps", "shift"},
+    "ZImageTurboSampler": {"model", "positive", "latent", "seed", "steps", "shift", "guidance", "negative", "mask"},
+    "ZImageImg2ImgSampler": {"model", "positive", "latent", "strength", "seed", "steps", "shift", "mask"},
     "ZImageVAEEncode": {"vae", "image"},
     "ZImageVAEDecode": {"vae", "latent"},
     "ZImageCompileModel": {"model", "mode"},
     "ZImageCompileVAE": {"vae"},
+    "ZImageInpaintMask": {"mask", "grow", "feather", "image"},
+    "ZImageInpaintComposite": {"source", "generated", "mask"},
+    "ZImagePromptEnhancer": {"text", "mode", "seed", "max_new_tokens", "temperature", "clip", "text_encoder_name"},
+    "ZImageControlNetLoader": {"control_net_name"},
+    "ZImageControlNetApply": {"model", "controlnet", "vae", "strength", "start_percent", "end_percent", "reference",
+                              "image", "inpaint_image", "mask"},
     "ZImageLoraLoader": {"model", "lora_name", "strength_model", "clip", "strength_clip"},
 }
 
@@ -83,7 +95,7 @@ def test_core_types_fit_between_our_nodes():
     assert m["ZImageVAEEncode"].INPUT_TYPES()["required"]["image"][0] == "IMAGE"
 
 
-@pytest.mark.parametrize("workflow", [T2I, IMG2IMG, BATCH], ids=lambda p: p.stem)
+@pytest.mark.parametrize("workflow", [T2I, IMG2IMG, INPAINT, BATCH, ENHANCED_PROMPT], ids=lambda p: p.stem)
 def test_shipped_ui_workflow_converts_and_validates(workflow):
     execution = comfy_module("execution")
     ui = json.loads(workflow.read_text())
@@ -118,4 +130,5 @@ def test_workflows_are_in_the_folder_comfyui_template_browser_reads():
     # over HTTP in test_comfy_server).
     names = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
     assert WORKFLOWS.name == "workflows"
-    assert names == sorted([T2I.stem, IMG2IMG.stem, BATCH.stem, LORA_CORE.stem, TWO_LORAS.stem])
+    assert names == sorted([T2I.stem, IMG2IMG.stem, INPAINT.stem, BATCH.stem, LORA_CORE.stem, ENHANCED_PROMPT.stem,
+                            CONTROLNET_CANNY.stem, CONTROLNET_INPAINT.stem, TWO_LORAS.stem])

@@ -149,9 +149,10 @@ def _assert_readme_node_table_matches(info: dict) -> None:
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     table = readme[readme.index("## Nodes"):readme.index("## Workflows")]
-    rows = {name: re.findall(r"`(\w+)`", outputs)  # "→ `MODEL`, `CLIP`, `STRING`": every output, in order
-            for name, outputs in re.findall(r"^\| `(\w+)` \|.*→ ((?:`\w+`(?:, )?)+) \|", table, re.M)}
+    # "→ `TYPE`" or, for several outputs, "→ `TYPE`, `TYPE`"
+    rows = {name: re.findall(r"`(\w+)`", outputs)
+            for name, outputs in re.findall(r"^\| `(\w+)` \|.*→ (`\w+`(?:, `\w+`)*) \|", table, re.M)}
     ours = {name: node for name, node in info.items() if node.get("python_module") == f"custom_nodes.{PACK_NAME}"}
     assert set(rows) == set(ours), "README's node table and /object_info list different nodes"
-    for name, outputs in rows.items():
-        assert ours[name]["output"] == outputs, f"{name}: README says {outputs}, ComfyUI {ours[name]['output']}"
+    for name, output in rows.items():
+        assert ours[name]["output"] == output, f"{name}: README says {output}, ComfyUI {ours[name]['output']}"

@@ -4,6 +4,10 @@
 //  * ZImageTurboSampler: while guidance is 0 (Turbo's setting) a connected negative prompt has no
 //    effect; its input is labelled so, instead of silently being ignored.
 //  * ZImageLoraLoader: after a run the node shows its report (what the LoRA matched, what it did not).
+//  * ZImagePromptEnhancer: the text it generated is shown on the node, in a read-only multiline widget
+//    named "enhanced_prompt" (a <textarea class="zimage-enhanced-prompt">), filled from the executed
+//    message's ui.text[0] (plus "Negative prompt: ..." from ui.negative_prompt[0] in quality-boost mode).
+//    The widget is neither saved in the workflow nor sent with the prompt.
 import { app } from "../../scripts/app.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
 
@@ -95,8 +99,44 @@ function setupLoraReport(node) {
   };
 }
 
+const ENHANCED = "enhanced_prompt";
+
+function setupEnhancerDisplay(nodeType) {
+  const onNodeCreated = nodeType.prototype.onNodeCreated;
+  nodeType.prototype.onNodeCreated = function (...args) {
+    const r = onNodeCreated?.apply(this, args);
+    const widget = ComfyWidgets.STRING(this, ENHANCED, ["STRING", { multiline: true }], app).widget;
+    widget.serialize = false; // not stored in the workflow's widgets_values
+    widget.options ??= {};
+    widget.options.serialize = false; // not sent with the prompt
+    widget.options.read_only = true;
+    const el = widget.inputEl ?? widget.element;
+    if (el) {
+      el.readOnly = true;
+      el.placeholder = "The enhanced prompt appears here after the node runs.";
+      el.classList?.add("zimage-enhanced-prompt");
+    }
+    return r;
+  };
+  const onExecuted = nodeType.prototype.onExecuted;
+  nodeType.prototype.onExecuted = function (message, ...rest) {
+    const r = onExecuted?.apply(this, [message, ...rest]);
+    const widget = findWidget(this, ENHANCED);
+    if (widget) {
+      const text = message?.text?.[0] ?? "";
+      const negative = message?.negative_prompt?.[0];
+      widget.value = negative ? `${text}\n\nNegative prompt: ${negative}` : text;
+      this.setDirtyCanvas?.(true, true);
+    }
+    return r;
+  };
+}
+
 app.registerExtension({
   name: "ComfyUI-ZImage.helpers",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData?.name === "ZImagePromptEnhancer") setupEnhancerDisplay(nodeType);
+  },
   async nodeCreated(node) {
     const type = node.comfyClass ?? node.type;
     if (type === "ZImageEmptyLatent") setupPresets(node);

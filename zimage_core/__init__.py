@@ -25,6 +25,8 @@ _EXPORTS = {
     "make_noise": "sampling",
     "sample_text_to_image": "sampling",
     "sample_img2img": "sampling",
+    "sample_inpaint": "sampling",
+    "latent_inpaint_mask": "sampling",
     "sample_euler": "sampling",
     # text encoder
     "load_text_encoder": "text_encoder",
@@ -32,6 +34,13 @@ _EXPORTS = {
     "load_tokenizer": "text_encoder",
     "QwenTokenizer": "text_encoder",
     "TokenizerNotFoundError": "text_encoder",
+    # Fun ControlNet Union
+    "load_controlnet": "controlnet",
+    "ZImageControlNet": "controlnet",
+    # the text encoder as a causal LM, and the prompt enhancer on it
+    "CausalLM": "text_encoder",
+    "load_lm_tail": "text_encoder",
+    "enhance_prompt": "prompt_enhancer",
     # VAE
     "load_vae": "vae",
     "FluxVAE": "vae",

@@ -31,6 +31,8 @@ DEMO_FILES = {
     "diffusion_models": "zimage_demo_random_dit.safetensors",
     "text_encoders": "zimage_demo_random_qwen3.safetensors",
     "vae": "zimage_demo_random_ae.safetensors",
+    # Fun ControlNet Union lite layout (3 control layers, inpaint channels) at the demo width.
+    "model_patches": "zimage_demo_random_controlnet_lite.safetensors",
 }
 QWEN3_VOCAB = 151936
 TEXT_HIDDEN = 32
@@ -126,6 +128,13 @@ def write_demo_models(models_dir: str | os.PathLike, *, prefix: str = "model.dif
     vae = root / "vae" / DEMO_FILES["vae"]
     if not _is_current(vae):
         _save(demo_vae_state_dict(), vae, torch.float32, "FLUX VAE")
+    control = root / "model_patches" / DEMO_FILES["model_patches"]
+    if not _is_current(control):
+        from .controlnet.loading import write_random_controlnet
+
+        write_random_controlnet(control, "lite", dim=DEMO_TRANSFORMER.dim, n_heads=DEMO_TRANSFORMER.n_heads,
+                                seed=4, metadata={"zimage_demo": DEMO_VERSION, "description":
+                                                  "RANDOM demo weights (Fun ControlNet lite); images are noise"})
     return dict(DEMO_FILES)
 
 

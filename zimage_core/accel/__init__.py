@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from .compile import CompiledBlockCall, compile_blocks, is_compile_failure, uncompile_blocks
+from .compile_cache import CompileCache
 from .fp8 import FP8, FP8_MAX, Fp8Linear, fp8_matmul_supported, quantize_fp8
 from .streaming import BlockStreamer
 
 __all__ = [
     "BlockStreamer",
+    "CompileCache",
     "CompiledBlockCall",
     "FP8",
     "FP8_MAX",

@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
+from .compile_cache import CompileCache
 
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,12 +66,17 @@ class CompiledBlockCall:
     caller at once (ComfyUI branches that share weights). Same sharing of compiled code between blocks
     as `compile_blocks`. After a compiler failure (`is_compile_failure`), call `disable()` and retry:
     every later call runs eagerly.
+
+    With a `cache` (CompileCache), saved artifacts are loaded before the first compile, and the
+    transformer's `forward_done()` call saves them after a forward that met a new shape.
     """
 
-    def __init__(self, mode: str | None = None) -> None:
+    def __init__(self, mode: str | None = None, cache: CompileCache | None = None) -> None:
         self.mode = mode
         self.enabled = _dynamo() is not None
+        self.cache = cache
         self._fns: dict[int, Any] = {}
+        self._loaded = False
 
     def disable(self) -> None:
         self.enabled = False
@@ -80,10 +86,20 @@ class CompiledBlockCall:
                  c: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return block(x, rope, mask, c)
+        if self.cache is not None:
+            if not self._loaded:
+                self._loaded = True
+                self.cache.load()
+            self.cache.note((type(block).__name__, tuple(x.shape), x.dtype, mask is None, self.mode))
         fn = self._fns.get(id(block))
         if fn is None:
             fn = self._fns[id(block)] = torch.compile(block.forward, mode=self.mode)
         return fn(x, rope, mask, c)
+
+    def forward_done(self) -> None:
+        """Called by the transformer after a successful forward: persist newly compiled artifacts."""
+        if self.enabled and self.cache is not None:
+            self.cache.save_if_new()
 
 
 def uncompile_blocks(blocks: Sequence[nn.Module]) -> None:

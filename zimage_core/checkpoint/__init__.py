@@ -1,7 +1,9 @@
-"""Reading checkpoint files safely (safetensors headers, mmap, folders, fingerprints)."""
+"""Checkpoint files: safe reading (io: safetensors headers, mmap, folders, fingerprints) and stored
+weight formats (dequant: fp8 with scales, ComfyUI mixed quantization)."""
 
 from __future__ import annotations
 
+from .dequant import FP8_DTYPES, SCALE_SUFFIXES, dequantize, quant_layers, scale_key, stored_dtype
 from .io import (
     Checkpoint,
     TensorInfo,
@@ -15,6 +17,12 @@ from .io import (
 )
 
 __all__ = [
+    "FP8_DTYPES",
+    "SCALE_SUFFIXES",
+    "dequantize",
+    "quant_layers",
+    "scale_key",
+    "stored_dtype",
     "Checkpoint",
     "TensorInfo",
     "check_regular",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .inpaint import latent_inpaint_mask, sample_inpaint
 from .samplers import (
     Denoiser,
     StepCallback,
@@ -21,9 +22,11 @@ __all__ = [
     "flow_sigmas",
     "img2img_sigmas",
     "img2img_start_index",
+    "latent_inpaint_mask",
     "make_noise",
     "model_placement",
     "sample_euler",
     "sample_img2img",
+    "sample_inpaint",
     "sample_text_to_image",
 ]

@@ -247,13 +247,15 @@ def sample_euler(
     callback: StepCallback | None = None,
     cfg_truncation: float | None = 1.0,
     cfg_normalization: float | bool = 0.0,
+    after_step: Callable[[int, Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Euler on the flow ODE from `latents` (already noised to sigmas[0]) down the given sigmas.
 
     x_{i+1} = x_i + (σ_{i+1} − σ_i)·v. With guidance g > 0: v = v_pos + g·(v_pos − v_neg), the positive
     and negative passes batched into one model call; CFG is skipped on steps where 1 − σ > cfg_truncation
     and, if cfg_normalization k > 0, the guided prediction's norm is capped at k·‖v_pos‖ (diffusers
-    ZImagePipeline's options, off by default). Returns float32 latents on the model's device.
+    ZImagePipeline's options, off by default). `after_step(i, x)` may replace the latents after step i
+    (inpainting puts the kept region back there). Returns float32 latents on the model's device.
     """
     sig = _check_sigmas(sigmas)
     latents = _check_latents("latents", latents)
@@ -306,6 +308,8 @@ def sample_euler(
         dt = sig[i + 1] - sig[i]  # float32 step, as the diffusers scheduler computes it
         denoised = x - sigma * v if callback is not None else None
         x = x + dt.item() * v
+        if after_step is not None:
+            x = after_step(i, x)
 
         if check_every_step:
             if not bool(torch.isfinite(x).all()):

@@ -1,7 +1,9 @@
-"""Qwen3-4B text encoding: tokenizer, encoder and loading."""
+"""Qwen3-4B text encoding: tokenizer, encoder and loading; the same weights as a causal LM (generate)."""
 
 from __future__ import annotations
 
+from .generate import GREEDY, STOP_TOKEN_IDS, CausalLM, Generation, Sampling, chat_text
+from .lm_tail import LMTail, load_lm_tail
 from .loading import FIX, MAX_LAYERS, WHAT, load_text_encoder
 from .model import (
     MAX_CAPTION_TOKENS,
@@ -25,6 +27,14 @@ from .tokenizer import (
 )
 
 __all__ = [
+    "CausalLM",
+    "GREEDY",
+    "Generation",
+    "LMTail",
+    "STOP_TOKEN_IDS",
+    "Sampling",
+    "chat_text",
+    "load_lm_tail",
     "ENDOFTEXT",
     "FIX",
     "IM_END",

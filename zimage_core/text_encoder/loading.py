@@ -3,7 +3,6 @@ formats and what is loaded)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -14,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoint.dequant import dequantize, quant_layers, stored_dtype
 from ..checkpoint.io import Checkpoint, open_checkpoint
 from ..checks import (
     checkpoint_errors,
@@ -21,7 +21,6 @@ from ..checks import (
     numbered_blocks,
     real_number,
     release_on_error,
-    require_float,
     whole_number,
 )
 from ..errors import CheckpointError
@@ -34,8 +33,6 @@ WHAT = ("a Qwen3-4B text encoder (qwen_3_4b.safetensors with keys like "
         "model.layers.0.self_attn.q_norm.weight, or a diffusers text_encoder/ folder)")
 FIX = ("Z-Image-Turbo uses Qwen3-4B: choose qwen_3_4b.safetensors (or qwen_3_4b_fp8_mixed) from "
        "models/text_encoders, or the text_encoder/ folder of Tongyi-MAI/Z-Image-Turbo.")
-_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-_FP8_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 # Generous bounds on the Qwen3 shapes a file may declare (Qwen3-4B in brackets); each sizes the model
 # that is built. Qwen3 models up to 235B stay inside them.
 MAX_LAYERS = 128  # [36]
@@ -220,24 +217,25 @@ def _build(ckpt: Checkpoint, prefix: str, config, dtype: torch.dtype, device: to
     with torch.device("meta"):
         model = Qwen3Model(config)
     model.norm = nn.Identity()  # hidden_states[-2] is taken before the final norm
-    quant_layers = _quant_layers(ckpt)
+    layers = quant_layers(ckpt)
     params = list(model.named_parameters())
     missing = [prefix + name for name, _ in params if prefix + name not in ckpt.infos]
     if missing:
         raise CheckpointError(ckpt.path, WHAT, f"{len(missing)} missing tensor(s), e.g. {', '.join(missing[:3])}",
                               "The file is incomplete or not a Qwen3 model. " + FIX)
     # Shapes and types of every tensor are known from the header: check them all before reading any.
+    stored: dict[str, torch.dtype] = {}
     for name, param in params:
         key = prefix + name
         if tuple(ckpt.shape(key)) != tuple(param.shape):
             raise CheckpointError(ckpt.path, f"{WHAT}; tensor {key} of shape {tuple(param.shape)}",
                                   f"shape {tuple(ckpt.shape(key))}", FIX)
-        _stored_format(ckpt, key, quant_layers)
+        stored[key] = stored_dtype(ckpt, key, layers, WHAT, FIX)
     for name, _param in params:
         if check_interrupt is not None:
             check_interrupt()
         key = prefix + name
-        tensor = _dequantize(ckpt, key, quant_layers, device)
+        tensor = dequantize(ckpt, key, stored[key], device)
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name) if module_name else model
         module._parameters[attr] = nn.Parameter(ckpt.owned(tensor.to(device=device, dtype=dtype)),
@@ -246,76 +244,3 @@ def _build(ckpt: Checkpoint, prefix: str, config, dtype: torch.dtype, device: to
     model.rotary_emb = Qwen3RotaryEmbedding(config=config).to(device)
     model.eval()
     return model
-
-
-def _quant_layers(ckpt: Checkpoint) -> dict[str, str]:
-    """ComfyUI "mixed" quantization metadata: layer name -> format, if the file has it."""
-    raw = ckpt.metadata.get("_quantization_metadata")
-    if not raw:
-        return {}
-    try:
-        layers = json.loads(raw).get("layers", {})
-        return {k: (v.get("format") if isinstance(v, dict) else v) for k, v in layers.items()}
-    except (json.JSONDecodeError, AttributeError, RecursionError):
-        return {}
-
-
-def _stored_format(ckpt: Checkpoint, key: str, quant_layers: dict[str, str]) -> torch.dtype:
-    """The dtype a tensor's bytes hold: its header dtype, or fp8 for a uint8/int8 container that the
-    quantization metadata describes. Anything not floating point is refused."""
-    dtype = ckpt.dtype(key)
-    layer = key[: -len(".weight")] if key.endswith(".weight") else None
-    if dtype in (torch.uint8, torch.int8) and layer is not None:
-        fmt = quant_layers.get(layer) or _comfy_quant_format(ckpt, layer)
-        if fmt not in _FP8_FORMATS:
-            raise CheckpointError(ckpt.path, f"{WHAT} in bf16/fp16/fp32 or fp8",
-                                  f"tensor {key} stored as {dtype} with quantization format {str(fmt)[:40]!r}",
-                                  "This quantization format is not supported; use the bf16 or fp8 file.")
-        return _FP8_FORMATS[fmt]
-    require_float(ckpt.path, key, dtype, WHAT, FIX)
-    if dtype in _FP8 and layer is not None:
-        for scale_key in (f"{layer}.weight_scale", f"{layer}.scale_weight"):
-            if scale_key in ckpt.infos:
-                require_float(ckpt.path, scale_key, ckpt.dtype(scale_key), WHAT, FIX)
-    return dtype
-
-
-def _dequantize(ckpt: Checkpoint, key: str, quant_layers: dict[str, str], device: torch.device) -> torch.Tensor:
-    """Read one tensor; fp8 weights become float32 times their per-tensor scale, if one is stored.
-
-    The result may still be the file's memory (a plain tensor): the caller passes it through `owned`.
-    """
-    stored = _stored_format(ckpt, key, quant_layers)
-    tensor = ckpt.view(key)
-    layer = key[: -len(".weight")] if key.endswith(".weight") else None
-    if tensor.dtype != stored:
-        tensor = tensor.view(stored)  # fp8 bytes in a uint8/int8 container
-    if tensor.dtype not in _FP8:
-        return tensor
-    tensor = tensor.to(device).to(torch.float32)
-    for scale_key in (f"{layer}.weight_scale", f"{layer}.scale_weight"):  # ComfyUI mixed / scaled_fp8
-        if layer is not None and scale_key in ckpt.infos:
-            scale = ckpt.view(scale_key).to(device=device, dtype=torch.float32)
-            if scale.numel() == 1:
-                tensor = tensor * scale.reshape(())
-            elif scale.numel() == tensor.shape[0]:
-                tensor = tensor * scale.reshape(-1, *([1] * (tensor.dim() - 1)))
-            else:
-                raise CheckpointError(ckpt.path, f"a per-tensor or per-row fp8 scale for {key}",
-                                      f"{scale_key} of shape {tuple(scale.shape)}",
-                                      "This quantization layout is not supported; use the bf16 file.")
-            break
-    return tensor
-
-
-def _comfy_quant_format(ckpt: Checkpoint, layer: str) -> str | None:
-    # Newer ComfyUI stores per-layer quantization info as a uint8 JSON tensor "<layer>.comfy_quant".
-    key = f"{layer}.comfy_quant"
-    if key not in ckpt.infos:
-        return None
-    if ckpt.dtype(key) != torch.uint8 or len(ckpt.shape(key)) != 1 or ckpt.shape(key)[0] > 1 << 16:
-        return None  # a small JSON text, or not ComfyUI's marker
-    try:
-        return json.loads(bytes(ckpt[key].tolist()).decode("utf-8")).get("format")
-    except (ValueError, AttributeError, UnicodeDecodeError, RecursionError):
-        return None

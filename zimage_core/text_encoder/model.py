@@ -93,7 +93,9 @@ class ZImageTextEncoder:
         device = torch.device(device)
         emb = self.model.embed_tokens.weight
         pin = device.type == "cuda"
-        self._emb_host = torch.empty(emb.shape, dtype=emb.dtype, pin_memory=pin).copy_(emb.data)
+        # Already pinned (an earlier stream left it so): no second 0.8 GB copy.
+        self._emb_host = emb.data if emb.data.device.type == "cpu" and (emb.data.is_pinned() or not pin) else \
+            torch.empty(emb.shape, dtype=emb.dtype, pin_memory=pin).copy_(emb.data)
         emb.data = self._emb_host
         self.model.rotary_emb.to(device)
         self._streamer = BlockStreamer(self.model.layers, device, resident=0, wrap=False)

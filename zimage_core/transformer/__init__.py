@@ -5,7 +5,6 @@ from __future__ import annotations
 from .loading import (
     COMFY_PREFIXES,
     DIFFUSERS_QKV,
-    FP8_DTYPES,
     IGNORED_KEYS,
     OFFICIAL_KEY_COUNT,
     OFFICIAL_PARAM_COUNT,
@@ -49,7 +48,6 @@ __all__ = [
     "CONFIG_LIMITS",
     "DIFFUSERS_QKV",
     "FP16_MAX",
-    "FP8_DTYPES",
     "FeedForward",
     "FinalLayer",
     "IGNORED_KEYS",

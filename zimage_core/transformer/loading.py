@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoint.dequant import FP8_DTYPES, SCALE_SUFFIXES, dequantize, quant_layers, stored_dtype
 from ..checkpoint.io import Checkpoint, open_checkpoint
 from ..checks import (
     BoundsError,
@@ -26,7 +27,6 @@ from ..checks import (
     compute_dtype,
     numbered_blocks,
     release_on_error,
-    require_float,
 )
 from ..errors import CheckpointError
 from .model import MAX_LAYERS, TransformerConfig, ZImageTransformer
@@ -36,11 +36,9 @@ WHAT = "a Z-Image transformer (S3-DiT) checkpoint"
 OFFICIAL_KEY_COUNT = 453
 OFFICIAL_PARAM_COUNT = 6_154_908_736
 COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.", "")
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # Present in some ComfyUI exports, not used by the model.
 IGNORED_KEYS = frozenset({"norm_final.weight"})
 # Side tensors of scaled-fp8 exports: the weight scale is applied at load, the rest is not needed.
-_SCALE_SUFFIXES = ("scale_weight", "weight_scale")
 _IGNORED_SUFFIXES = ("scale_input", "input_scale", "comfy_quant")
 _IGNORED_MARKERS = frozenset({"scaled_fp8"})
 
@@ -108,8 +106,16 @@ def detect_transformer_format(keys: Iterable[str], path: object = "<state dict>"
     raise CheckpointError(path, WHAT, _describe_other_model(keys), _fix_for_other_model(keys))
 
 
+def _is_controlnet(keys: set[str]) -> bool:
+    from ..controlnet.loading import is_controlnet_checkpoint  # lazy: controlnet builds on this package
+
+    return is_controlnet_checkpoint(keys)
+
+
 def _describe_other_model(keys: set[str]) -> str:
     text = " ".join(sorted(keys)[:2000])
+    if _is_controlnet(keys):
+        return "a Z-Image Fun ControlNet Union file (control_layers keys), not the transformer"
     if "double_blocks." in text or "single_blocks." in text:
         return "a FLUX-style transformer (double_blocks/single_blocks keys)"
     if "input_blocks." in text:
@@ -124,6 +130,9 @@ def _describe_other_model(keys: set[str]) -> str:
 
 def _fix_for_other_model(keys: set[str]) -> str:
     text = " ".join(sorted(keys)[:2000])
+    if _is_controlnet(keys):
+        return ("Put it in models/model_patches and load it with Z-Image ControlNet Loader; here pick "
+                "z_image_turbo_bf16.safetensors.")
     if "self_attn." in text:
         return "This is the text encoder: put qwen_3_4b.safetensors in models/text_encoders and load it there."
     if "decoder.conv_in" in text or "encoder.down" in text or "decoder.up" in text:
@@ -141,7 +150,7 @@ def _plan(keys: Iterable[str], fmt: TransformerFormat) -> dict[str, tuple[str, .
         if not key.startswith(fmt.prefix):
             continue  # other components of an all-in-one checkpoint
         name = key[len(fmt.prefix):]
-        if name in IGNORED_KEYS or name in _IGNORED_MARKERS or name.endswith(_IGNORED_SUFFIXES + _SCALE_SUFFIXES):
+        if name in IGNORED_KEYS or name in _IGNORED_MARKERS or name.endswith(_IGNORED_SUFFIXES + SCALE_SUFFIXES):
             continue
         if fmt.kind == "diffusers":
             new, part = comfy_key_for_diffusers(name)
@@ -175,12 +184,6 @@ def _shapes_of(ckpt: Checkpoint | Mapping[str, torch.Tensor]) -> dict[str, tuple
     if isinstance(ckpt, Checkpoint):
         return {k: tuple(i.shape) for k, i in ckpt.infos.items()}
     return {k: tuple(v.shape) for k, v in ckpt.items()}
-
-
-def _dtypes_of(ckpt: Checkpoint | Mapping[str, torch.Tensor]) -> dict[str, torch.dtype]:
-    if isinstance(ckpt, Checkpoint):
-        return {k: i.dtype for k, i in ckpt.infos.items()}
-    return {k: v.dtype for k, v in ckpt.items()}
 
 
 def _source_shape(shapes: Mapping[str, tuple[int, ...]], sources: tuple[str, ...]) -> tuple[int, ...]:
@@ -303,22 +306,10 @@ def _storage_dtype(dtypes: Mapping[str, torch.dtype], plan: Mapping[str, tuple[s
     return torch.bfloat16
 
 
-def _scale_key(ckpt: Checkpoint | Mapping[str, Any], src: str) -> str | None:
-    infos = ckpt.infos if isinstance(ckpt, Checkpoint) else ckpt
-    if not src.endswith("weight"):
-        return None
-    return next((src[: -len("weight")] + s for s in _SCALE_SUFFIXES if src[: -len("weight")] + s in infos), None)
-
-
-def _read(ckpt: Checkpoint, sources: tuple[str, ...], dtypes: Mapping[str, torch.dtype]) -> torch.Tensor:
+def _read(ckpt: Checkpoint, sources: tuple[str, ...], stored: Mapping[str, torch.dtype],
+          device: torch.device | str) -> torch.Tensor:
     """One parameter's value: may still be the file's memory (the caller passes it through `owned`)."""
-    parts = []
-    for src in sources:
-        t = ckpt.view(src)
-        if dtypes[src] in FP8_DTYPES:
-            scale_key = _scale_key(ckpt, src)
-            t = t.to(torch.float32) if scale_key is None else t.to(torch.float32) * ckpt[scale_key].to(torch.float32)
-        parts.append(t)
+    parts = [dequantize(ckpt, src, stored[src], device) for src in sources]
     return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
 
 
@@ -365,7 +356,6 @@ def _load(ckpt: Checkpoint, dtype: torch.dtype | None, device: torch.device | st
           quantize: str | None, check_interrupt: Callable[[], None] | None,
           model_class: type[ZImageTransformer]) -> ZImageTransformer:
     shapes = _shapes_of(ckpt)
-    dtypes = _dtypes_of(ckpt)
     fmt = detect_transformer_format(shapes, ckpt.path)
     plan = _plan(shapes, fmt)
     names = {name: _source_shape(shapes, src) for name, src in plan.items()}
@@ -397,14 +387,11 @@ def _load(ckpt: Checkpoint, dtype: torch.dtype | None, device: torch.device | st
                               f"{k} {list(got)} ({len(wrong)} tensor(s) with unexpected shapes)",
                               "The file is damaged or belongs to another model (or its config.json does not match).")
     # Integer/bool tensors are not weights; refused here, not later as a confusing compute error.
-    for name in expected:
-        for src in plan[name]:
-            require_float(ckpt.path, src, dtypes[src], WHAT, _FIX_DOWNLOAD)
-            if dtypes[src] in FP8_DTYPES and (scale_key := _scale_key(ckpt, src)) is not None:
-                require_float(ckpt.path, scale_key, dtypes[scale_key], WHAT, _FIX_DOWNLOAD)
+    layers = quant_layers(ckpt)
+    stored = {src: stored_dtype(ckpt, src, layers, WHAT, _FIX_DOWNLOAD) for name in expected for src in plan[name]}
 
     if dtype is None:
-        dtype = _storage_dtype(dtypes, plan)
+        dtype = _storage_dtype(stored, plan)
         if dtype in FP8_DTYPES:
             dtype = torch.bfloat16  # fp8 files are computed in bf16
     if dtype in FP8_DTYPES and operations is None:
@@ -415,7 +402,7 @@ def _load(ckpt: Checkpoint, dtype: torch.dtype | None, device: torch.device | st
     for name in expected:
         if check_interrupt is not None:
             check_interrupt()
-        value = ckpt.owned(_read(ckpt, plan[name], dtypes).to(device=device, dtype=dtype))
+        value = ckpt.owned(_read(ckpt, plan[name], stored, device).to(device=device, dtype=dtype))
         _set_param(model, name, value)
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:  # a layer class that creates parameters we do not know about

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -20,13 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..accel import kernels
+from ..accel.fp8_attention import fp8_attention
 from ..checks import real_number, whole_number, whole_numbers
 
 log = logging.getLogger(__name__)
 
 ADALN_DIM = 256  # width of the timestep embedding that drives all modulation
 SEQ_MULTIPLE = 32  # caption and image sequences are padded to a multiple of this
-FP16_MAX = 65504.0
+FP16_MAX = kernels.FP16_MAX
 
 
 MAX_LAYERS = 128  # Z-Image-Turbo has 30; anything past this bound is not this architecture
@@ -109,26 +112,6 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), w, self.eps)
 
 
-def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:
-    # Z-Image's attention/FFN branches overflow fp16; clamping (as ComfyUI does) keeps images finite.
-    if x.dtype == torch.float16:
-        return torch.nan_to_num(x, nan=0.0, posinf=FP16_MAX, neginf=-FP16_MAX)
-    return x
-
-
-def _apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of the head dim. x: (B, L, H, D); rope: (B|1, L, 1, D/2, 2, 2).
-
-    rope[..., :, j] is column j of each 2x2 rotation matrix, so out = R @ (x0, x1): two fused
-    elementwise kernels. It runs in the compute dtype (the references upcast to fp32; on bf16 that
-    changes outputs by ~0.07% relative, ten times less than bf16 itself, and saves two fp32 copies).
-    """
-    xp = x.unflatten(-1, (-1, 1, 2))  # (..., D/2, 1, 2)
-    out = rope[..., 0] * xp[..., 0]
-    out.addcmul_(rope[..., 1], xp[..., 1])
-    return out.flatten(-2)
-
-
 def rope_table(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: float) -> torch.Tensor:
     """Rotation matrices (L, D/2, 2, 2) float32 for integer position ids (L, n_axes).
 
@@ -186,6 +169,9 @@ def _padded(n: int) -> int:
 
 
 class Attention(nn.Module):
+    # fp8 attention (zimage_core.accel.fp8_attention): off by default; ZImageTransformer.set_fp8_attention.
+    fp8_attention = False
+
     def __init__(self, cfg: TransformerConfig, ops: Any, dd: dict[str, Any]) -> None:
         super().__init__()
         self.n_heads = cfg.n_heads
@@ -195,11 +181,13 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, 1e-5, **dd)
         self.k_norm = RMSNorm(cfg.head_dim, 1e-5, **dd)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
+                fused: bool = False) -> torch.Tensor:
         b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, self.head_dim).unbind(2)
-        q = _apply_rope(self.q_norm(q), rope)
-        k = _apply_rope(self.k_norm(k), rope)
+        qkv = self.qkv(x).view(b, n, 3, self.n_heads, self.head_dim)
+        q, k, v = kernels.qk_norm_rope(qkv, self.q_norm, self.k_norm, rope, fused)
+        if self.fp8_attention:
+            return self.out(fp8_attention(q, k, v, mask).reshape(b, n, -1))
         # mask is None for equal-length batches so SDPA can pick flash/cuDNN kernels.
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=mask)
@@ -213,12 +201,20 @@ class FeedForward(nn.Module):
         self.w2 = ops.Linear(cfg.ffn_hidden, cfg.dim, bias=False, **dd)
         self.w3 = ops.Linear(cfg.dim, cfg.ffn_hidden, bias=False, **dd)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(_clamp_fp16(F.silu(self.w1(x)) * self.w3(x)))
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        return self.w2(kernels.silu_mul(self.w1(x), self.w3(x), fused))
 
 
 class TransformerBlock(nn.Module):
-    """Sandwich-norm block; modulated blocks get (scale, gate) pairs from the timestep embedding."""
+    """Sandwich-norm block; modulated blocks get (scale, gate) pairs from the timestep embedding.
+
+    Its elementwise steps (norm and modulation, q/k norm and RoPE, gated residual, SwiGLU product) go
+    through zimage_core.accel.kernels: fused Triton kernels on CUDA when `fused_kernels` is on (the
+    default; ZImageTransformer.fused_kernels sets it for all blocks), the same math in plain torch ops
+    elsewhere and under torch.compile.
+    """
+
+    fused_kernels = True
 
     def __init__(self, cfg: TransformerConfig, ops: Any, dd: dict[str, Any], modulation: bool) -> None:
         super().__init__()
@@ -235,14 +231,15 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
                 c: torch.Tensor | None = None) -> torch.Tensor:
+        fused = self.fused_kernels and kernels.fused_ok(x)
+        scale_msa = gate_msa = scale_mlp = gate_mlp = None
         if self.modulation:
             scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).unsqueeze(1).chunk(4, dim=2)
-            h = self.attention(self.attention_norm1(x) * (1 + scale_msa), rope, mask)
-            x = torch.addcmul(x, gate_msa.tanh(), self.attention_norm2(_clamp_fp16(h)))
-            h = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp))
-            return torch.addcmul(x, gate_mlp.tanh(), self.ffn_norm2(_clamp_fp16(h)))
-        x = x + self.attention_norm2(_clamp_fp16(self.attention(self.attention_norm1(x), rope, mask)))
-        return x + self.ffn_norm2(_clamp_fp16(self.feed_forward(self.ffn_norm1(x))))
+        # x += tanh(gate_msa) * norm2(attn(norm1(x) * (1 + scale_msa))); the FFN likewise (no gates or
+        # scales without modulation). The attention residual also yields the FFN's modulated input.
+        h = self.attention(kernels.norm_modulate(x, self.attention_norm1, scale_msa, fused), rope, mask, fused)
+        x, h = kernels.gated_residual(x, h, self.attention_norm2, gate_msa, fused, self.ffn_norm1, scale_mlp)
+        return kernels.gated_residual(x, self.feed_forward(h, fused), self.ffn_norm2, gate_mlp, fused)[0]
 
 
 class TimestepEmbedder(nn.Module):
@@ -339,17 +336,41 @@ class ZImageTransformer(nn.Module):
         self.compute_dtype: torch.dtype | None = None
         self._layouts: dict[tuple, _Layout] = {}
         self._compiled_blocks: list[nn.Module] = []
+        self._compile_cache: Any = None
         self.streamer: Any = None
 
     # -- acceleration (opt-in; see zimage_core.accel) -----------------------------------
-    def compile_blocks(self, *, mode: str | None = None, refiners: bool = True) -> bool:
+    def compile_blocks(self, *, mode: str | None = None, refiners: bool = True,
+                       cache_dir: str | os.PathLike | None = None) -> bool:
         """Regional torch.compile: the 30 main blocks share one compiled graph (plus one for the
         noise refiner's shorter sequence). Falls back to eager on compiler errors. Returns whether
-        compilation is enabled."""
+        compilation is enabled. With `cache_dir`, compiled artifacts saved there by an earlier process
+        are loaded first, and new ones are saved after each forward at a new shape (CompileCache)."""
         from ..accel.compile import compile_blocks
+        from ..accel.compile_cache import CompileCache
         blocks = [*self.layers, *(self.noise_refiner if refiners else [])]
+        if cache_dir is not None:
+            self._compile_cache = CompileCache(cache_dir)
+            self._compile_cache.load()
         self._compiled_blocks = blocks if compile_blocks(blocks, mode=mode) else []
         return bool(self._compiled_blocks)
+
+    @property
+    def fused_kernels(self) -> bool:
+        """Whether the blocks use the fused Triton kernels where they can run (CUDA with Triton, eager)."""
+        blocks = [*self.noise_refiner, *self.context_refiner, *self.layers]
+        return all(b.fused_kernels for b in blocks) if blocks else TransformerBlock.fused_kernels
+
+    @fused_kernels.setter
+    def fused_kernels(self, enabled: bool) -> None:
+        for b in [*self.noise_refiner, *self.context_refiner, *self.layers]:
+            b.fused_kernels = bool(enabled)
+
+    def set_fp8_attention(self, enabled: bool = True) -> None:
+        """Attention through float8_e4m3fn q/k/v (zimage_core.accel.fp8_attention): a Triton fp8 flash
+        kernel on Ada/Hopper/Blackwell GPUs, an emulation of its rounding elsewhere. Off by default."""
+        for b in [*self.noise_refiner, *self.context_refiner, *self.layers]:
+            b.attention.fp8_attention = bool(enabled)
 
     def quantize_fp8(self) -> int:
         """Store the block matmul weights (qkv, out, w1, w2, w3) as float8_e4m3fn with per-row scales
@@ -434,7 +455,7 @@ class ZImageTransformer(nn.Module):
         if not self._compiled_blocks and disable_call is None:
             return self._forward(x, sigma, cap_feats, **kw)
         try:
-            return self._forward(x, sigma, cap_feats, **kw)
+            out = self._forward(x, sigma, cap_feats, **kw)
         except Exception as exc:
             from ..accel.compile import is_compile_failure, uncompile_blocks
             if not is_compile_failure(exc):
@@ -446,6 +467,15 @@ class ZImageTransformer(nn.Module):
             if disable_call is not None:
                 disable_call()  # its later calls run eagerly too
             return self._forward(x, sigma, cap_feats, **{**kw, "block_call": _call_block})
+        # Persist what this call compiled (compile caches; see zimage_core.accel.compile_cache).
+        done = getattr(block_call, "forward_done", None)
+        if done is not None:
+            done()
+        if self._compiled_blocks and self._compile_cache is not None:
+            lens = tuple(len(f) for f in cap_feats) if isinstance(cap_feats, (list, tuple)) else tuple(cap_feats.shape)
+            self._compile_cache.note((tuple(x.shape), lens, self._compute_dtype()))
+            self._compile_cache.save_if_new()
+        return out
 
     def _forward(self, x: torch.Tensor, sigma: torch.Tensor, cap_feats: list[torch.Tensor], *,
                  hooks: BlockHooks | None, block_call: BlockCall,

@@ -1,0 +1,206 @@
+"""Fun ControlNet Union against diffusers 0.42.1 (ZImageControlNetModel + ZImageTransformer2DModel and the
+ControlNet / ControlNet-inpaint pipelines), on tiny random weights written in every published layout.
+
+Files are written with the published tensor names and shapes (alibaba-pai single files, diffusers
+folders); diffusers' own single-file conversion and layout detection read the same files, so the
+names are checked by the reference, not by us.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import ZImageControlNetModel, ZImageTransformer2DModel
+from diffusers.loaders.single_file_utils import (
+    convert_z_image_controlnet_checkpoint_to_diffusers,
+    infer_diffusers_model_type,
+)
+from safetensors.torch import load_file
+
+from zimage_core.controlnet import ControlRun, detect_layout, load_controlnet, write_random_controlnet
+from zimage_core.controlnet.loading import diffusers_config
+from zimage_core.controlnet.model import ControlHooks
+from zimage_core.errors import CheckpointError
+from zimage_core.transformer import load_transformer
+
+DIM, HEADS = 64, 2
+TOL = 1e-5
+MAIN = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=DIM, n_layers=30, n_refiner_layers=2,
+            n_heads=HEADS, n_kv_heads=HEADS, norm_eps=1e-5, qk_norm=True, cap_feat_dim=32, rope_theta=256.0,
+            t_scale=1000.0, axes_dims=[8, 12, 12], axes_lens=[256, 32, 32])
+# layout written → (our layout name, diffusers' single-file model type)
+LAYOUTS = {
+    "1.0": ("1.0", "z-image-turbo-controlnet"),
+    "2.0-broken": ("2.0", "z-image-turbo-controlnet-2.0"),
+    "2.0": ("2.0", "z-image-turbo-controlnet-2.0"),
+    "2.1": ("2.1", "z-image-turbo-controlnet-2.1"),
+    "tile": ("2.1", "z-image-turbo-controlnet-2.1"),
+    "lite": ("lite", None),  # diffusers has no single-file entry for lite (its folder config says it)
+}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.fixture(scope="module")
+def main_models(tmp_path_factory):
+    ref = ZImageTransformer2DModel(**MAIN)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    folder = tmp_path_factory.mktemp("main") / "transformer"
+    ref.eval().save_pretrained(folder, safe_serialization=True)
+    return ref, load_transformer(folder, dtype=torch.float32)
+
+
+def _inputs(b: int = 2, h: int = 8, w: int = 12, cap: int = 20, channels: int = 33):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(b, 16, h, w, generator=g)
+    caps = [torch.randn(cap, 32, generator=g) for _ in range(b)]
+    control = torch.randn(b, channels, h, w, generator=g)
+    return x, caps, control
+
+
+def _diffusers_velocity(ref, controlnet, x, sigma, caps, control, scale):
+    t = torch.full((x.shape[0],), 1.0 - sigma)
+    with torch.no_grad():
+        samples = controlnet(list(x.unsqueeze(2).unbind(0)), t, caps, list(control.unsqueeze(2).unbind(0)),
+                             conditioning_scale=scale)
+        out = ref(list(x.unsqueeze(2).unbind(0)), t, caps, controlnet_block_samples=samples, return_dict=False)[0]
+    return -torch.stack(out).squeeze(2)
+
+
+def _ours_velocity(ours, net, x, sigma, caps, control, scale):
+    cfg = ours.config
+    run = ControlRun(net, control, scale, style="diffusers", axes_dims=cfg.axes_dims, rope_theta=cfg.rope_theta)
+    with torch.no_grad():
+        return ours(x, torch.full((x.shape[0],), sigma), caps, hooks=ControlHooks(ours, [run]))
+
+
+@pytest.mark.parametrize("written", list(LAYOUTS))
+def test_every_layout_matches_diffusers(written, main_models, tmp_path):
+    ref, ours = main_models
+    name, diffusers_type = LAYOUTS[written]
+    single = write_random_controlnet(tmp_path / "cn.safetensors", written, dim=DIM, n_heads=HEADS, seed=7,
+                                     dtype=torch.float32, std=0.05)
+    folder = write_random_controlnet(tmp_path / "cn_folder", written, dim=DIM, n_heads=HEADS, seed=7,
+                                     dtype=torch.float32, std=0.05, folder=True)
+    sd = load_file(str(single))
+    if diffusers_type is not None:
+        assert infer_diffusers_model_type(sd) == diffusers_type
+    # The reference on the single file, the way diffusers' from_single_file converts it.
+    config = diffusers_config(written, DIM, HEADS)
+    reference = ZImageControlNetModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    reference.load_state_dict(convert_z_image_controlnet_checkpoint_to_diffusers(dict(sd), config), strict=True)
+    reference = ZImageControlNetModel.from_transformer(reference.eval(), ref)
+    channels = reference.config.control_in_dim
+    x, caps, control = _inputs(channels=channels)
+    expected = _diffusers_velocity(ref, reference, x, 0.6, caps, control, 0.8)
+    plain = _diffusers_velocity(ref, reference, x, 0.6, caps, control, 0.0)
+    assert _rel(expected, plain) > 1e-3  # the control really changes the output
+    for path in (single, folder):
+        net, layout = load_controlnet(path, dtype=torch.float32)
+        assert layout.name == name
+        got = _ours_velocity(ours, net, x, 0.6, caps, control, 0.8)
+        assert _rel(got, expected) < TOL, f"{written} {path.name}: {_rel(got, expected)}"
+    # diffusers' own loader reads the folder we wrote
+    from_folder = ZImageControlNetModel.from_pretrained(folder)
+    torch.testing.assert_close(from_folder.control_all_x_embedder["2-1"].weight,
+                               reference.control_all_x_embedder["2-1"].weight)
+
+
+def test_broken_2_0_file_keeps_its_untrained_refiner_out(tmp_path):
+    path = write_random_controlnet(tmp_path / "b.safetensors", "2.0-broken", dim=DIM, n_heads=HEADS)
+    layout = detect_layout(load_file(str(path)), path)
+    assert (layout.name, layout.untrained_refiner, layout.config.refiner) == ("2.0", True, "control_layers")
+    trained = write_random_controlnet(tmp_path / "t.safetensors", "2.1", dim=DIM, n_heads=HEADS)
+    assert detect_layout(load_file(str(trained)), trained).config.layer_places == tuple(range(0, 30, 2))
+    lite = write_random_controlnet(tmp_path / "l.safetensors", "lite", dim=DIM, n_heads=HEADS)
+    assert detect_layout(load_file(str(lite)), lite).config.layer_places == (0, 10, 20)
+    one = write_random_controlnet(tmp_path / "o.safetensors", "1.0", dim=DIM, n_heads=HEADS)
+    assert detect_layout(load_file(str(one)), one).config.layer_places == (0, 5, 10, 15, 20, 25)
+
+
+def test_a_transformer_file_in_the_controlnet_loader_names_both(main_models, tmp_path):
+    from zimage_core.demo_weights import write_random_transformer
+    from zimage_core.transformer import TransformerConfig
+
+    path = write_random_transformer(tmp_path / "dit.safetensors", TransformerConfig(
+        dim=64, n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=(8, 12, 12)))
+    with pytest.raises(CheckpointError, match="Z-Image diffusion transformer.*Z-Image Model Loader"):
+        load_controlnet(path)
+
+
+def test_a_controlnet_file_in_the_model_loader_names_both(tmp_path):
+    path = write_random_controlnet(tmp_path / "cn.safetensors", "2.1", dim=DIM, n_heads=HEADS)
+    with pytest.raises(CheckpointError, match="Fun ControlNet.*ControlNet Loader"):
+        load_transformer(path)
+
+
+# -- the pipelines: ZImageControlNetPipeline / ZImageControlNetInpaintPipeline, end to end -----------------
+
+class _ControlDenoiser:
+    """Our transformer + ControlRun as the samplers' Denoiser (what the ComfyUI nodes do through patches)."""
+
+    def __init__(self, ours, net, control, scale):
+        self.ours, self.dtype, self.device = ours, torch.float32, torch.device("cpu")
+        cfg = ours.config
+        self.run = ControlRun(net, control, scale, style="diffusers", axes_dims=cfg.axes_dims,
+                              rope_theta=cfg.rope_theta)
+
+    def __call__(self, x, sigma, caps):
+        with torch.no_grad():
+            return self.ours(x, sigma, caps, hooks=ControlHooks(self.ours, [self.run]))
+
+
+def _vae_encode(vae):
+    def encode(pixels: torch.Tensor) -> torch.Tensor:  # (B, H, W, 3) in [0, 1] → scaled latents, as the pipelines
+        with torch.no_grad():
+            z = vae.encode(pixels.movedim(-1, 1) * 2 - 1).latent_dist.mode()
+        return (z - vae.config.shift_factor) * vae.config.scaling_factor
+    return encode
+
+
+@pytest.mark.parametrize("written,inpaint", [("1.0", False), ("2.1", False), ("2.1", True), ("lite", True)],
+                         ids=["1.0", "2.1", "2.1-inpaint", "lite-inpaint"])
+def test_pipelines_match_our_sampler(written, inpaint, main_models, tmp_path):
+    from diffusers import ZImageControlNetInpaintPipeline, ZImageControlNetPipeline
+
+    from tests.sampling_fixtures import build_flux_vae, zimage_scheduler
+    from zimage_core import make_noise, sample_text_to_image
+    from zimage_core.controlnet import control_latents
+
+    ref, ours = main_models
+    folder = write_random_controlnet(tmp_path / "cn", written, dim=DIM, n_heads=HEADS, seed=5, dtype=torch.float32,
+                                     std=0.05, folder=True)
+    controlnet = ZImageControlNetModel.from_pretrained(folder).eval()
+    vae = build_flux_vae(seed=1)
+    g = torch.Generator().manual_seed(8)
+    control_px = torch.rand(1, 16, 24, 3, generator=g)
+    image_px = torch.rand(1, 16, 24, 3, generator=g)
+    mask = torch.rand(1, 16, 24, generator=g)  # soft: the pipeline binarizes at 0.5
+    caps = [torch.randn(20, 32, generator=g)]
+    noise = make_noise((1, 16, 8, 12), 5)
+    kwargs = dict(prompt_embeds=caps, latents=noise.clone(), height=16, width=24, num_inference_steps=4,
+                  guidance_scale=0.0, controlnet_conditioning_scale=0.7, output_type="latent",
+                  control_image=control_px.movedim(-1, 1) * 2 - 1)
+    common = dict(scheduler=zimage_scheduler(), vae=vae, text_encoder=None, tokenizer=None, transformer=ref,
+                  controlnet=controlnet)
+    if inpaint:
+        pipe = ZImageControlNetInpaintPipeline(**common)
+        kwargs.update(image=image_px.movedim(-1, 1) * 2 - 1, mask_image=mask[:, None])
+    else:
+        pipe = ZImageControlNetPipeline(**common)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        expected = pipe(**kwargs).images
+    net, _ = load_controlnet(folder, dtype=torch.float32)
+    control = control_latents(_vae_encode(vae), net.config.in_channels, control_image=control_px,
+                              inpaint_image=image_px if inpaint else None, mask=mask if inpaint else None,
+                              style="diffusers")
+    got = sample_text_to_image(_ControlDenoiser(ours, net, control, 0.7), caps, noise, steps=4)
+    without = sample_text_to_image(_ControlDenoiser(ours, net, control, 0.0), caps, noise, steps=4)
+    assert _rel(expected, without) > 1e-3
+    assert _rel(got, expected) < TOL, _rel(got, expected)
