@@ -7,6 +7,7 @@ from .enhancer import ZImagePromptEnhancer
 from .inpaint import ZImageInpaintComposite, ZImageInpaintMask
 from .latent import ZImageEmptyLatent
 from .loaders import ZImageModelLoader, ZImageTextEncoderLoader, ZImageVAELoader
+from .lora import ZImageLoraLoader
 from .sampling import ZImageImg2ImgSampler, ZImageTurboSampler
 from .vae import ZImageVAEDecode, ZImageVAEEncode
 from .variety import ZImageSeedVariety
@@ -15,6 +16,7 @@ NODE_CLASS_MAPPINGS = {
     "ZImageModelLoader": ZImageModelLoader,
     "ZImageTextEncoderLoader": ZImageTextEncoderLoader,
     "ZImageVAELoader": ZImageVAELoader,
+    "ZImageLoraLoader": ZImageLoraLoader,
     "ZImageTextEncode": ZImageTextEncode,
     "ZImagePromptEnhancer": ZImagePromptEnhancer,
     "ZImageEmptyLatent": ZImageEmptyLatent,
@@ -35,6 +37,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageModelLoader": "Z-Image Model Loader",
     "ZImageTextEncoderLoader": "Z-Image Text Encoder Loader (Qwen3-4B)",
     "ZImageVAELoader": "Z-Image VAE Loader",
+    "ZImageLoraLoader": "Z-Image LoRA Loader (any trainer's format)",
     "ZImageTextEncode": "Z-Image Text Encode",
     "ZImagePromptEnhancer": "Z-Image Prompt Enhancer (offline, Qwen3-4B)",
     "ZImageEmptyLatent": "Z-Image Empty Latent",

@@ -19,7 +19,16 @@ import pytest
 
 from scripts.comfy_headless import HeadlessComfyUI, RunResult, default_comfyui_dir, load_workflow
 from tests import comfyui_reference
-from zimage_core.demo_weights import DEMO_FILES, DEMO_TRANSFORMER, write_demo_models, write_random_lora
+from zimage_core.demo_weights import (
+    DEMO_FILES,
+    DEMO_TRANSFORMER,
+    demo_text_encoder_lora_targets,
+    random_lora_state_dict,
+    random_text_encoder_lora_state_dict,
+    write_demo_models,
+    write_lora,
+    write_random_lora,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
@@ -32,6 +41,9 @@ ENHANCED_PROMPT = WORKFLOWS / "z_image_turbo_enhanced_prompt.json"
 CONTROLNET_CANNY = WORKFLOWS / "z_image_turbo_controlnet_canny.json"
 CONTROLNET_INPAINT = WORKFLOWS / "z_image_turbo_controlnet_inpaint.json"
 DEMO_LORA = "zimage_demo_random_lora.safetensors"
+# A second demo LoRA: kohya/musubi names (split q/k/v, alpha) with a Qwen3 text-encoder part.
+DEMO_LORA_KOHYA = "zimage_demo_random_lora_kohya_te.safetensors"
+TWO_LORAS = WORKFLOWS / "z_image_turbo_two_loras.json"
 SOURCE_IMAGE = "zimage_test_source.png"
 LOADER_INPUTS = {
     "ZImageModelLoader": ("model_name", "diffusion_models"),
@@ -64,6 +76,10 @@ def demo_models() -> Path:
         _models = session_dir("models")
         write_demo_models(_models)
         write_random_lora(_models / "loras" / DEMO_LORA, DEMO_TRANSFORMER, scale=0.5, seed=3)
+        write_lora(_models / "loras" / DEMO_LORA_KOHYA, {
+            **random_lora_state_dict(DEMO_TRANSFORMER, dialect="kohya", scale=0.5, seed=4, alpha=2.0),
+            **random_text_encoder_lora_state_dict(demo_text_encoder_lora_targets(), dialect="kohya", scale=0.5,
+                                                  seed=5, alpha=2.0)})
     return _models
 
 
@@ -93,7 +109,8 @@ def demo_prompt(workflow: Path, *, width: int | None = None, height: int | None 
     """A shipped UI workflow converted to API format, pointed at the demo files and shrunk."""
     c = comfy()
     prompt = c.to_api(load_workflow(workflow))
-    for node in prompt.values():
+    demo_loras = iter([DEMO_LORA, DEMO_LORA_KOHYA] * len(prompt))  # stacked LoRA nodes get different files
+    for _, node in sorted(prompt.items(), key=lambda item: (len(item[0]), item[0])):
         kind, inputs = node["class_type"], node["inputs"]
         if kind in LOADER_INPUTS:
             name, folder = LOADER_INPUTS[kind]
@@ -107,6 +124,8 @@ def demo_prompt(workflow: Path, *, width: int | None = None, height: int | None 
             inputs["image"] = SOURCE_IMAGE
         if kind == "LoraLoaderModelOnly":
             inputs["lora_name"] = DEMO_LORA
+        if kind == "ZImageLoraLoader":
+            inputs["lora_name"] = next(demo_loras)
         if kind in ("ZImageTurboSampler", "ZImageImg2ImgSampler", "KSampler") and seed is not None:
             inputs["seed"] = seed
         for key, value in overrides.items():

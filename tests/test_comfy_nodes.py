@@ -17,6 +17,7 @@ from tests.comfy_harness import (
     INPAINT,
     LORA_CORE,
     T2I,
+    TWO_LORAS,
     WORKFLOWS,
     comfy_module,
     demo_prompt,
@@ -26,7 +27,7 @@ NODE_IDS = ["ZImageModelLoader", "ZImageTextEncoderLoader", "ZImageVAELoader", "
             "ZImageEmptyLatent", "ZImageTurboSampler", "ZImageImg2ImgSampler", "ZImageVAEEncode",
             "ZImageVAEDecode", "ZImageCompileModel", "ZImageCompileVAE", "ZImageInpaintMask",
             "ZImageInpaintComposite", "ZImagePromptEnhancer", "ZImageControlNetLoader", "ZImageControlNetApply",
-            "ZImageSeedVariety"]
+            "ZImageSeedVariety", "ZImageLoraLoader"]
 EXPECTED_INPUTS = {
     "ZImageModelLoader": {"model_name", "weight_dtype"},
     "ZImageTextEncoderLoader": {"text_encoder_name"},
@@ -47,6 +48,7 @@ EXPECTED_INPUTS = {
     "ZImageControlNetLoader": {"control_net_name"},
     "ZImageControlNetApply": {"model", "controlnet", "vae", "strength", "start_percent", "end_percent", "reference",
                               "image", "inpaint_image", "mask"},
+    "ZImageLoraLoader": {"model", "lora_name", "strength_model", "clip", "strength_clip"},
 }
 
 
@@ -131,4 +133,4 @@ def test_workflows_are_in_the_folder_comfyui_template_browser_reads():
     names = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
     assert WORKFLOWS.name == "workflows"
     assert names == sorted([T2I.stem, IMG2IMG.stem, INPAINT.stem, BATCH.stem, LORA_CORE.stem, ENHANCED_PROMPT.stem,
-                            CONTROLNET_CANNY.stem, CONTROLNET_INPAINT.stem])
+                            CONTROLNET_CANNY.stem, CONTROLNET_INPAINT.stem, TWO_LORAS.stem])

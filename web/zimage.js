@@ -3,6 +3,7 @@
 //    node shows the size that will be generated.
 //  * ZImageTurboSampler: while guidance is 0 (Turbo's setting) a connected negative prompt has no
 //    effect; its input is labelled so, instead of silently being ignored.
+//  * ZImageLoraLoader: after a run the node shows its report (what the LoRA matched, what it did not).
 //  * ZImagePromptEnhancer: the text it generated is shown on the node, in a read-only multiline widget
 //    named "enhanced_prompt" (a <textarea class="zimage-enhanced-prompt">), filled from the executed
 //    message's ui.text[0] (plus "Negative prompt: ..." from ui.negative_prompt[0] in quality-boost mode).
@@ -11,6 +12,7 @@ import { app } from "../../scripts/app.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
 
 const findWidget = (node, name) => node.widgets?.find((w) => w.name === name);
+const REPORT_WIDGET = "lora_report";
 
 function setupPresets(node) {
   const preset = findWidget(node, "preset");
@@ -63,6 +65,40 @@ function setupNegativeNotice(node) {
   refresh();
 }
 
+// ZImageLoraLoader: after a run, the LoRA's report (keys matched / not matched, modules, rank, scale)
+// is shown in a read-only text box on the node. The node sends it as its UI output {"text": [report]}.
+function showLoraReport(node, text) {
+  let widget = findWidget(node, REPORT_WIDGET);
+  if (!widget) {
+    widget = ComfyWidgets.STRING(node, REPORT_WIDGET, ["STRING", { multiline: true }], app).widget;
+    widget.serialize = false;  // display only: not saved in the workflow, not sent with the prompt
+    widget.options = { ...(widget.options ?? {}), serialize: false };
+    if (widget.inputEl) {
+      widget.inputEl.readOnly = true;
+      widget.inputEl.style.opacity = 0.85;
+      widget.inputEl.style.fontFamily = "monospace";
+      widget.inputEl.style.fontSize = "10px";
+    }
+  }
+  widget.value = text;
+  if (widget.inputEl) widget.inputEl.value = text;
+  const size = node.computeSize?.() ?? node.size;
+  node.setSize?.([Math.max(node.size[0], 420), Math.max(node.size[1], size[1], 260)]);
+  node.setDirtyCanvas?.(true, true);
+}
+
+function setupLoraReport(node) {
+  if (node.__zimageLoraReport) return;
+  node.__zimageLoraReport = true;
+  const onExecuted = node.onExecuted;
+  node.onExecuted = function (message) {
+    const r = onExecuted?.apply(this, arguments);
+    const text = message?.text;
+    if (text?.length) showLoraReport(this, Array.isArray(text) ? text.join("\n") : String(text));
+    return r;
+  };
+}
+
 const ENHANCED = "enhanced_prompt";
 
 function setupEnhancerDisplay(nodeType) {
@@ -105,10 +141,12 @@ app.registerExtension({
     const type = node.comfyClass ?? node.type;
     if (type === "ZImageEmptyLatent") setupPresets(node);
     if (type === "ZImageTurboSampler") setupNegativeNotice(node);
+    if (type === "ZImageLoraLoader") setupLoraReport(node);
   },
   async loadedGraphNode(node) {
     const type = node.comfyClass ?? node.type;
     if (type === "ZImageEmptyLatent") setupPresets(node);
     if (type === "ZImageTurboSampler") setupNegativeNotice(node);
+    if (type === "ZImageLoraLoader") setupLoraReport(node);
   },
 });

@@ -50,6 +50,11 @@ _EXPORTS = {
     "normalize_latents": "vae",
     "denormalize_latents": "vae",
     "limit_decode_latents": "vae",
+    # LoRA files of every dialect (key/shape logic)
+    "plan_lora": "lora",
+    "LoraPlan": "lora",
+    "LoraReport": "lora",
+    "NotZImageLoraError": "lora",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -101,12 +101,14 @@ def _is_current(path: Path) -> bool:
         return False
 
 
-def _save(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype, what: str) -> None:
+def _save(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype, what: str,
+          metadata: dict[str, str] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({k: v.to(dtype) for k, v in state.items()}, str(tmp),
               metadata={"format": "pt", "zimage_demo": DEMO_VERSION,
-                        "description": f"RANDOM demo weights ({what}); images made with them are noise"})
+                        "description": f"RANDOM demo weights ({what}); images made with them are noise",
+                        **(metadata or {})})
     os.replace(tmp, path)
 
 
@@ -148,48 +150,179 @@ def write_random_transformer(path: str | os.PathLike, config: TransformerConfig,
     return path
 
 
-LORA_DIALECTS = ("comfyui", "diffusers")
+LORA_DIALECTS = ("comfyui", "diffusers", "ai-toolkit", "peft", "peft-base", "kohya", "kohya-fused", "diffsynth",
+                 "lycoris")
+LORA_FORMS = ("lora", "loha", "lokr")
+# diffusers' spelling of the block modules a LoRA touches (split q/k/v; to_out.0).
+_DIFFUSERS_NAMES = {"attention.out": "attention.to_out.0"}
+_QKV = ("to_q", "to_k", "to_v")
+
+
+def _lora_blocks(config: TransformerConfig) -> list[str]:
+    return ([f"layers.{i}" for i in range(config.n_layers)]
+            + [f"{kind}.{i}" for kind in ("noise_refiner", "context_refiner") for i in range(config.n_refiner_layers)])
+
+
+def _lora_name(dialect: str, module: str) -> tuple[str, str, str, bool]:
+    """(key prefix, down suffix, up suffix, stores alpha) of `module` (diffusers or ComfyUI name) in a dialect."""
+    flat = module.replace(".", "_")
+    return {
+        "comfyui": (f"diffusion_model.{module}", ".lora_down.weight", ".lora_up.weight", True),
+        "diffusers": (f"diffusion_model.{module}", ".lora_A.weight", ".lora_B.weight", False),
+        "ai-toolkit": (f"diffusion_model.{module}", ".lora_A.weight", ".lora_B.weight", False),
+        "peft": (f"transformer.{module}", ".lora_A.weight", ".lora_B.weight", False),
+        "peft-base": (f"base_model.model.{module}", ".lora_A.weight", ".lora_B.weight", False),
+        "kohya": (f"lora_unet_{flat}", ".lora_down.weight", ".lora_up.weight", True),
+        "kohya-fused": (f"lora_unet_{flat}", ".lora_down.weight", ".lora_up.weight", True),
+        "diffsynth": (module, ".lora_A.default.weight", ".lora_B.default.weight", False),
+        "lycoris": (f"lycoris_{flat}", ".lora_down.weight", ".lora_up.weight", True),
+    }[dialect]
 
 
 def random_lora_state_dict(config: TransformerConfig, *, rank: int = 4, seed: int = 0, scale: float = 0.05,
-                           dialect: str = "comfyui") -> dict[str, torch.Tensor]:
-    """A random LoRA over every block's attention and feed-forward matmuls, in one of two key dialects
-    that describe the SAME weight change:
+                           dialect: str = "comfyui", form: str = "lora",
+                           alpha: float | None = None) -> dict[str, torch.Tensor]:
+    """A random LoRA over every block's attention and feed-forward matmuls, in a trainer's real key names.
 
+    form "lora": the SAME weight change in every dialect (same seed, rank, scale and alpha), so files of
+    two dialects must patch the model identically:
     - "comfyui": `diffusion_model.<block>.attention.qkv.lora_down/lora_up.weight` + `.alpha` (fused qkv);
-    - "diffusers": `diffusion_model.<block>.attention.to_q|to_k|to_v|to_out.0.lora_A/lora_B.weight` (split
-      q/k/v: the rows of the fused update, sharing one down projection).
+    - "kohya-fused": the same in kohya's spelling, `lora_unet_layers_0_attention_qkv.lora_down.weight` + alpha;
+    - split q/k/v (the rows of the fused change, sharing one down projection), diffusers' module names:
+      "diffusers" / "ai-toolkit" `diffusion_model.…to_q.lora_A/lora_B.weight`, "peft" `transformer.…`,
+      "peft-base" `base_model.model.…`, "diffsynth" bare `layers.0.attention.to_q.lora_A.default.weight`,
+      "kohya" / musubi `lora_unet_layers_0_attention_to_q.lora_down/up.weight` + alpha.
+    `alpha` (default: the rank, i.e. scale 1) is stored where the dialect stores one and folded into the
+    up weights where it does not.
+    form "loha" (LyCORIS `hada_w1_a/b`, `hada_w2_a/b` + alpha) and "lokr" (`lokr_w1`, `lokr_w2_a/b` + alpha)
+    are written per split q/k/v module with diffusers names, in dialect "lycoris" (`lycoris_layers_0_…`),
+    "kohya" (`lora_unet_…`) or "diffusers" / "ai-toolkit" (`diffusion_model.…`); one seed gives the same
+    change in each.
     """
     if dialect not in LORA_DIALECTS:
         raise ValueError(f"random_lora_state_dict: dialect must be one of {LORA_DIALECTS}, got {dialect!r}.")
+    if form not in LORA_FORMS:
+        raise ValueError(f"random_lora_state_dict: form must be one of {LORA_FORMS}, got {form!r}.")
+    if form != "lora":
+        return _random_lycoris(config, rank=rank, seed=seed, scale=scale, dialect=dialect, form=form, alpha=alpha)
     g = torch.Generator().manual_seed(seed)
     dim, ffn = config.dim, config.ffn_hidden
     targets = {"attention.qkv": (3 * dim, dim), "attention.out": (dim, dim), "feed_forward.w1": (ffn, dim),
                "feed_forward.w2": (dim, ffn), "feed_forward.w3": (ffn, dim)}
-    blocks = ([f"layers.{i}" for i in range(config.n_layers)]
-              + [f"{kind}.{i}" for kind in ("noise_refiner", "context_refiner") for i in range(config.n_refiner_layers)])
+    alpha_value = float(rank if alpha is None else alpha)
     out: dict[str, torch.Tensor] = {}
-    for block in blocks:
+    for block in _lora_blocks(config):
         for name, (rows, cols) in targets.items():
             down = torch.randn(rank, cols, generator=g) * scale / math.sqrt(cols) * math.sqrt(rank)
             up = torch.randn(rows, rank, generator=g) * scale
-            base = f"diffusion_model.{block}.{name}"
-            if dialect == "comfyui":
-                out[f"{base}.lora_down.weight"], out[f"{base}.lora_up.weight"] = down, up
-                out[f"{base}.alpha"] = torch.tensor(float(rank))
-            elif name == "attention.qkv":
-                for part, rows_of in zip(("to_q", "to_k", "to_v"), up.split(dim), strict=True):
-                    split = f"diffusion_model.{block}.attention.{part}"
-                    out[f"{split}.lora_A.weight"], out[f"{split}.lora_B.weight"] = down.clone(), rows_of.clone()
+            fused = dialect in ("comfyui", "kohya-fused")
+            stores_alpha = _lora_name(dialect, "x")[3]
+            if not stores_alpha:
+                up = up * (alpha_value / rank)
+            if name == "attention.qkv" and not fused:
+                pieces = [(f"{block}.attention.{p}", rows_of) for p, rows_of in zip(_QKV, up.split(dim), strict=True)]
             else:
-                name = "attention.to_out.0" if name == "attention.out" else name
-                out[f"diffusion_model.{block}.{name}.lora_A.weight"] = down
-                out[f"diffusion_model.{block}.{name}.lora_B.weight"] = up
+                module = name if fused else _DIFFUSERS_NAMES.get(name, name)
+                pieces = [(f"{block}.{module}", up)]
+            for module, up_rows in pieces:
+                prefix, down_suffix, up_suffix, _ = _lora_name(dialect, module)
+                out[prefix + down_suffix], out[prefix + up_suffix] = down.clone(), up_rows.clone()
+                if stores_alpha:
+                    out[prefix + ".alpha"] = torch.tensor(alpha_value)
     return out
+
+
+def _random_lycoris(config: TransformerConfig, *, rank: int, seed: int, scale: float, dialect: str, form: str,
+                    alpha: float | None) -> dict[str, torch.Tensor]:
+    if dialect not in ("lycoris", "kohya", "diffusers", "ai-toolkit"):
+        raise ValueError(f"random_lora_state_dict: {form} files are written in dialect lycoris, kohya, diffusers "
+                         f"or ai-toolkit, not {dialect!r}.")
+    g = torch.Generator().manual_seed(seed)
+    dim, ffn = config.dim, config.ffn_hidden
+    targets = {**{f"attention.{p}": (dim, dim) for p in _QKV}, "attention.to_out.0": (dim, dim),
+               "feed_forward.w1": (ffn, dim), "feed_forward.w2": (dim, ffn), "feed_forward.w3": (ffn, dim)}
+    alpha_value = float(rank if alpha is None else alpha)
+    out: dict[str, torch.Tensor] = {}
+    for block in _lora_blocks(config):
+        for name, (rows, cols) in targets.items():
+            module = f"{block}.{name}"
+            prefix = {"lycoris": f"lycoris_{module.replace('.', '_')}", "kohya": f"lora_unet_{module.replace('.', '_')}"
+                      }.get(dialect, f"diffusion_model.{module}")
+            if form == "loha":
+                # (w1_a w1_b) ⊙ (w2_a w2_b): each factor ~ scale, so the change ~ scale².
+                s = math.sqrt(scale)
+                out[f"{prefix}.hada_w1_a"] = torch.randn(rows, rank, generator=g) * s
+                out[f"{prefix}.hada_w1_b"] = torch.randn(rank, cols, generator=g) * s / math.sqrt(cols)
+                out[f"{prefix}.hada_w2_a"] = torch.randn(rows, rank, generator=g) * s
+                out[f"{prefix}.hada_w2_b"] = torch.randn(rank, cols, generator=g) * s / math.sqrt(cols)
+            else:
+                # kron(w1, w2_a w2_b), each side split near-square as LyCORIS / ai-toolkit do (factor -1):
+                # w1 is a small full matrix, w2 is low rank.
+                (m_out, k_out), (m_in, k_in) = _kron_split(rows), _kron_split(cols)
+                out[f"{prefix}.lokr_w1"] = torch.randn(m_out, m_in, generator=g)
+                out[f"{prefix}.lokr_w2_a"] = torch.randn(k_out, rank, generator=g) * scale
+                out[f"{prefix}.lokr_w2_b"] = torch.randn(rank, k_in, generator=g) * scale / math.sqrt(cols)
+            out[f"{prefix}.alpha"] = torch.tensor(alpha_value)
+    return out
+
+
+def _kron_split(n: int) -> tuple[int, int]:
+    """n = a·b with a <= b as close as possible (LyCORIS' factorization with factor -1)."""
+    a = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+    return a, n // a
+
+
+TEXT_ENCODER_LORA_DIALECTS = ("comfyui", "kohya", "diffusers")
+
+
+def random_text_encoder_lora_state_dict(shapes: dict[str, tuple[int, int]], *, rank: int = 4, seed: int = 0,
+                                        scale: float = 0.05, dialect: str = "comfyui",
+                                        alpha: float | None = None) -> dict[str, torch.Tensor]:
+    """A random LoRA over a Qwen3 text encoder's linear layers, in one of three dialects that describe the
+    same change. `shapes`: HF module name (`layers.N.self_attn.q_proj`, …) → weight shape (out, in).
+    - "comfyui": `text_encoders.qwen3_4b.transformer.model.<name>.lora_up/lora_down.weight` + alpha;
+    - "kohya": `lora_te_model_<name with _>.lora_up/lora_down.weight` + alpha;
+    - "diffusers": `text_encoder.model.<name>.lora_A/lora_B.weight` (alpha folded into lora_B).
+    """
+    if dialect not in TEXT_ENCODER_LORA_DIALECTS:
+        raise ValueError(f"random_text_encoder_lora_state_dict: dialect must be one of "
+                         f"{TEXT_ENCODER_LORA_DIALECTS}, got {dialect!r}.")
+    g = torch.Generator().manual_seed(seed)
+    alpha_value = float(rank if alpha is None else alpha)
+    out: dict[str, torch.Tensor] = {}
+    for name in sorted(shapes):
+        rows, cols = shapes[name]
+        down = torch.randn(rank, cols, generator=g) * scale / math.sqrt(cols) * math.sqrt(rank)
+        up = torch.randn(rows, rank, generator=g) * scale
+        if dialect == "diffusers":
+            out[f"text_encoder.model.{name}.lora_A.weight"] = down
+            out[f"text_encoder.model.{name}.lora_B.weight"] = up * (alpha_value / rank)
+            continue
+        prefix = (f"text_encoders.qwen3_4b.transformer.model.{name}" if dialect == "comfyui"
+                  else f"lora_te_model_{name.replace('.', '_')}")
+        out[f"{prefix}.lora_down.weight"], out[f"{prefix}.lora_up.weight"] = down, up
+        out[f"{prefix}.alpha"] = torch.tensor(alpha_value)
+    return out
+
+
+def demo_text_encoder_lora_targets() -> dict[str, tuple[int, int]]:
+    """The demo Qwen3's linear layers (every decoder layer in the file, the last one included)."""
+    state = demo_text_encoder_state_dict()
+    return {k[len("model."):-len(".weight")]: tuple(v.shape) for k, v in state.items()
+            if ".layers." in k and v.ndim == 2}
 
 
 def write_random_lora(path: str | os.PathLike, config: TransformerConfig, **kwargs) -> Path:
     """`random_lora_state_dict(config, **kwargs)` saved as a safetensors LoRA file (fp32)."""
     path = Path(path)
     _save(random_lora_state_dict(config, **kwargs), path, torch.float32, "Z-Image LoRA")
+    return path
+
+
+def write_lora(path: str | os.PathLike, state: dict[str, torch.Tensor], *,
+               metadata: dict[str, str] | None = None) -> Path:
+    """A LoRA state dict (e.g. from `random_lora_state_dict`) saved as a safetensors file (fp32), with extra
+    safetensors metadata (e.g. diffusers' "lora_adapter_metadata", PEFT's config as JSON)."""
+    path = Path(path)
+    _save(state, path, torch.float32, "Z-Image LoRA", metadata)
     return path
