@@ -63,6 +63,8 @@ def main() -> None:
     ap.add_argument("--weight-dtype", default="bf16", choices=["bf16", "fp8_e4m3fn_fast"])
     ap.add_argument("--comfyui-dir", help="ComfyUI source (default .device/comfy_src, else .comfyui/ComfyUI)")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/zbench_lora_out"))
+    ap.add_argument("--profile", action="store_true",
+                    help="print where ComfyUI's load of the patched clone spends its time (cProfile, last rep)")
     args = ap.parse_args()
 
     import torch
@@ -142,10 +144,21 @@ def main() -> None:
         patched = out["result"][0]
         _sync(torch, device)
         patch_time[0] = 0.0
+        profiler = None
+        if args.profile and len(runs) == args.reps - 1:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
         t0 = time.perf_counter()
         mm.load_models_gpu([patched], force_full_load=True)
         _sync(torch, device)
         apply_s = time.perf_counter() - t0
+        if profiler is not None:
+            import pstats
+
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
         weights_s = patch_time[0]
         changed = sum(not torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())
         t0 = time.perf_counter()
