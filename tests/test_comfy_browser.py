@@ -46,6 +46,8 @@ DEMO_WIDGETS = {
     "ZImageTextEncoderLoader": {"text_encoder_name": DEMO_FILES["text_encoders"]},
     "ZImageVAELoader": {"vae_name": DEMO_FILES["vae"]},
     "LoraLoaderModelOnly": {"lora_name": DEMO_LORA},
+    "ZImageLoraLoader": {"lora_name": DEMO_LORA},
+    "ZImageControlNetLoader": {"control_net_name": DEMO_FILES["model_patches"]},
     "LoadImage": {"image": SOURCE_IMAGE},
     # The demo language model writes gibberish until max_new_tokens: keep that short on the CPU.
     ENHANCER: {"max_new_tokens": 16},
@@ -127,7 +129,8 @@ def test_workflow_dropped_queued_and_its_image_shown(report, name):
         assert save["images"], f"SaveImage {save['node']} shows no image"
         for image in save["images"]:
             assert "/view?" in image["src"] and image["complete"]
-            assert (image["width"], image["height"]) == (SIZE, SIZE) or "img2img" in name
+            # Edits of the source picture keep its size; the rest render SIZE x SIZE.
+            assert (image["width"], image["height"]) == (SIZE, SIZE) or "img2img" in name or "inpaint" in name
     assert Path(entry["screenshot"]).stat().st_size > 10_000
 
 
