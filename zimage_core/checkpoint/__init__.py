@@ -1,5 +1,6 @@
-"""Checkpoint files: safe reading (io: safetensors headers, mmap, folders, fingerprints) and stored
-weight formats (dequant: fp8 with scales, ComfyUI mixed quantization)."""
+"""Checkpoint files: safe reading (io: safetensors headers, mmap, folders, fingerprints), stored weight
+formats (dequant: fp8 with scales, ComfyUI mixed quantization) and setting a model's parameters from them
+(materialise)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .io import (
     read_json,
     read_small_file,
 )
+from .materialise import read_joined, set_param
 
 __all__ = [
     "FP8_DTYPES",
@@ -31,5 +33,7 @@ __all__ = [
     "open_regular",
     "read_header",
     "read_json",
+    "read_joined",
     "read_small_file",
+    "set_param",
 ]

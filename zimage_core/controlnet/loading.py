@@ -33,10 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
+from ..checkpoint.dequant import quant_layers, stored_dtype
 from ..checkpoint.io import Checkpoint, open_checkpoint
-from ..checks import BoundsError, compute_dtype, numbered_blocks, release_on_error, require_float
+from ..checkpoint.materialise import read_joined, set_param
+from ..checks import BoundsError, compute_dtype, numbered_blocks, release_on_error
 from ..errors import CheckpointError
 from .model import LATENT_CHANNELS, ControlNetConfig, ZImageControlNet
 
@@ -205,11 +206,6 @@ def _plan(model: ZImageControlNet, prefix: str) -> dict[str, tuple[str, ...]]:
     return {name: tuple(prefix + k for k in file_keys(name)) for name, _ in model.named_parameters()}
 
 
-def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    module_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(module_name) if module_name else model, attr, nn.Parameter(value, requires_grad=False))
-
-
 def _controlnet_path(path: str | os.PathLike) -> Path:
     """A diffusers pipeline root holding a controlnet/ folder means that folder."""
     path = Path(path)
@@ -245,10 +241,10 @@ def load_controlnet(path: str | os.PathLike, *, dtype: torch.dtype | None = None
             raise CheckpointError(ckpt.path, f"{WHAT} ({layout.describe()}) with only its tensors",
                                   f"{len(unknown)} unknown tensor(s): {', '.join(sorted(unknown)[:5])}", _FIX)
         expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        layers = quant_layers(ckpt)
+        stored = {src: stored_dtype(ckpt, src, layers, WHAT, _FIX) for srcs in plan.values() for src in srcs}
         store = None
         for name, srcs in plan.items():
-            for src in srcs:
-                require_float(ckpt.path, src, ckpt.dtype(src), WHAT, _FIX)
             store = store or ckpt.dtype(srcs[0])
             shapes = [tuple(ckpt.shape(s)) for s in srcs]
             got = (sum(s[0] for s in shapes), *shapes[0][1:]) if len(srcs) > 1 else shapes[0]
@@ -260,9 +256,7 @@ def load_controlnet(path: str | os.PathLike, *, dtype: torch.dtype | None = None
         for name, srcs in plan.items():
             if check_interrupt is not None:
                 check_interrupt()
-            parts = [ckpt.view(s) for s in srcs]
-            value = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
-            _set_param(model, name, ckpt.owned(value.to(device=device, dtype=dtype)))
+            set_param(ckpt, model, name, read_joined(ckpt, srcs, stored, device), dtype=dtype, device=device)
     model.eval().requires_grad_(False)
     return model, layout
 

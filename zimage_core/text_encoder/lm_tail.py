@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint.dequant import dequantize, quant_layers, stored_dtype
+from ..checkpoint.dequant import quant_layers, stored_dtype
 from ..checkpoint.io import Checkpoint, open_checkpoint
 from ..checks import compute_dtype
 from ..errors import CheckpointError
-from .loading import FIX, WHAT, _find_prefix, _infer_config, _use_operations
+from .loading import FIX, WHAT, _find_prefix, _infer_config, _use_operations, assign
 
 _TIE_SAMPLE_ROWS = 64  # rows of lm_head compared with the embedding to tell a tied head from an untied one
 
@@ -82,7 +82,15 @@ def load_lm_tail(path: str | os.PathLike, encoder_layers: int, *, dtype: torch.d
         keys = {prefix + name: target for name, target in names.items()}
         if head_key is not None:
             keys[head_key] = (lm_head, "weight")
-        _assign(ckpt, keys, dtype, device, check_interrupt)
+        missing = [k for k in keys if k not in ckpt.infos]
+        if missing:
+            raise CheckpointError(
+                ckpt.path, f"{WHAT} with every decoder layer and the final norm (text generation needs them)",
+                f"no {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}",
+                "The text encoder itself still works with this file (Z-Image reads the second-to-last layer); the "
+                "prompt enhancer needs the complete model: use qwen_3_4b.safetensors from Comfy-Org/z_image_turbo "
+                "(split_files/text_encoders) or the text_encoder/ folder of Tongyi-MAI/Z-Image-Turbo.")
+        assign(ckpt, keys, dtype, device, check_interrupt)
     if operations is not None:
         _use_operations(tail, operations)
     return tail.eval()
@@ -134,27 +142,3 @@ def _with_layers(config, n_layers: int):
     return config
 
 
-def _assign(ckpt: Checkpoint, keys: dict[str, tuple[nn.Module, str]], dtype: torch.dtype, device: torch.device,
-            check_interrupt: Callable[[], None] | None) -> None:
-    missing = [k for k in keys if k not in ckpt.infos]
-    if missing:
-        raise CheckpointError(
-            ckpt.path, f"{WHAT} with every decoder layer and the final norm (text generation needs them)",
-            f"no {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}",
-            "The text encoder itself still works with this file (Z-Image reads the second-to-last layer); the "
-            "prompt enhancer needs the complete model: use qwen_3_4b.safetensors from Comfy-Org/z_image_turbo "
-            "(split_files/text_encoders) or the text_encoder/ folder of Tongyi-MAI/Z-Image-Turbo.")
-    layers = quant_layers(ckpt)
-    stored: dict[str, torch.dtype] = {}
-    for key, (module, attr) in keys.items():
-        param = getattr(module, attr)
-        if tuple(ckpt.shape(key)) != tuple(param.shape):
-            raise CheckpointError(ckpt.path, f"{WHAT}; tensor {key} of shape {tuple(param.shape)}",
-                                  f"shape {tuple(ckpt.shape(key))}", FIX)
-        stored[key] = stored_dtype(ckpt, key, layers, WHAT, FIX)
-    for key, (module, attr) in keys.items():
-        if check_interrupt is not None:
-            check_interrupt()
-        tensor = dequantize(ckpt, key, stored[key], device)
-        module._parameters[attr] = nn.Parameter(ckpt.owned(tensor.to(device=device, dtype=dtype)),
-                                                requires_grad=False)

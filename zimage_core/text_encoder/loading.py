@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint.dequant import dequantize, quant_layers, stored_dtype
+from ..checkpoint.dequant import quant_layers, stored_dtype
 from ..checkpoint.io import Checkpoint, open_checkpoint
+from ..checkpoint.materialise import read_joined, set_param
 from ..checks import (
     checkpoint_errors,
     compute_dtype,
@@ -217,30 +218,31 @@ def _build(ckpt: Checkpoint, prefix: str, config, dtype: torch.dtype, device: to
     with torch.device("meta"):
         model = Qwen3Model(config)
     model.norm = nn.Identity()  # hidden_states[-2] is taken before the final norm
-    layers = quant_layers(ckpt)
     params = list(model.named_parameters())
     missing = [prefix + name for name, _ in params if prefix + name not in ckpt.infos]
     if missing:
         raise CheckpointError(ckpt.path, WHAT, f"{len(missing)} missing tensor(s), e.g. {', '.join(missing[:3])}",
                               "The file is incomplete or not a Qwen3 model. " + FIX)
-    # Shapes and types of every tensor are known from the header: check them all before reading any.
-    stored: dict[str, torch.dtype] = {}
-    for name, param in params:
-        key = prefix + name
-        if tuple(ckpt.shape(key)) != tuple(param.shape):
-            raise CheckpointError(ckpt.path, f"{WHAT}; tensor {key} of shape {tuple(param.shape)}",
-                                  f"shape {tuple(ckpt.shape(key))}", FIX)
-        stored[key] = stored_dtype(ckpt, key, layers, WHAT, FIX)
-    for name, _param in params:
-        if check_interrupt is not None:
-            check_interrupt()
-        key = prefix + name
-        tensor = dequantize(ckpt, key, stored[key], device)
-        module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name) if module_name else model
-        module._parameters[attr] = nn.Parameter(ckpt.owned(tensor.to(device=device, dtype=dtype)),
-                                                requires_grad=False)
+    assign(ckpt, {prefix + name: (model, name) for name, _ in params}, dtype, device, check_interrupt)
     # RoPE frequencies are computed, not stored: build them for real outside the meta context.
     model.rotary_emb = Qwen3RotaryEmbedding(config=config).to(device)
     model.eval()
     return model
+
+
+def assign(ckpt: Checkpoint, targets: dict[str, tuple[nn.Module, str]], dtype: torch.dtype, device: torch.device,
+           check_interrupt: Callable[[], None] | None = None) -> None:
+    """Set each target parameter (module, dotted name) from the file's tensor `key`. Shapes and stored
+    formats of every tensor are known from the header: all are checked before any is read."""
+    layers = quant_layers(ckpt)
+    stored: dict[str, torch.dtype] = {}
+    for key, (module, name) in targets.items():
+        shape = tuple(module.get_parameter(name).shape)
+        if tuple(ckpt.shape(key)) != shape:
+            raise CheckpointError(ckpt.path, f"{WHAT}; tensor {key} of shape {shape}",
+                                  f"shape {tuple(ckpt.shape(key))}", FIX)
+        stored[key] = stored_dtype(ckpt, key, layers, WHAT, FIX)
+    for key, (module, name) in targets.items():
+        if check_interrupt is not None:
+            check_interrupt()
+        set_param(ckpt, module, name, read_joined(ckpt, (key,), stored, device), dtype=dtype, device=device)

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from ..checkpoint.dequant import FP8_DTYPES, SCALE_SUFFIXES, dequantize, quant_layers, stored_dtype
+from ..checkpoint.dequant import FP8_DTYPES, SCALE_SUFFIXES, quant_layers, stored_dtype
 from ..checkpoint.io import Checkpoint, open_checkpoint
+from ..checkpoint.materialise import read_joined, set_param
 from ..checks import (
     BoundsError,
     checkpoint_errors,
@@ -306,19 +306,6 @@ def _storage_dtype(dtypes: Mapping[str, torch.dtype], plan: Mapping[str, tuple[s
     return torch.bfloat16
 
 
-def _read(ckpt: Checkpoint, sources: tuple[str, ...], stored: Mapping[str, torch.dtype],
-          device: torch.device | str) -> torch.Tensor:
-    """One parameter's value: may still be the file's memory (the caller passes it through `owned`)."""
-    parts = [dequantize(ckpt, src, stored[src], device) for src in sources]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
-
-
-def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name) if module_name else model
-    setattr(module, attr, nn.Parameter(value, requires_grad=False))
-
-
 def _transformer_folder(path: str | os.PathLike) -> Path:
     """A diffusers pipeline root (model_index.json, transformer/, vae/, ...) means its transformer/."""
     path = Path(path)
@@ -402,8 +389,7 @@ def _load(ckpt: Checkpoint, dtype: torch.dtype | None, device: torch.device | st
     for name in expected:
         if check_interrupt is not None:
             check_interrupt()
-        value = ckpt.owned(_read(ckpt, plan[name], stored, device).to(device=device, dtype=dtype))
-        _set_param(model, name, value)
+        set_param(ckpt, model, name, read_joined(ckpt, plan[name], stored, device), dtype=dtype, device=device)
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:  # a layer class that creates parameters we do not know about
         raise CheckpointError(ckpt.path, WHAT, f"no tensors for parameters {left[:5]}",
