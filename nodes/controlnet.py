@@ -31,7 +31,6 @@ log = logging.getLogger("ComfyUI-ZImage")
 NODE_CATEGORY = "Z-Image/controlnet"
 FOLDERS = ("model_patches", "controlnet")  # ComfyUI's folder for these files first, then the usual one
 SPATIAL = 8  # pixels per latent cell (FLUX VAE)
-MULTIPLE = 16  # pixels per transformer patch
 STYLES = {
     "diffusers": "diffusers",
     "comfyui": "comfyui",

@@ -13,7 +13,7 @@ import logging
 import torch
 from torch.nn import functional as F
 
-from .latent import MULTIPLE
+from .latent import crop_box
 
 NODE_CATEGORY = "Z-Image/inpaint"
 MAX_EDGE = 256  # grow/feather in pixels
@@ -35,11 +35,6 @@ def mask_batch(mask: torch.Tensor, node: str, name: str = "mask") -> torch.Tenso
     return m.clamp(0.0, 1.0)
 
 
-def crop_offset(size: int, cropped: int) -> int:
-    """Where ZImageVAEEncode's (and VAEEncodeForInpaint's) centre crop starts along one side."""
-    return (size - cropped) // 2
-
-
 def fit_mask(mask: torch.Tensor, height: int, width: int, node: str, target: str) -> torch.Tensor:
     """`mask` (B, H, W) made (B, height, width).
 
@@ -49,8 +44,8 @@ def fit_mask(mask: torch.Tensor, height: int, width: int, node: str, target: str
     mh, mw = mask.shape[-2:]
     if (mh, mw) == (height, width):
         return mask
-    if (mh // MULTIPLE * MULTIPLE, mw // MULTIPLE * MULTIPLE) == (height, width):
-        top, left = crop_offset(mh, height), crop_offset(mw, width)
+    top, left, ch, cw = crop_box(mh, mw)
+    if (ch, cw) == (height, width):
         return mask[:, top:top + height, left:left + width]
     log.warning("%s: the mask is %dx%d but the %s is %dx%d; the mask was resized (bilinear) to fit. Paint the "
                 "mask on the same image (LoadImage's mask editor) to avoid this.", node, mw, mh, target, width, height)
@@ -184,9 +179,10 @@ class ZImageInpaintComposite:
         m = fit_mask(m, height, width, node, "source image")
         gen = generated[..., :3]
         gh, gw = gen.shape[1:3]
-        if (gh, gw) == (height, width) or (gh, gw) == (height // MULTIPLE * MULTIPLE, width // MULTIPLE * MULTIPLE):
-            top, left = crop_offset(height, gh), crop_offset(width, gw)
-        else:
+        top, left, ch, cw = crop_box(height, width)
+        if (gh, gw) == (height, width):
+            top, left = 0, 0
+        elif (gh, gw) != (ch, cw):
             log.warning("%s: the generated image is %dx%d but the source is %dx%d; it was resized (bilinear) to "
                         "fit.", node, gw, gh, width, height)
             gen = F.interpolate(gen.movedim(-1, 1).float(), size=(height, width), mode="bilinear").movedim(1, -1)

@@ -7,6 +7,13 @@ import torch
 
 NODE_CATEGORY = "Z-Image/latent"
 MULTIPLE = 16  # VAE ÷8, then the DiT's 2×2 patches
+
+
+def crop_box(height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the centre crop to multiples of MULTIPLE that ZImageVAEEncode applies;
+    masks and the inpaint composite line up with the encoded image through the same box."""
+    nh, nw = height // MULTIPLE * MULTIPLE, width // MULTIPLE * MULTIPLE
+    return (height - nh) // 2, (width - nw) // 2, nh, nw
 LATENT_CHANNELS = 16
 MAX_SIDE = 4096
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from .core_vae import ZImageCoreVAE, checked_for_decode
-from .latent import LATENT_CHANNELS, MULTIPLE
+from .latent import LATENT_CHANNELS, crop_box
 
 NODE_CATEGORY = "Z-Image/vae"
 log = logging.getLogger("ComfyUI-ZImage")
@@ -61,11 +61,10 @@ class ZImageVAEEncode:
 
     def encode(self, vae, image):
         h, w = image.shape[1], image.shape[2]
-        nh, nw = h // MULTIPLE * MULTIPLE, w // MULTIPLE * MULTIPLE
+        top, left, nh, nw = crop_box(h, w)
         if nh == 0 or nw == 0:
             raise ValueError(f"ZImageVAEEncode: the image is {w}x{h}; Z-Image needs at least 16x16 pixels.")
         if (nh, nw) != (h, w):
-            top, left = (h - nh) // 2, (w - nw) // 2
             log.warning("ZImageVAEEncode: cropping %dx%d to %dx%d (sides must be multiples of 16)", w, h, nw, nh)
             image = image[:, top:top + nh, left:left + nw]
         _check_vae(vae, "ZImageVAEEncode")
