@@ -131,11 +131,10 @@ class ZImageCLIP(comfy.sd.CLIP):
         return patcher
 
     def _stream_room(self, activations: int) -> int:
-        """GPU bytes streaming needs: two decoder layers, the embedding table and the activations."""
+        """GPU bytes streaming needs: two decoder layers and the activations."""
         enc = self.cond_stage_model.encoder
         layer = sum(p.numel() * p.element_size() for p in enc.model.layers[0].parameters())
-        table = enc.model.embed_tokens.weight
-        return 2 * layer + table.numel() * table.element_size() + activations + mm.minimum_inference_memory()
+        return 2 * layer + activations + mm.minimum_inference_memory()
 
     def clone(self, *args, **kwargs):
         clone = super().clone(*args, **kwargs)

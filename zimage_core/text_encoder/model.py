@@ -83,9 +83,9 @@ class ZImageTextEncoder:
 
     def stream_weights(self, device: torch.device | str) -> None:
         """Low-VRAM mode ("offloaded after encoding"): the weights stay in pinned CPU memory; each
-        `encode` copies the embedding table to the GPU and streams the decoder layers through two GPU
-        slots (copies overlapped with compute), then frees every GPU copy, so the text encoder holds
-        no GPU memory between prompts. Undo with `stop_streaming()`."""
+        `encode` looks up the prompt's embeddings in host memory and streams the decoder layers through
+        two GPU slots (copies overlapped with compute), then frees every GPU copy, so the text encoder
+        holds no GPU memory between prompts. Undo with `stop_streaming()`."""
         from ..accel.streaming import BlockStreamer
         if self._streamer is not None:
             return
@@ -191,13 +191,13 @@ class ZImageTextEncoder:
             if out is not None:
                 return [out]
         if self._streamer is not None:
-            emb = self.model.embed_tokens.weight
-            emb.data = self._emb_host.to(device, non_blocking=True)
+            # The lookup reads a few rows of the 0.8 GB table: done in host memory, so only the rows
+            # travel (a gather, exact on any device).
+            embeds = nn.functional.embedding(input_ids, self._emb_host).to(device)
             try:
-                hidden = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask,
+                hidden = self.model(inputs_embeds=embeds, attention_mask=attention_mask,
                                     use_cache=False).last_hidden_state
             finally:
-                emb.data = self._emb_host
                 self._streamer.release()
         else:
             hidden = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask,
