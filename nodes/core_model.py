@@ -25,7 +25,9 @@ import comfy.patcher_extension
 import comfy.supported_models
 import torch
 
+from ..zimage_core.accel import prefetch_offloaded
 from ..zimage_core.transformer import ZImageTransformer
+from ..zimage_core.vae import decode_room
 from .errors import load_explained
 
 log = logging.getLogger("ComfyUI-ZImage")
@@ -118,6 +120,10 @@ class ZImageDiffusionModel(ZImageTransformer):
     are ComfyUI's flow timesteps (sigma × multiplier 1.0); returns the velocity, as NextDiT does.
     """
 
+    # Copy the block weights that ComfyUI's partial loading left in host memory blocks ahead (see
+    # _prefetch_offloaded_blocks); False leaves the copies to ComfyUI's per-layer cast.
+    prefetch_offloaded = True
+
     def forward(self, x, timesteps, context, num_tokens=None, attention_mask=None, **kwargs):
         wrappers = comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
                                                              kwargs.get("transformer_options", {}))
@@ -134,8 +140,61 @@ class ZImageDiffusionModel(ZImageTransformer):
         hooks = None
         if patches.get("noise_refiner") or patches.get("double_block"):
             hooks = _ComfyBlockPatches(patches, options, len(self.layers))
-        return ZImageTransformer.forward(self, x, timesteps, _captions(context, attention_mask), hooks=hooks,
-                                         block_call=options.get(BLOCK_CALL_KEY), image_pos=_image_pos(options))
+        with _prefetch_offloaded_blocks(self, x.device):
+            return ZImageTransformer.forward(self, x, timesteps, _captions(context, attention_mask), hooks=hooks,
+                                             block_call=options.get(BLOCK_CALL_KEY), image_pos=_image_pos(options))
+
+    def blocks_in_call_order(self) -> list[torch.nn.Module]:
+        return [*self.context_refiner, *self.noise_refiner, *self.layers]
+
+
+def _prefetch_offloaded_blocks(model: ZImageDiffusionModel, device: torch.device) -> contextlib.AbstractContextManager:
+    """When ComfyUI's partial loading (a card that cannot hold the model) left block weights in host memory,
+    copy them to the GPU blocks ahead. ComfyUI's own cast copies each layer's weights when the layer runs,
+    after everything queued before it, so no copy overlaps compute. Not under 0.18.1's dynamic VRAM, whose
+    layers (`_v`) manage their own copies."""
+    blocks = model.blocks_in_call_order()
+    if not model.prefetch_offloaded or device.type != "cuda" or any(hasattr(m, "_v") for b in blocks for m in b.modules()):
+        return contextlib.nullcontext()
+    return prefetch_offloaded(blocks, device, select=lambda t: t.device.type == "cpu")
+
+
+class ZImageBaseModel(comfy.model_base.Lumina2):
+    """ComfyUI's model class for Z-Image (model_base.Lumina2), whose memory estimate also covers the VAE
+    decode that follows sampling.
+
+    On a card that cannot hold the whole transformer, ComfyUI loads as much of it as the estimate leaves
+    room for. Without the decode in it, the decode then unloads part of the transformer, and the next prompt
+    loads it again (1.4-1.7 s per image at 8 and 12 GiB on an H200)."""
+
+    def memory_required(self, input_shape, *args, **kwargs):
+        need = super().memory_required(input_shape, *args, **kwargs)
+        dtype = self.manual_cast_dtype or self.get_dtype()
+        return max(need, decode_room(input_shape, dtype))
+
+
+def _spread_offload(loading: list[tuple], blocks: list[torch.nn.Module]) -> list[tuple]:
+    """ComfyUI's `_load_list`, with equal-size block layers ordered so that those it leaves in host memory
+    (the last in its descending order) are one kind at a time across all blocks (e.g. every block's w1)
+    rather than all layers of a few blocks: each block then waits for a share of the copies that the
+    compute of the blocks before it hides. The sort key grows by under 1 KiB: the memory plan is unchanged."""
+    if not loading or isinstance(loading[0][0], bool):  # 0.18.1's dynamic-VRAM list is ordered otherwise
+        return loading
+    kinds: dict[str, int] = {}
+    rank: dict[int, tuple[str, int]] = {}
+    for i, b in enumerate(blocks):
+        for name, m in b.named_modules():
+            if hasattr(m, "comfy_cast_weights"):
+                rank[id(m)] = (name, i)
+                kinds.setdefault(name, len(kinds))
+    n = len(blocks)
+    out = []
+    for item in loading:
+        key = rank.get(id(item[3]))
+        if key is not None:
+            item = (item[0] + kinds[key[0]] * n + key[1], *item[1:])
+        out.append(item)
+    return out
 
 
 def _unet_config(model: ZImageTransformer) -> dict:
@@ -193,11 +252,50 @@ def as_core_model(diffusion_model: ZImageDiffusionModel, weight_dtype: torch.dty
     """Wrap a built ZImageDiffusionModel as a core MODEL: model_base.Lumina2 with supported_models.ZImage."""
     model_config = comfy.supported_models.ZImage(_unet_config(diffusion_model))
     model_config.set_inference_dtype(weight_dtype, manual_cast)
-    model = comfy.model_base.Lumina2(model_config)
+    model = ZImageBaseModel(model_config)
     model.diffusion_model = diffusion_model
     if hasattr(mm, "archive_model_dtypes"):  # 0.18.1: records each weight's dtype for dynamic loading
         mm.archive_model_dtypes(model.diffusion_model)
-    return CorePatcher(model, load_device=load_device, offload_device=offload_device)
+    return _patcher_class()(model, load_device=load_device, offload_device=offload_device)
+
+
+class _PartialLoading:
+    """Patcher mixin for a transformer that does not fit on the card (ComfyUI's partial loading). Clones keep
+    the class (ModelPatcher.clone uses self.__class__); 0.18.1's dynamic-VRAM patcher is left as it is.
+
+    - The layers left in host memory are spread over the blocks (see _spread_offload).
+    - Loading the partly loaded model again (every prompt) with `extra_memory` more loads that much more.
+      ComfyUI's `load` takes its cast buffer out of the budget again, so it would load `extra_memory − buffer`
+      more; when that is negative it marks layers that were loaded as offloaded without moving them: they
+      stay on the GPU, uncounted, and every later prompt finds that much less free memory (measured: 140 MB
+      less per prompt at 12 GiB)."""
+
+    def _load_list(self, *args, **kwargs):
+        loading = super()._load_list(*args, **kwargs)
+        dm = getattr(self.model, "diffusion_model", None)
+        if not isinstance(dm, ZImageDiffusionModel):
+            return loading
+        return _spread_offload(loading, dm.blocks_in_call_order())
+
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        m = self.model
+        buffer = getattr(m, "model_offload_buffer_memory", 0)
+        if (extra_memory >= 0 and getattr(m, "model_lowvram", False) and not force_patch_weights
+                and m.current_weight_patches_uuid == self.patches_uuid
+                and m.model_loaded_weight_memory + extra_memory + buffer < self.model_size()):
+            extra_memory += buffer + 1  # the buffer is reserved already; +1: `load` tests with a strict <
+        return super().partially_load(device_to, extra_memory, force_patch_weights=force_patch_weights)
+
+
+_PATCHERS: dict[type, type] = {}
+
+
+def _patcher_class() -> type:
+    # 0.18.1 swaps CoreModelPatcher for its dynamic-VRAM patcher at startup: read it when a model is built.
+    base = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    if base not in _PATCHERS:
+        _PATCHERS[base] = type("ZImageModelPatcher", (_PartialLoading, base), {})
+    return _PATCHERS[base]
 
 
 def is_zimage_model(model: Any) -> bool:

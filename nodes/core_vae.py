@@ -95,6 +95,7 @@ class ZImageCoreVAE(comfy.sd.VAE):
         mm.load_models_gpu([self.patcher], memory_required=int(needed / core_vae.FREE_FRACTION))
 
     def decode_auto(self, raw_latents: torch.Tensor) -> torch.Tensor:
+        # The same request as zimage_core.vae.decode_room, which our transformer keeps free while sampling.
         self._make_room(self.flux.memory_used_decode(tuple(raw_latents[:1].shape)))
         latents = core_vae.normalize_latents(raw_latents.to(self.device, torch.float32))
         return self.flux.decode(latents, check_interrupt=mm.throw_exception_if_processing_interrupted).to(

@@ -50,6 +50,76 @@ def test_models_report_sizes_and_memory_estimates_to_comfyui():
     assert model.memory_required((2, 16, 64, 64)) > small  # and with the batch (CFG doubles it)
 
 
+def test_partial_loading_spreads_the_layers_left_in_host_memory_over_the_blocks():
+    """A card that cannot hold the model: ComfyUI leaves the layers its load order reaches last in host
+    memory. Among equal-size layers (the FFN's w1/w2/w3), those are one kind across all blocks, so every
+    block waits for a similar share of copies, not three layers of one block and none of the next."""
+    patcher = _model()
+    blocks = patcher.model.diffusion_model.blocks_in_call_order()
+    cpu = torch.device("cpu")
+    total = patcher.model_size()
+    seen = set()
+    for budget in range(total // 2, total, total // 40):
+        patcher.patch_model(device_to=cpu, lowvram_model_memory=budget)
+        try:
+            counts = [sum(1 for n, m in b.named_modules()
+                          if n.startswith("feed_forward.w") and getattr(m, "comfy_cast_weights", False))
+                      for b in blocks]
+        finally:
+            patcher.unpatch_model(device_to=cpu)
+        assert max(counts) - min(counts) <= 1, (budget, counts)
+        seen.add(sum(counts))
+    assert len(seen) >= 6  # the budgets covered partial offloading of the FFN layers, not only all or none
+    # The order is a property of the patcher class, so LoRA loaders' clones keep it.
+    assert type(patcher.clone())._load_list is type(patcher)._load_list
+
+
+def test_loading_a_partly_loaded_model_again_keeps_what_is_loaded():
+    """Every prompt, ComfyUI loads the sampled model again with the memory now free. With as much free as
+    last time, a partly loaded transformer must keep its loaded layers (and ComfyUI's count of them): a
+    shrinking count leaves layers on the GPU uncounted, and every prompt then finds less free memory."""
+    patcher = _model()
+    cpu = torch.device("cpu")
+    patcher.patch_model(device_to=cpu, lowvram_model_memory=int(patcher.model_size() * 0.7))
+    try:
+        loaded = patcher.model.model_loaded_weight_memory
+        assert patcher.model.model_lowvram and 0 < loaded < patcher.model_size()
+        for _ in range(3):
+            patcher.partially_load(cpu, extra_memory=0)
+            assert patcher.model.model_loaded_weight_memory == loaded
+        # A little more free memory (less than ComfyUI's cast buffer) is used, not lost.
+        patcher.partially_load(cpu, extra_memory=patcher.model.model_offload_buffer_memory // 2)
+        grown = patcher.model.model_loaded_weight_memory
+        assert grown > loaded
+        patcher.partially_load(cpu, extra_memory=0)
+        assert patcher.model.model_loaded_weight_memory == grown
+        loaded = grown
+        # Less memory than loaded: ComfyUI's own partial unload still runs.
+        patcher.partially_load(cpu, extra_memory=-(loaded // 2))
+        assert patcher.model.model_loaded_weight_memory <= loaded // 2 + loaded // 10
+    finally:
+        patcher.unpatch_model(device_to=cpu)
+
+
+def test_sampling_memory_estimate_keeps_room_for_the_vae_decode(monkeypatch):
+    """ComfyUI sizes the transformer's share of a small card from this estimate; the decode after sampling
+    must then find its memory without unloading part of the transformer (to be loaded again for the next
+    prompt). ComfyUI's estimate on a CUDA device with PyTorch attention is the one that can be smaller than
+    the decode's; on the CPU it is far larger, so the test takes ComfyUI's CUDA branch."""
+    import comfy.model_management as mm
+
+    monkeypatch.setattr(mm, "pytorch_attention_flash_attention", lambda: True)
+    patcher = _model()
+    vae = comfy_module("nodes").NODE_CLASS_MAPPINGS["ZImageVAELoader"]().load(DEMO_FILES["vae"])[0]
+    from zimage_core.vae import FREE_FRACTION
+
+    for shape in [(1, 16, 128, 128), (2, 16, 128, 128), (1, 16, 96, 160)]:
+        one_image = (1, *shape[1:])
+        # What ZImageVAEDecode asks ComfyUI for: room for a whole decode, and the VAE's weights.
+        decode = vae.memory_used_decode(one_image, vae.vae_dtype) / FREE_FRACTION + vae.patcher.model_size()
+        assert patcher.model.memory_required(shape) >= decode, shape
+
+
 def test_vae_lowvram_streaming_gives_the_same_image():
     nodes = comfy_module("nodes").NODE_CLASS_MAPPINGS
     vae = nodes["ZImageVAELoader"]().load(DEMO_FILES["vae"])[0]

@@ -17,6 +17,7 @@ field is wider than any practical overlap, so tiled output differs slightly from
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from .model import ATTN_CHUNK_BYTES, Decoder, Encoder, FluxAEConfig
 
 __all__ = [
     "LATENT_SCALE", "LATENT_SHIFT", "FluxAEConfig", "FluxVAE", "normalize_latents",
-    "denormalize_latents", "estimate_memory", "FREE_FRACTION",
+    "decode_memory", "decode_room", "denormalize_latents", "estimate_memory", "FREE_FRACTION",
 ]
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,31 @@ def estimate_memory(kind: Literal["encode", "decode"], height: int, width: int, 
     else:
         raise ValueError(f"estimate_memory: kind must be 'encode' or 'decode', not {kind!r}")
     return int(1.5 * max(peaks) * px * batch * size)
+
+
+def decode_memory(latent_shape: tuple[int, ...] | torch.Size, dtype: torch.dtype = torch.bfloat16,
+                  config: FluxAEConfig | None = None) -> int:
+    """Bytes of activation memory an untiled decode of latents shaped (B, C, h, w) needs (`estimate_memory`).
+    A sampler can reserve it before the VAE is even loaded, so that the decode finds room."""
+    cfg = config or FluxAEConfig()
+    f = cfg.downscale
+    return estimate_memory("decode", latent_shape[-2] * f, latent_shape[-1] * f, batch=latent_shape[0],
+                           dtype=dtype, config=cfg)
+
+
+def decode_room(latent_shape: tuple[int, ...] | torch.Size, dtype: torch.dtype = torch.bfloat16,
+                config: FluxAEConfig | None = None) -> int:
+    """Free device memory that lets one image of latents shaped (..., h, w) decode whole: the VAE's weights
+    plus the activations with the margin of the automatic plan (FREE_FRACTION). A sampler that leaves this
+    much free lets the decode after it run without evicting anything."""
+    cfg = config or FluxAEConfig()
+    one = (1, cfg.z_channels, latent_shape[-2], latent_shape[-1])
+    return int(decode_memory(one, dtype, cfg) / FREE_FRACTION) + _weight_count(cfg) * _dtype_size(dtype)
+
+
+@functools.cache
+def _weight_count(config: FluxAEConfig) -> int:
+    return sum(p.numel() for p in FluxVAE(config, device="meta").parameters())
 
 
 def _available_bytes(device: torch.device) -> int | None:
@@ -242,9 +268,7 @@ class FluxVAE(nn.Module):
 
     def memory_used_decode(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype | None = None) -> int:
         """Bytes to decode latents of NCHW `shape` (ComfyUI's `VAE.memory_used_decode` signature)."""
-        f = self.config.downscale
-        return estimate_memory("decode", shape[-2] * f, shape[-1] * f, batch=shape[0],
-                               dtype=dtype or self.dtype, config=self.config)
+        return decode_memory(shape, dtype or self.dtype, self.config)
 
     # -- encode ------------------------------------------------------------------------------
 
