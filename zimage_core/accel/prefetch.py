@@ -70,8 +70,7 @@ class WeightPrefetcher:
         n = len(self.blocks)
         self.ahead = max(0, min(int(ahead), n - 1))
         self.n_slots = min(self.ahead + 1, n)
-        self.cuda = self.device.type == "cuda"
-        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda and n else None
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and n else None
         self.slots: list[torch.Tensor] = []
         self.next_slot = 0
         self.owner: list[int | None] = []  # block index whose copy a slot holds (or is receiving)
