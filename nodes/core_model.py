@@ -140,22 +140,38 @@ class ZImageDiffusionModel(ZImageTransformer):
         hooks = None
         if patches.get("noise_refiner") or patches.get("double_block"):
             hooks = _ComfyBlockPatches(patches, options, len(self.layers))
-        with _prefetch_offloaded_blocks(self, x.device):
+
+        def call() -> torch.Tensor:
             return ZImageTransformer.forward(self, x, timesteps, _captions(context, attention_mask), hooks=hooks,
                                              block_call=options.get(BLOCK_CALL_KEY), image_pos=_image_pos(options))
+
+        prefetch = _prefetch_offloaded_blocks(self, x.device)
+        if prefetch is None:
+            return call()
+        try:
+            with prefetch:
+                return call()
+        except torch.OutOfMemoryError:
+            # The copy slots are memory ComfyUI's plan does not know of (its own per-layer copies need less):
+            # on a card that tight, finish the step, and the job, with ComfyUI's copies instead.
+            self.prefetch_offloaded = False
+            log.warning("Z-Image: out of GPU memory with prefetched weights; using ComfyUI's per-layer weight "
+                        "copies for this model from now on (slower, same result).")
+        return call()
 
     def blocks_in_call_order(self) -> list[torch.nn.Module]:
         return [*self.context_refiner, *self.noise_refiner, *self.layers]
 
 
-def _prefetch_offloaded_blocks(model: ZImageDiffusionModel, device: torch.device) -> contextlib.AbstractContextManager:
+def _prefetch_offloaded_blocks(model: ZImageDiffusionModel,
+                               device: torch.device) -> contextlib.AbstractContextManager | None:
     """When ComfyUI's partial loading (a card that cannot hold the model) left block weights in host memory,
     copy them to the GPU blocks ahead. ComfyUI's own cast copies each layer's weights when the layer runs,
-    after everything queued before it, so no copy overlaps compute. Not under 0.18.1's dynamic VRAM, whose
-    layers (`_v`) manage their own copies."""
+    after everything queued before it, so no copy overlaps compute. None where there is nothing to do, and
+    under 0.18.1's dynamic VRAM, whose layers (`_v`) manage their own copies."""
     blocks = model.blocks_in_call_order()
     if not model.prefetch_offloaded or device.type != "cuda" or any(hasattr(m, "_v") for b in blocks for m in b.modules()):
-        return contextlib.nullcontext()
+        return None
     return prefetch_offloaded(blocks, device, select=lambda t: t.device.type == "cpu")
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
 
 import pytest
 import torch
@@ -38,6 +41,39 @@ def test_lowvram_streaming_gives_the_same_output():
         assert torch.equal(_velocity(patcher, x, sigma, context), reference)
     finally:
         patcher.unpatch_model(device_to=cpu)
+
+
+def test_out_of_memory_with_prefetched_weights_finishes_the_step_with_comfyui_copies(monkeypatch, caplog):
+    """Prefetch slots are GPU memory ComfyUI's plan does not count. If a step runs out of memory with them,
+    the step (and the job) finishes with ComfyUI's own per-layer copies, and later steps do not try again.
+    The GPU's out-of-memory error is raised where the prefetching would run (this machine has no GPU)."""
+    patcher = _model()
+    dm = patcher.model.diffusion_model
+    core_model = sys.modules[type(dm).__module__]
+    g = torch.Generator().manual_seed(2)
+    x, sigma, context = torch.randn(1, 16, 4, 6, generator=g), torch.tensor([0.4]), torch.randn(1, 9, 32, generator=g)
+    reference = _velocity(patcher, x, sigma, context)
+    tries = []
+
+    @contextlib.contextmanager
+    def tight_card(model):
+        def out_of_memory(module, args):
+            tries.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 260.00 MiB (simulated)")
+        handle = model.blocks_in_call_order()[3].register_forward_pre_hook(out_of_memory)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(dm, "prefetch_offloaded", True, raising=False)
+    monkeypatch.setattr(core_model, "_prefetch_offloaded_blocks",
+                        lambda model, device: tight_card(model) if model.prefetch_offloaded else None)
+    with caplog.at_level(logging.WARNING):
+        assert torch.equal(_velocity(patcher, x, sigma, context), reference)
+        assert torch.equal(_velocity(patcher, x, sigma, context), reference)
+    assert tries == [1] and dm.prefetch_offloaded is False
+    assert "out of GPU memory with prefetched weights" in caplog.text
 
 
 def test_models_report_sizes_and_memory_estimates_to_comfyui():
