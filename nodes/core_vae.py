@@ -90,12 +90,11 @@ class ZImageCoreVAE(comfy.sd.VAE):
 
     # -- what ZImageVAEDecode / ZImageVAEEncode add: our memory-driven tiling in zimage_core --
     def _make_room(self, needed: int) -> None:
-        # FluxVAE's automatic mode runs whole images while they take at most FREE_FRACTION of the free
-        # memory; ask ComfyUI to free that much (offloading other models' weights) rather than tile.
-        mm.load_models_gpu([self.patcher], memory_required=int(needed / core_vae.FREE_FRACTION))
+        # Ask ComfyUI to free what FluxVAE's automatic mode wants for a whole pass (offloading other models'
+        # weights) rather than tile. For a decode, our transformer keeps this free (zimage_core.vae.decode_room).
+        mm.load_models_gpu([self.patcher], memory_required=core_vae.whole_pass_room(needed))
 
     def decode_auto(self, raw_latents: torch.Tensor) -> torch.Tensor:
-        # The same request as zimage_core.vae.decode_room, which our transformer keeps free while sampling.
         self._make_room(self.flux.memory_used_decode(tuple(raw_latents[:1].shape)))
         latents = core_vae.normalize_latents(raw_latents.to(self.device, torch.float32))
         return self.flux.decode(latents, check_interrupt=mm.throw_exception_if_processing_interrupted).to(

@@ -12,6 +12,7 @@ from .flux_vae import (
     denormalize_latents,
     estimate_memory,
     normalize_latents,
+    whole_pass_room,
 )
 from .latent_range import DECODE_BOUND, LatentRangeReport, limit_decode_latents
 from .loading import convert_diffusers_vae_keys, load_vae
@@ -53,4 +54,5 @@ __all__ = [
     "limit_decode_latents",
     "load_vae",
     "normalize_latents",
+    "whole_pass_room",
 ]

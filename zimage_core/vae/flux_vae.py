@@ -33,7 +33,7 @@ from .model import ATTN_CHUNK_BYTES, Decoder, Encoder, FluxAEConfig
 
 __all__ = [
     "LATENT_SCALE", "LATENT_SHIFT", "FluxAEConfig", "FluxVAE", "normalize_latents",
-    "decode_memory", "decode_room", "denormalize_latents", "estimate_memory", "FREE_FRACTION",
+    "decode_memory", "decode_room", "denormalize_latents", "estimate_memory", "FREE_FRACTION", "whole_pass_room",
 ]
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,12 @@ def decode_room(latent_shape: tuple[int, ...] | torch.Size, dtype: torch.dtype =
     much free lets the decode after it run without evicting anything."""
     cfg = config or FluxAEConfig()
     one = (1, cfg.z_channels, latent_shape[-2], latent_shape[-1])
-    return int(decode_memory(one, dtype, cfg) / FREE_FRACTION) + _weight_count(cfg) * _dtype_size(dtype)
+    return whole_pass_room(decode_memory(one, dtype, cfg)) + _weight_count(cfg) * _dtype_size(dtype)
+
+
+def whole_pass_room(needed: int) -> int:
+    """Free memory for which the automatic plan runs a pass estimated at `needed` bytes untiled."""
+    return int(needed / FREE_FRACTION)
 
 
 @functools.cache
