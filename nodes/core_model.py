@@ -76,24 +76,25 @@ class _ComfyBlockPatches:
         self.options["total_blocks"] = total_blocks
         self.options["block_type"] = "double"
 
-    def after_noise_refiner(self, i, img, img_input, cap, rope, t_emb, x):
+    def after_noise_refiner(self, i, img, img_input, cap, layout, t_emb, x):
         for patch in self.refiner:
-            out = patch({"img": img, "img_input": img_input, "txt": cap, "pe": rope, "vec": t_emb, "x": x,
+            out = patch({"img": img, "img_input": img_input, "txt": cap, "pe": layout.image.rope, "vec": t_emb, "x": x,
                          "block_index": i, "transformer_options": self.options, "block_type": "noise_refiner"})
             if "img" in out:
                 img = out["img"]
         return img
 
-    def after_layer(self, i, seq, seq_input, n_img, rope, t_emb, x):
+    def after_layer(self, i, seq, seq_input, layout, t_emb, x):
         self.options["block_index"] = i
+        t, cap = layout.target, layout.caption_start
         for patch in self.double:
-            out = patch({"img": seq[:, :n_img], "img_input": seq_input[:, :n_img], "txt": seq[:, n_img:],
-                         "pe": rope[:, :n_img], "vec": t_emb, "x": x, "block_index": i,
-                         "transformer_options": self.options})
+            out = patch({"img": seq[:, t.start:t.stop], "img_input": seq_input[:, t.start:t.stop],
+                         "txt": seq[:, cap:], "pe": layout.joint.rope[:, t.start:t.stop], "vec": t_emb, "x": x,
+                         "block_index": i, "transformer_options": self.options})
             if "img" in out:
-                seq[:, :n_img] = out["img"]
+                seq[:, t.start:t.stop] = out["img"]
             if "txt" in out:
-                seq[:, n_img:] = out["txt"]
+                seq[:, cap:] = out["txt"]
         return seq
 
 

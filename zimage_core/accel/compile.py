@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..transformer.runner import BlockCall, BlockHooks, BlockRunner, call_block
 from .compile_cache import CompileCache
 
 log = logging.getLogger(__name__)
@@ -111,3 +112,44 @@ def is_compile_failure(exc: BaseException) -> bool:
     """True for errors raised by the compiler stack (not by the model's own checks)."""
     mod = type(exc).__module__ or ""
     return mod.startswith(("torch._dynamo", "torch._inductor", "triton")) or "BackendCompilerFailed" in type(exc).__name__
+
+
+class CompileFallback(BlockRunner):
+    """The BlockRunner of a transformer with compiled blocks (`compile_blocks`) or a compiled `block_call`.
+
+    After a compiler failure (`is_compile_failure`) it uncompiles the blocks, disables the block call and
+    runs the forward again eagerly (every later call stays eager); after a forward it saves newly compiled
+    artifacts (the block call's `forward_done`, the model's CompileCache)."""
+
+    def __init__(self, model: nn.Module, block_call: BlockCall | None, hooks: BlockHooks | None) -> None:
+        super().__init__(block_call, hooks)
+        self.model = model
+        self._shape: tuple = ()
+
+    def main(self, blocks, seq, layout, mod, x):  # noqa: ANN001, ANN201 - BlockRunner.main
+        self._shape = (tuple(seq.shape), seq.dtype, layout.joint.mask is None)
+        return super().main(blocks, seq, layout, mod, x)
+
+    def execute(self, step):  # noqa: ANN001, ANN201 - BlockRunner.execute
+        model = self.model
+        try:
+            out = step(self)
+        except Exception as exc:
+            if not is_compile_failure(exc):
+                raise
+            log.warning("torch.compile failed (%s: %s); running the Z-Image transformer eagerly.",
+                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+            uncompile_blocks(model._compiled_blocks)
+            model._compiled_blocks = []
+            disable = getattr(self.block_call, "disable", None)
+            if disable is not None:
+                disable()  # its later calls run eagerly too
+            self.block_call = call_block
+            return step(self)
+        done = getattr(self.block_call, "forward_done", None)
+        if done is not None:
+            done()
+        if model._compiled_blocks and model._compile_cache is not None:
+            model._compile_cache.note(self._shape)
+            model._compile_cache.save_if_new()
+        return out

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from ..checks import whole_number, whole_numbers
-from ..transformer.model import TransformerBlock, TransformerConfig, caption_ids, rope_table
+from ..transformer.model import TransformerBlock, TransformerConfig
+from ..transformer.sequence import SequenceLayout, caption_ids, rope_table
 
 LATENT_CHANNELS = 16
 # 2.x files take 16 control + 1 mask + 16 masked-image latent channels.
@@ -299,23 +300,23 @@ class ControlHooks:
         self.runs = runs
 
     def after_noise_refiner(self, i: int, img: torch.Tensor, img_input: torch.Tensor, cap: torch.Tensor,
-                            rope: torch.Tensor, t_emb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        n_img = _image_tokens(x, self.runs[0].net.config.patch_size) if self.runs else 0
+                            layout: SequenceLayout, t_emb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        t = layout.target
+        rope = layout.image.rope
 
         def rerun(j: int, h: torch.Tensor) -> torch.Tensor:
-            return self.transformer.noise_refiner[j](h, rope, None, t_emb)
+            return self.transformer.noise_refiner[j](h, rope[:, t.start:t.stop], None, t_emb)
 
+        view, view_input = img[:, t.start:t.stop], img_input[:, t.start:t.stop]
         for run in self.runs:
-            run.after_noise_refiner(i, img, img_input, cap, rope, t_emb, n_img, rerun)
+            run.after_noise_refiner(i, view, view_input, cap, rope[:, t.start:t.stop], t_emb, t.valid, rerun)
         return img
 
-    def after_layer(self, i: int, seq: torch.Tensor, seq_input: torch.Tensor, n_img: int, rope: torch.Tensor,
+    def after_layer(self, i: int, seq: torch.Tensor, seq_input: torch.Tensor, layout: SequenceLayout,
                     t_emb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        real = _image_tokens(x, self.runs[0].net.config.patch_size) if self.runs else 0
+        t, cap = layout.target, layout.caption_start
+        rope = layout.joint.rope
         for run in self.runs:
-            run.after_layer(i, seq[:, :n_img], seq_input[:, :n_img], seq[:, n_img:], rope[:, :n_img], t_emb, real)
+            run.after_layer(i, seq[:, t.start:t.stop], seq_input[:, t.start:t.stop], seq[:, cap:],
+                            rope[:, t.start:t.stop], t_emb, t.valid)
         return seq
-
-
-def _image_tokens(x: torch.Tensor, p: int) -> int:
-    return (x.shape[-2] // p) * (x.shape[-1] // p)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .attention import AttentionBackend, use_backend
 from .loading import (
     COMFY_PREFIXES,
     DIFFUSERS_QKV,
@@ -21,19 +22,25 @@ from .model import (
     ADALN_DIM,
     CONFIG_LIMITS,
     FP16_MAX,
-    IMAGE_POS_IDENTITY,
     MAX_LAYERS,
-    SEQ_MULTIPLE,
     Attention,
-    BlockCall,
-    BlockHooks,
     FeedForward,
     FinalLayer,
+    OmniInputs,
     RMSNorm,
     TimestepEmbedder,
     TransformerBlock,
     TransformerConfig,
     ZImageTransformer,
+)
+from .runner import BlockCall, BlockHooks, BlockRunner, Modulation, TokenTimesteps
+from .sequence import (
+    IMAGE_POS_IDENTITY,
+    SEQ_MULTIPLE,
+    ImageInput,
+    Segment,
+    SequenceLayout,
+    build_layout,
     caption_ids,
     image_ids,
     rope_table,
@@ -42,6 +49,16 @@ from .model import (
 __all__ = [
     "ADALN_DIM",
     "Attention",
+    "AttentionBackend",
+    "BlockRunner",
+    "ImageInput",
+    "Modulation",
+    "OmniInputs",
+    "Segment",
+    "SequenceLayout",
+    "TokenTimesteps",
+    "build_layout",
+    "use_backend",
     "BlockCall",
     "BlockHooks",
     "COMFY_PREFIXES",

@@ -202,7 +202,7 @@ def _block_counts(names: Iterable[str], path: object) -> dict[str, int]:
     names = list(names)
     with checkpoint_errors(path, WHAT, _FIX_DOWNLOAD):
         return {group: numbered_blocks(names, group + ".", group, max_count=MAX_LAYERS)
-                for group in ("layers", "noise_refiner", "context_refiner")}
+                for group in ("layers", "noise_refiner", "context_refiner", "siglip_refiner")}
 
 
 def _default_axes(head_dim: int) -> tuple[int, int, int]:
@@ -236,6 +236,12 @@ def _config_from_shapes(names: Mapping[str, tuple[int, ...]], path: object) -> T
         raise CheckpointError(path, f"{WHAT} with as many context_refiner as noise_refiner blocks",
                               f"{counts['noise_refiner']} noise_refiner and {counts['context_refiner']} "
                               "context_refiner blocks", _FIX_DOWNLOAD)
+    # Omni checkpoints add a SigLIP embedder (RMSNorm + Linear siglip_feat_dim -> dim) and refiner.
+    siglip_feat_dim = need("siglip_embedder.1.weight", 2)[1] if "siglip_embedder.1.weight" in names else None
+    if siglip_feat_dim is not None and counts["siglip_refiner"] != counts["noise_refiner"]:
+        raise CheckpointError(path, f"{WHAT} (Omni) with as many siglip_refiner as noise_refiner blocks",
+                              f"{counts['noise_refiner']} noise_refiner and {counts['siglip_refiner']} "
+                              "siglip_refiner blocks", _FIX_DOWNLOAD)
     n_heads = dim // head_dim
     # Shapes are bounded by the file's size only through their product (a [0, 10**12] tensor takes no
     # bytes), so the config built from them is range-checked like a config.json.
@@ -243,7 +249,7 @@ def _config_from_shapes(names: Mapping[str, tuple[int, ...]], path: object) -> T
         return TransformerConfig(
             dim=dim, n_layers=counts["layers"], n_refiner_layers=counts["noise_refiner"],
             n_heads=n_heads, n_kv_heads=n_heads, in_channels=in_channels, patch_size=patch,
-            cap_feat_dim=cap_feat_dim, axes_dims=_default_axes(head_dim))
+            cap_feat_dim=cap_feat_dim, axes_dims=_default_axes(head_dim), siglip_feat_dim=siglip_feat_dim)
 
 
 _JSON_WHAT = "a Z-Image transformer config.json"
@@ -266,7 +272,7 @@ def _config_from_json(cfg: Mapping[str, Any], path: object) -> TransformerConfig
                 in_channels=cfg.get("in_channels", 16), patch_size=patch, cap_feat_dim=cfg["cap_feat_dim"],
                 axes_dims=cfg.get("axes_dims", (32, 48, 48)), axes_lens=cfg.get("axes_lens", (1536, 512, 512)),
                 rope_theta=cfg.get("rope_theta", 256.0), norm_eps=cfg.get("norm_eps", 1e-5),
-                t_scale=cfg.get("t_scale", 1000.0))
+                t_scale=cfg.get("t_scale", 1000.0), siglip_feat_dim=cfg.get("siglip_feat_dim"))
     except KeyError as e:
         raise CheckpointError(path, f"{_JSON_WHAT} (dim, n_layers, n_heads, ...)", f"no {e} setting",
                               _JSON_FIX) from None

@@ -13,22 +13,23 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..accel import kernels
-from ..accel.fp8_attention import fp8_attention
 from ..checks import real_number, whole_number, whole_numbers
+from .attention import attention
+from .runner import BlockCall, BlockHooks, BlockRunner, Modulation, Timesteps, TokenTimesteps
+from .sequence import IMAGE_POS_IDENTITY, STYLES, ImageInput, SequenceLayout, build_layout
 
 log = logging.getLogger(__name__)
 
 ADALN_DIM = 256  # width of the timestep embedding that drives all modulation
-SEQ_MULTIPLE = 32  # caption and image sequences are padded to a multiple of this
 FP16_MAX = kernels.FP16_MAX
 
 
@@ -58,6 +59,8 @@ class TransformerConfig:
     rope_theta: float = 256.0
     norm_eps: float = 1e-5
     t_scale: float = 1000.0
+    # Omni checkpoints: width of the SigLIP2 image features (1152); None for Turbo / Base.
+    siglip_feat_dim: int | None = None
 
     def __post_init__(self) -> None:
         # Every value sizes modules or allocations: generous bounds, checked before anything is built
@@ -69,6 +72,8 @@ class TransformerConfig:
         self.rope_theta = real_number(self.rope_theta, "rope_theta", 0.0, 1e12, lo_open=True)
         self.norm_eps = real_number(self.norm_eps, "norm_eps", 0.0, 1.0, lo_open=True)
         self.t_scale = real_number(self.t_scale, "t_scale", 0.0, 1e6, lo_open=True)
+        if self.siglip_feat_dim is not None:
+            self.siglip_feat_dim = whole_number(self.siglip_feat_dim, "siglip_feat_dim", 1, 16384)
         if self.dim % self.n_heads:
             raise ValueError(f"TransformerConfig: dim {self.dim} is not divisible by n_heads {self.n_heads}.")
         if self.n_kv_heads != self.n_heads:
@@ -112,62 +117,6 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), w, self.eps)
 
 
-def rope_table(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: float) -> torch.Tensor:
-    """Rotation matrices (L, D/2, 2, 2) float32 for integer position ids (L, n_axes).
-
-    Frequencies 1/theta^(2k/d) and angles are computed in float64 and rounded to float32 like the
-    reference, whose cos/sin come from float32 angles.
-    """
-    angles = []
-    for axis, d in enumerate(axes_dims):
-        freqs = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-        angles.append(torch.outer(ids[:, axis].to(torch.float64), freqs).float())
-    angle = torch.cat(angles, dim=-1).double()
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    # Columns of [[cos, -sin], [sin, cos]]: col0 = (cos, sin), col1 = (-sin, cos).
-    rot = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
-    return rot.float()
-
-
-def caption_ids(length: int) -> torch.Tensor:
-    """Caption slot i (pads included) sits at (i + 1, 0, 0)."""
-    ids = torch.zeros(length, 3, dtype=torch.int64)
-    ids[:, 0] = torch.arange(1, length + 1)
-    return ids
-
-
-# (scale_y, shift_y, scale_x, shift_x) of the image rows/columns in RoPE space; identity by default.
-IMAGE_POS_IDENTITY = (1.0, 0.0, 1.0, 0.0)
-
-
-def image_ids(cap_len_padded: int, h_tokens: int, w_tokens: int, padded_len: int,
-              image_pos: tuple[float, float, float, float] = IMAGE_POS_IDENTITY) -> torch.Tensor:
-    """Image tokens at (Lcap_padded + 1, row, col) in (h, w) order; pad slots at (0, 0, 0).
-
-    `image_pos` scales and shifts the row/column positions (ComfyUI's rope_options); the identity
-    gives integer ids, exactly the reference's.
-    """
-    n = h_tokens * w_tokens
-    sy, ty, sx, tx = image_pos
-    integral = image_pos == IMAGE_POS_IDENTITY
-    ids = torch.zeros(padded_len, 3, dtype=torch.int64 if integral else torch.float64)
-    ids[:n, 0] = cap_len_padded + 1
-    rows, cols = torch.arange(h_tokens), torch.arange(w_tokens)
-    if not integral:
-        rows, cols = rows.double() * sy + ty, cols.double() * sx + tx
-    ids[:n, 1] = rows.repeat_interleave(w_tokens)
-    ids[:n, 2] = cols.repeat(h_tokens)
-    return ids
-
-
-def _hooked(result: torch.Tensor | None, current: torch.Tensor) -> torch.Tensor:
-    return current if result is None else result
-
-
-def _padded(n: int) -> int:
-    return n + (-n) % SEQ_MULTIPLE
-
-
 class Attention(nn.Module):
     # fp8 attention (zimage_core.accel.fp8_attention): off by default; ZImageTransformer.set_fp8_attention.
     fp8_attention = False
@@ -186,12 +135,7 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.n_heads, self.head_dim)
         q, k, v = kernels.qk_norm_rope(qkv, self.q_norm, self.k_norm, rope, fused)
-        if self.fp8_attention:
-            return self.out(fp8_attention(q, k, v, mask).reshape(b, n, -1))
-        # mask is None for equal-length batches so SDPA can pick flash/cuDNN kernels.
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=mask)
-        return self.out(out.transpose(1, 2).reshape(b, n, -1))
+        return self.out(attention(q, k, v, mask, self.fp8_attention))
 
 
 class FeedForward(nn.Module):
@@ -230,16 +174,26 @@ class TransformerBlock(nn.Module):
             self.adaLN_modulation = nn.Sequential(ops.Linear(min(cfg.dim, ADALN_DIM), 4 * cfg.dim, bias=True, **dd))
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
-                c: torch.Tensor | None = None) -> torch.Tensor:
+                c: Timesteps | None = None) -> torch.Tensor:
         fused = self.fused_kernels and kernels.fused_ok(x)
         scale_msa = gate_msa = scale_mlp = gate_mlp = None
         if self.modulation:
-            scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).unsqueeze(1).chunk(4, dim=2)
+            scale_msa, gate_msa, scale_mlp, gate_mlp = _per_token(self.adaLN_modulation, c, 4)
         # x += tanh(gate_msa) * norm2(attn(norm1(x) * (1 + scale_msa))); the FFN likewise (no gates or
         # scales without modulation). The attention residual also yields the FFN's modulated input.
         h = self.attention(kernels.norm_modulate(x, self.attention_norm1, scale_msa, fused), rope, mask, fused)
         x, h = kernels.gated_residual(x, h, self.attention_norm2, gate_msa, fused, self.ffn_norm1, scale_mlp)
         return kernels.gated_residual(x, self.feed_forward(h, fused), self.ffn_norm2, gate_mlp, fused)[0]
+
+
+def _per_token(linear: nn.Module, c: Timesteps, chunks: int) -> list[torch.Tensor]:
+    """The modulation vectors from the timestep embedding: (B, 1, D) each, or (B, L, D) with per-token
+    timesteps (Omni: each token takes the noisy or the clean embedding's vector)."""
+    if isinstance(c, TokenTimesteps):
+        noisy = linear(c.noisy).unsqueeze(1).chunk(chunks, dim=2)
+        clean = linear(c.clean).unsqueeze(1).chunk(chunks, dim=2)
+        return [torch.where(c.mask, a, b) for a, b in zip(noisy, clean, strict=True)]
+    return list(linear(c).unsqueeze(1).chunk(chunks, dim=2))
 
 
 class TimestepEmbedder(nn.Module):
@@ -271,43 +225,26 @@ class FinalLayer(nn.Module):
         return self.linear(self.norm_final(x) * scale)
 
 
-BlockCall = Callable[..., torch.Tensor]
-"""`(block, x, rope, mask, c) -> x`: runs one modulated block (default: `block(x, rope, mask, c)`).
-A compiled variant can be passed per call, so compiling never changes the model itself; if it has a
-`disable()` method, `forward` calls it after a compiler failure and finishes eagerly."""
+@dataclass
+class OmniInputs:
+    """Omni reference images for one forward (what ComfyUI's Lumina2 hands its model as `ref_latents`,
+    `ref_contexts` and `siglip_feats`).
 
-
-class BlockHooks(Protocol):
-    """Callbacks between blocks (e.g. ControlNet-style residual injection). Each returns the new
-    hidden states or None to keep them; in-place edits of the tensors it gets also take effect.
-
-    `after_noise_refiner(i, img, img_input, cap, rope, t_emb, x)`: after noise-refiner block i;
-    img (B, L_img_padded, dim) are the image tokens, img_input the refiner's input.
-    `after_layer(i, seq, seq_input, n_img, rope, t_emb, x)`: after main block i; seq is the joint
-    sequence [image (n_img padded tokens); caption], seq_input the main blocks' input.
+    ref_latents: one (1|B, C, h, w) latent per reference, in model space (h, w even).
+    captions: caption features ((L, cap_feat_dim) or (1|B, L, cap_feat_dim)), one per reference (None or
+        missing: a segment of pad tokens), then those that follow the prompt's own caption.
+    siglip: SigLIP features (1|B, rows, cols, siglip_feat_dim) or None, one per reference (missing: None).
+    style: whose layout to follow (zimage_core.transformer.sequence): "comfyui" or "diffusers".
     """
 
-    def after_noise_refiner(self, i: int, img: torch.Tensor, img_input: torch.Tensor, cap: torch.Tensor,
-                            rope: torch.Tensor, t_emb: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None: ...
+    ref_latents: Sequence[torch.Tensor]
+    captions: Sequence[torch.Tensor | None] = ()
+    siglip: Sequence[torch.Tensor | None] = ()
+    style: str = "comfyui"
 
-    def after_layer(self, i: int, seq: torch.Tensor, seq_input: torch.Tensor, n_img: int, rope: torch.Tensor,
-                    t_emb: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None: ...
-
-
-def _call_block(block: nn.Module, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
-                c: torch.Tensor) -> torch.Tensor:
-    return block(x, rope, mask, c)
-
-
-@dataclass
-class _Layout:
-    """Per-shape constants: RoPE tables and key-padding masks (None when the batch is even)."""
-
-    cap_rope: torch.Tensor
-    img_rope: torch.Tensor
-    joint_rope: torch.Tensor
-    cap_mask: torch.Tensor | None
-    joint_mask: torch.Tensor | None
+    def __post_init__(self) -> None:
+        if self.style not in STYLES:
+            raise ValueError(f"OmniInputs: style must be one of {STYLES}, got {self.style!r}.")
 
 
 class ZImageTransformer(nn.Module):
@@ -332,12 +269,28 @@ class ZImageTransformer(nn.Module):
                                              for _ in range(cfg.n_refiner_layers))
         self.layers = nn.ModuleList(TransformerBlock(cfg, ops, dd, True) for _ in range(cfg.n_layers))
         self.final_layer = FinalLayer(cfg, ops, dd)
+        if cfg.siglip_feat_dim is not None:
+            # Omni: SigLIP2 image features of the references, refined like the captions.
+            self.siglip_embedder = nn.Sequential(RMSNorm(cfg.siglip_feat_dim, cfg.norm_eps, **dd),
+                                                 ops.Linear(cfg.siglip_feat_dim, cfg.dim, bias=True, **dd))
+            self.siglip_refiner = nn.ModuleList(TransformerBlock(cfg, ops, dd, False)
+                                                for _ in range(cfg.n_refiner_layers))
+            self.siglip_pad_token = nn.Parameter(torch.zeros(1, cfg.dim, dtype=dtype, device=device))
         # None = the dtype of the stored weights (bf16 when those are fp8). Settable by loaders.
         self.compute_dtype: torch.dtype | None = None
-        self._layouts: dict[tuple, _Layout] = {}
+        self._layouts: dict[tuple, SequenceLayout] = {}
         self._compiled_blocks: list[nn.Module] = []
         self._compile_cache: Any = None
         self.streamer: Any = None
+
+    @property
+    def omni(self) -> bool:
+        """Whether this is an Omni checkpoint (SigLIP layers). Any Z-Image model takes reference latents."""
+        return self.config.siglip_feat_dim is not None
+
+    def blocks(self) -> list[nn.Module]:
+        """Every transformer block, in the order a forward calls them."""
+        return [*self.context_refiner, *getattr(self, "siglip_refiner", []), *self.noise_refiner, *self.layers]
 
     # -- acceleration (opt-in; see zimage_core.accel) -----------------------------------
     def compile_blocks(self, *, mode: str | None = None, refiners: bool = True,
@@ -358,25 +311,25 @@ class ZImageTransformer(nn.Module):
     @property
     def fused_kernels(self) -> bool:
         """Whether the blocks use the fused Triton kernels where they can run (CUDA with Triton, eager)."""
-        blocks = [*self.noise_refiner, *self.context_refiner, *self.layers]
+        blocks = self.blocks()
         return all(b.fused_kernels for b in blocks) if blocks else TransformerBlock.fused_kernels
 
     @fused_kernels.setter
     def fused_kernels(self, enabled: bool) -> None:
-        for b in [*self.noise_refiner, *self.context_refiner, *self.layers]:
+        for b in self.blocks():
             b.fused_kernels = bool(enabled)
 
     def set_fp8_attention(self, enabled: bool = True) -> None:
         """Attention through float8_e4m3fn q/k/v (zimage_core.accel.fp8_attention): a Triton fp8 flash
         kernel on Ada/Hopper/Blackwell GPUs, an emulation of its rounding elsewhere. Off by default."""
-        for b in [*self.noise_refiner, *self.context_refiner, *self.layers]:
+        for b in self.blocks():
             b.attention.fp8_attention = bool(enabled)
 
     def quantize_fp8(self) -> int:
         """Store the block matmul weights (qkv, out, w1, w2, w3) as float8_e4m3fn with per-row scales
         (fp8 tensor-core matmuls on Ada/Hopper; dequantized matmuls elsewhere). Returns the count."""
         from ..accel.fp8 import quantize_fp8
-        return quantize_fp8(nn.ModuleList([*self.noise_refiner, *self.context_refiner, *self.layers]))
+        return quantize_fp8(nn.ModuleList(self.blocks()))
 
     def stream_blocks(self, device: torch.device | str, resident: int) -> Any:
         """Keep the refiners, embedders and `resident` main blocks on `device`; stream the other
@@ -385,11 +338,14 @@ class ZImageTransformer(nn.Module):
         for name, module in self.named_children():
             if name != "layers":
                 module.to(device)
-        self.x_pad_token.data = self.x_pad_token.data.to(device)
-        self.cap_pad_token.data = self.cap_pad_token.data.to(device)
+        for token in self._pad_tokens():
+            token.data = token.data.to(device)
         self._layouts.clear()
         self.streamer = BlockStreamer(self.layers, device, resident=resident)
         return self.streamer
+
+    def _pad_tokens(self) -> list[nn.Parameter]:
+        return [self.x_pad_token, self.cap_pad_token, *([self.siglip_pad_token] if self.omni else [])]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -409,88 +365,60 @@ class ZImageTransformer(nn.Module):
             return dtype
         return torch.bfloat16  # fp8 storage computes in bf16
 
-    def _layout(self, cap_lens: tuple[int, ...], h_tok: int, w_tok: int, device: torch.device,
-                dtype: torch.dtype, image_pos: tuple[float, float, float, float] = IMAGE_POS_IDENTITY) -> _Layout:
-        key = (cap_lens, h_tok, w_tok, device, dtype, image_pos)
+    def _layout(self, captions: tuple[tuple[int, ...], ...], images: tuple[ImageInput, ...], style: str,
+                siglip: bool, device: torch.device, dtype: torch.dtype,
+                image_pos: tuple[float, float, float, float]) -> SequenceLayout:
+        key = (captions, images, style, siglip, device, dtype, image_pos)
         layout = self._layouts.get(key)
-        if layout is not None:
-            return layout
-        cfg = self.config
-        img_len = _padded(h_tok * w_tok)
-        cap_max = max(cap_lens)
-        cap_rope = rope_table(caption_ids(cap_max), cfg.axes_dims, cfg.rope_theta)
-        # The image's first RoPE axis depends on its own caption's padded length.
-        distinct = sorted(set(cap_lens))
-        per_len = {n: rope_table(image_ids(n, h_tok, w_tok, img_len, image_pos), cfg.axes_dims, cfg.rope_theta)
-                   for n in distinct}
-        img_rope = torch.stack([per_len[n] for n in (cap_lens if len(distinct) > 1 else cap_lens[:1])])
-        joint_rope = torch.cat([img_rope, cap_rope.unsqueeze(0).expand(img_rope.shape[0], -1, -1, -1, -1)], 1)
-        cap_mask = joint_mask = None
-        if len(distinct) > 1:
-            lens = torch.tensor(cap_lens)
-            cap_mask = (torch.arange(cap_max)[None] < lens[:, None])[:, None, None, :]
-            joint_mask = (torch.arange(img_len + cap_max)[None] < (lens + img_len)[:, None])[:, None, None, :]
-            cap_mask, joint_mask = cap_mask.to(device), joint_mask.to(device)
-        dd = {"device": device, "dtype": dtype}
-        layout = _Layout(cap_rope.unsqueeze(0).unsqueeze(2).to(**dd), img_rope.unsqueeze(2).to(**dd),
-                         joint_rope.unsqueeze(2).to(**dd), cap_mask, joint_mask)
-        if len(self._layouts) >= self._LAYOUT_CACHE_SIZE:
-            self._layouts.pop(next(iter(self._layouts)))
-        self._layouts[key] = layout
+        if layout is None:
+            cfg = self.config
+            layout = build_layout(captions, images, axes_dims=cfg.axes_dims, theta=cfg.rope_theta, device=device,
+                                  dtype=dtype, style=style, siglip=siglip, image_pos=image_pos)
+            if len(self._layouts) >= self._LAYOUT_CACHE_SIZE:
+                self._layouts.pop(next(iter(self._layouts)))
+            self._layouts[key] = layout
         return layout
+
+    def _runner(self, block_call: BlockCall | None, hooks: BlockHooks | None) -> BlockRunner:
+        """The default runner: with compiled blocks (compile_blocks) or a compiled `block_call`, one that
+        falls back to eager after a compiler failure."""
+        if self._compiled_blocks or hasattr(block_call, "disable"):
+            from ..accel.compile import CompileFallback
+            return CompileFallback(self, block_call, hooks)
+        return BlockRunner(block_call, hooks)
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cap_feats: list[torch.Tensor], *,
                 hooks: BlockHooks | None = None, block_call: BlockCall | None = None,
-                image_pos: tuple[float, float, float, float] | None = None) -> torch.Tensor:
+                image_pos: tuple[float, float, float, float] | None = None, omni: OmniInputs | None = None,
+                runner: BlockRunner | None = None) -> torch.Tensor:
         """Velocity eps - x0 for latents x (B, C, H, W) at noise levels sigma (B,) (1 = pure noise).
 
         cap_feats: one (L_i, cap_feat_dim) tensor per sample (or one for the whole batch); lengths may
         differ (the batch is then masked). H and W must be even. Computes in `self.dtype`; returns x's dtype.
         Optional: `hooks` between blocks, `block_call` to run the modulated blocks (e.g. compiled), and
-        `image_pos` (scale_y, shift_y, scale_x, shift_x) of the image RoPE positions.
+        `image_pos` (scale_y, shift_y, scale_x, shift_x) of the image RoPE positions; `omni` reference
+        images; `runner` to run the blocks (default: a BlockRunner with `block_call` and `hooks`).
         """
-        kw = {"hooks": hooks, "block_call": block_call or _call_block, "image_pos": image_pos or IMAGE_POS_IDENTITY}
-        disable_call = getattr(block_call, "disable", None)  # a compiled BlockCall (CompiledBlockCall)
-        if not self._compiled_blocks and disable_call is None:
-            return self._forward(x, sigma, cap_feats, **kw)
-        try:
-            out = self._forward(x, sigma, cap_feats, **kw)
-        except Exception as exc:
-            from ..accel.compile import is_compile_failure, uncompile_blocks
-            if not is_compile_failure(exc):
-                raise
-            log.warning("torch.compile failed (%s: %s); running the Z-Image transformer eagerly.",
-                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
-            uncompile_blocks(self._compiled_blocks)
-            self._compiled_blocks = []
-            if disable_call is not None:
-                disable_call()  # its later calls run eagerly too
-            return self._forward(x, sigma, cap_feats, **{**kw, "block_call": _call_block})
-        # Persist what this call compiled (compile caches; see zimage_core.accel.compile_cache).
-        done = getattr(block_call, "forward_done", None)
-        if done is not None:
-            done()
-        if self._compiled_blocks and self._compile_cache is not None:
-            lens = tuple(len(f) for f in cap_feats) if isinstance(cap_feats, (list, tuple)) else tuple(cap_feats.shape)
-            self._compile_cache.note((tuple(x.shape), lens, self._compute_dtype()))
-            self._compile_cache.save_if_new()
-        return out
+        runner = runner or self._runner(block_call, hooks)
+        return runner.execute(lambda r: self._forward(x, sigma, cap_feats, r, image_pos or IMAGE_POS_IDENTITY, omni))
 
-    def _forward(self, x: torch.Tensor, sigma: torch.Tensor, cap_feats: list[torch.Tensor], *,
-                 hooks: BlockHooks | None, block_call: BlockCall,
-                 image_pos: tuple[float, float, float, float]) -> torch.Tensor:
+    def _check_latents(self, x: Any, what: str) -> tuple[int, int]:
         cfg = self.config
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != cfg.in_channels:
             found = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"ZImageTransformer: expected latents (B, {cfg.in_channels}, H, W), got {found}.")
+            raise ValueError(f"ZImageTransformer: expected {what} (B, {cfg.in_channels}, H, W), got {found}.")
         if not x.is_floating_point():
-            raise ValueError(f"ZImageTransformer: expected float latents, got dtype {x.dtype}.")
-        b, c, h, w = x.shape
+            raise ValueError(f"ZImageTransformer: expected float latents ({what}), got dtype {x.dtype}.")
+        h, w = x.shape[-2:]
         p = cfg.patch_size
         if h % p or w % p:
-            raise ValueError(f"ZImageTransformer: latent size {h}x{w} is not divisible by {p}. Latent sizes must be "
+            raise ValueError(f"ZImageTransformer: {what} size {h}x{w} is not divisible by {p}. Latent sizes must be "
                              f"even, i.e. image width and height must be multiples of {8 * p} pixels.")
+        return h // p, w // p
+
+    def _check_captions(self, cap_feats: Any, b: int) -> list[torch.Tensor]:
+        cfg = self.config
         if isinstance(cap_feats, torch.Tensor):
             cap_feats = list(cap_feats.unbind(0)) if cap_feats.ndim == 3 else [cap_feats]
         if len(cap_feats) == 1 and b > 1:
@@ -505,6 +433,75 @@ class ZImageTransformer(nn.Module):
                 raise ValueError(f"ZImageTransformer: caption features {i} have shape {tuple(f.shape)}; expected "
                                  f"(tokens >= 1, {cfg.cap_feat_dim}) from the Qwen3-4B text encoder (hidden size "
                                  f"{cfg.cap_feat_dim}). Check that the right text encoder is loaded.")
+        return list(cap_feats)
+
+    def _patchify(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Image tokens in (h, w) order, each patch flattened (ph, pw, c) with c fastest."""
+        b, c, h, w = x.shape
+        p = self.config.patch_size
+        ht, wt = h // p, w // p
+        return x.to(dtype).view(b, c, ht, p, wt, p).permute(0, 2, 4, 3, 5, 1).reshape(b, ht * wt, self.config.patch_dim)
+
+    @staticmethod
+    def _pad(tokens: torch.Tensor, pad_token: torch.Tensor, length: int) -> torch.Tensor:
+        """(B, n, D) tokens followed by copies of the learned pad token up to `length`."""
+        if tokens.shape[1] >= length:
+            return tokens
+        pad = pad_token.to(device=tokens.device, dtype=tokens.dtype)
+        return torch.cat([tokens, pad.expand(tokens.shape[0], length - tokens.shape[1], -1)], 1)
+
+    def _omni_parts(self, omni: OmniInputs, b: int, device: torch.device, dtype: torch.dtype
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[torch.Tensor | None], list[tuple]]:
+        """Checked reference latents, captions and SigLIP features, each broadcast to the batch."""
+        cfg = self.config
+        n = len(omni.ref_latents)
+
+        def batch(t: torch.Tensor, what: str) -> torch.Tensor:
+            if t.shape[0] not in (1, b):
+                raise ValueError(f"ZImageTransformer: {what} has a batch of {t.shape[0]}, the latents {b}.")
+            return t.to(device=device).expand(b, *t.shape[1:]) if t.shape[0] == 1 else t.to(device=device)
+
+        refs = []
+        for j, ref in enumerate(omni.ref_latents):
+            self._check_latents(ref, f"reference latent {j + 1}")
+            refs.append(batch(ref, f"reference latent {j + 1}"))
+        caps: list[torch.Tensor | None] = []
+        for j, cap in enumerate(omni.captions):
+            if cap is None:
+                if j >= n:
+                    raise ValueError(f"ZImageTransformer: caption segment {j + 1} after the prompt is None.")
+                caps.append(None)
+                continue
+            if cap.ndim == 2:
+                cap = cap.unsqueeze(0)
+            if cap.ndim != 3 or cap.shape[-1] != cfg.cap_feat_dim or not cap.is_floating_point():
+                raise ValueError(f"ZImageTransformer: reference caption {j + 1} has shape {tuple(cap.shape)}; "
+                                 f"expected (tokens, {cfg.cap_feat_dim}) text-encoder features.")
+            caps.append(batch(cap, f"reference caption {j + 1}"))
+        caps += [None] * (n - len(caps))
+        sigs: list[torch.Tensor | None] = []
+        grids: list[tuple[int, int] | None] = []
+        for j in range(n):
+            sig = omni.siglip[j] if j < len(omni.siglip) else None
+            if sig is not None and self.omni:
+                if sig.ndim != 4 or sig.shape[-1] != cfg.siglip_feat_dim or 0 in sig.shape:
+                    raise ValueError(f"ZImageTransformer: SigLIP features of reference {j + 1} have shape "
+                                     f"{tuple(sig.shape)}; expected (1, rows, cols, {cfg.siglip_feat_dim}) from a "
+                                     "SigLIP2 image encoder (CLIPVisionLoader: sigclip_vision_patch16).")
+                sig = batch(sig, f"SigLIP features of reference {j + 1}")
+                grids.append((int(sig.shape[1]), int(sig.shape[2])))
+            else:
+                sig = None  # a regular Z-Image checkpoint has no SigLIP layers: the features are not used
+                grids.append(None)
+            sigs.append(sig)
+        return refs, caps, sigs, grids
+
+    def _forward(self, x: torch.Tensor, sigma: torch.Tensor, cap_feats: list[torch.Tensor], runner: BlockRunner,
+                 image_pos: tuple[float, float, float, float], omni: OmniInputs | None) -> torch.Tensor:
+        cfg = self.config
+        ht, wt = self._check_latents(x, "latent")
+        b, c, h, w = x.shape
+        cap_feats = self._check_captions(cap_feats, b)
         dtype = self._compute_dtype()
         device = x.device
         sigma = torch.as_tensor(sigma).reshape(-1).to(device)
@@ -514,49 +511,86 @@ class ZImageTransformer(nn.Module):
         if sigma.numel() == 1 and b > 1:
             sigma = sigma.expand(b)
 
-        # Timestep: the model counts t = 1 - sigma (t = 0 is pure noise), scaled by 1000.
-        t_emb = self.t_embedder((1.0 - sigma.float()) * cfg.t_scale, dtype)
+        # Timestep: the model counts t = 1 - sigma (t = 0 is pure noise), scaled by 1000. Omni's clean tokens
+        # (references and their captions) are at t = 1.
+        t_noisy = self.t_embedder((1.0 - sigma.float()) * cfg.t_scale, dtype)
+        refs: list[torch.Tensor] = []
+        ref_caps: list[torch.Tensor | None] = []
+        sigs: list[torch.Tensor | None] = []
+        grids: list[tuple[int, int] | None] = []
+        style, trailing = "comfyui", []
+        if omni is not None and len(omni.ref_latents):
+            refs, ref_caps, sigs, grids = self._omni_parts(omni, b, device, dtype)
+            style = omni.style
+            trailing, ref_caps = ref_caps[len(refs):], ref_caps[:len(refs)]
+        mod = Modulation(t_noisy, self.t_embedder(torch.ones_like(sigma, dtype=torch.float32) * cfg.t_scale, dtype)
+                         if refs else None)
+        # A SigLIP stream: ComfyUI's whenever an Omni model has references; diffusers' only with features.
+        siglip = self.omni and bool(refs) and (style == "comfyui" or any(s is not None for s in sigs))
 
-        # Image tokens in (h, w) order, each patch flattened (ph, pw, c) with c fastest.
-        ht, wt = h // p, w // p
-        n_img = ht * wt
-        img = x.to(dtype).view(b, c, ht, p, wt, p).permute(0, 2, 4, 3, 5, 1).reshape(b, n_img, cfg.patch_dim)
-        img = self.x_embedder(img)
-        img_len = _padded(n_img)
-        if img_len > n_img:
-            pad = self.x_pad_token.to(device=device, dtype=img.dtype)
-            img = torch.cat([img, pad.expand(b, img_len - n_img, -1)], 1)
+        # Captions: every segment of every sample embedded at once, then each padded to a multiple of 32 with
+        # the learned pad token (a missing reference caption is 32 pad tokens). Batch padding (prompts of
+        # different lengths) is also the pad token, masked out of attention.
+        per_sample = [[*ref_caps, None, *trailing] for _ in range(b)]
+        pieces, lens = [], []
+        for i, segs in enumerate(per_sample):
+            segs[len(refs)] = cap_feats[i]
+            for seg in segs:
+                if seg is None:
+                    lens.append(0)
+                    continue
+                seg = seg[i] if seg.ndim == 3 else seg
+                pieces.append(seg.to(device=device, dtype=dtype))
+                lens.append(int(seg.shape[0]))
+        n_seg = len(per_sample[0])
+        captions = tuple(tuple(lens[i * n_seg:(i + 1) * n_seg]) for i in range(b))
+        images = (*(ImageInput(r.shape[-2] // cfg.patch_size, r.shape[-1] // cfg.patch_size, False, g, cfg.patch_size)
+                    for r, g in zip(refs, grids, strict=True)), ImageInput(ht, wt, True, None, cfg.patch_size))
+        layout = self._layout(captions, images, style, siglip, device, dtype, image_pos)
 
-        # Captions: embed unpadded tokens once, then pad each to a multiple of 32 with the learned pad
-        # token. Batch padding (different lengths) is also filled with it but masked out of attention.
-        lens = [int(f.shape[0]) for f in cap_feats]
-        cap_lens = tuple(_padded(n) for n in lens)
-        cap_max = max(cap_lens)
-        emb = self.cap_embedder(torch.cat([f.to(device=device, dtype=dtype) for f in cap_feats], 0))
-        pad = self.cap_pad_token.to(device=device, dtype=emb.dtype)
-        rows = [torch.cat([e, pad.expand(cap_max - n, -1)], 0) if cap_max > n else e
-                for e, n in zip(emb.split(lens, 0), lens, strict=True)]
-        cap = torch.stack(rows, 0)
+        emb = iter(self.cap_embedder(torch.cat(pieces, 0)).split([n for n in lens if n], 0))
+        pad = self.cap_pad_token.to(device=device, dtype=dtype)
+        rows = []
+        for segments in layout.captions:
+            row = [self._pad(next(emb).unsqueeze(0), pad, s.length)[0] if s.valid else pad.expand(s.length, -1)
+                   for s in segments]
+            rows.append(torch.cat(row, 0) if len(row) > 1 else row[0])
+        cap = torch.stack([self._pad(r.unsqueeze(0), pad, layout.caption.length)[0] for r in rows], 0)
 
-        layout = self._layout(cap_lens, ht, wt, device, dtype, image_pos)
-        # Captions first, so hooks after the noise refiner see refined captions (as in ComfyUI).
-        for layer in self.context_refiner:
-            cap = layer(cap, layout.cap_rope, layout.cap_mask)
-        img_input = img
-        for i, layer in enumerate(self.noise_refiner):
-            img = block_call(layer, img, layout.img_rope, None, t_emb)
-            if hooks is not None:
-                img = _hooked(hooks.after_noise_refiner(i, img, img_input, cap, layout.img_rope, t_emb, x), img)
+        # Images: references, then the generated latent; each padded with the learned pad token.
+        tokens = [self._patchify(r, dtype) for r in refs] + [self._patchify(x, dtype)]
+        emb = self.x_embedder(torch.cat(tokens, 1))
+        img = torch.cat([self._pad(e, self.x_pad_token, s.length)
+                         for e, s in zip(emb.split([t.shape[1] for t in tokens], 1), layout.images, strict=True)], 1)
 
-        # Joint sequence [image; caption]: every sample's valid tokens are contiguous from 0, and the
-        # image tokens sit at the same offsets in every sample.
-        seq = torch.cat([img, cap], 1)
-        seq_input = seq
-        for i, layer in enumerate(self.layers):
-            seq = block_call(layer, seq, layout.joint_rope, layout.joint_mask, t_emb)
-            if hooks is not None:
-                seq = _hooked(hooks.after_layer(i, seq, seq_input, img_len, layout.joint_rope, t_emb, x), seq)
+        cap = runner.refine(self.context_refiner, cap, layout.caption)
+        sig = None
+        if layout.siglip is not None:
+            sig = self._siglip_tokens(sigs, layout, b, device, dtype)
+            sig = runner.refine(self.siglip_refiner, sig, layout.siglip)
+        img = runner.noise_refine(self.noise_refiner, img, cap, layout, mod, x)
 
-        out = self.final_layer(seq[:, :n_img], t_emb)
+        # The joint sequence [images; SigLIP; captions] (sequence.py says why this order).
+        seq = runner.main(self.layers, torch.cat([img, *([sig] if sig is not None else []), cap], 1), layout, mod, x)
+
+        target = layout.target
+        out = self.final_layer(seq[:, target.start:target.start + target.valid], t_noisy)
+        p = cfg.patch_size
         out = out.view(b, ht, wt, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
         return (-out).to(x.dtype)
+
+    def _siglip_tokens(self, sigs: list[torch.Tensor | None], layout: SequenceLayout, b: int, device: torch.device,
+                       dtype: torch.dtype) -> torch.Tensor:
+        """The SigLIP stream: each reference's features embedded and padded, pad tokens for the images without."""
+        pad = self.siglip_pad_token.to(device=device, dtype=dtype)
+        parts = []
+        for j, seg in enumerate(layout.siglips):
+            sig = sigs[j] if j < len(sigs) else None
+            if sig is None:
+                parts.append(pad.expand(b, seg.length, -1))
+                continue
+            _, rows, cols, width = sig.shape
+            # Both references flatten (rows, cols, C) features as (C, rows, cols) memory read as (rows*cols, C).
+            feats = sig.to(dtype).permute(0, 3, 1, 2).reshape(b, rows * cols, width)
+            parts.append(self._pad(self.siglip_embedder(feats), pad, seg.length))
+        return torch.cat(parts, 1)
