@@ -53,7 +53,7 @@ class ZImageCoreVAE(comfy.sd.VAE):
 
     def __init__(self, flux: core_vae.FluxVAE, load_device: torch.device, offload_device: torch.device,
                  dtype: torch.dtype, path: str = "") -> None:
-        # The attributes comfy.sd.VAE.__init__ sets for the FLUX autoencoder (0.3.75 and 0.18.1).
+        # The attributes comfy.sd.VAE.__init__ sets for the FLUX autoencoder (0.3.75, 0.18.1 and 0.28.0).
         self.memory_used_encode = flux.memory_used_encode
         self.memory_used_decode = flux.memory_used_decode
         self.downscale_ratio = self.upscale_ratio = flux.config.downscale
@@ -71,6 +71,8 @@ class ZImageCoreVAE(comfy.sd.VAE):
         self.downscale_index_formula = self.upscale_index_formula = None
         self.extra_1d_channel = None
         self.crop_input = True
+        self.handles_tiling = False  # 0.28: the model tiles itself (VAEDecodeTiled asks)
+        self.format_encoded = None  # 0.28: a hook on encoded latents
         self.audio_sample_rate = 44100
         self.first_stage_model = FluxFirstStage(flux).eval()
         self.device = load_device

@@ -314,8 +314,9 @@ class HeadlessComfyUI:
         self.prompt_server = server.PromptServer(self.loop)
         self.failed_imports = self.loop.run_until_complete(
             nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+        # "ram_inactive": 0.28's RAM-pressure cache reads it in every execute (unused by the classic cache).
         self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC,
-                                                 cache_args={"lru": 0, "ram": 0})
+                                                 cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
         return self
 
     @property

@@ -5,9 +5,12 @@
 # and, for the tests' second ComfyUI version (`setup.sh 0.3.75 0.18.1`, as scripts/test.sh does):
 #   .venv-comfyui-0.18.1/        its own Python env (0.18.1 pins another frontend package than 0.3.75)
 #   .comfyui/ComfyUI-0.18.1      ComfyUI 0.18.1, an unmodified copy of ../shared/comfyui-0.18.1
-# and for the browser tests (scripts/setup_browser.sh): Debian's chromium and node, puppeteer-core in .node/.
+# and for the tests' third (`setup.sh 0.3.75 0.18.1 0.28.0`):
+#   .venv-comfyui-0.28.0/        its own Python env, with a torchaudio stand-in (see install_torchaudio_standin)
+#   .comfyui/ComfyUI-0.28.0      ComfyUI 0.28.0, unpacked unmodified from ../shared/comfyui-0.28.0.tar.xz
+# (The browser tests' tools are installed by scripts/test.sh, through scripts/setup_browser.sh.)
 # ComfyUI is installed at setup time and never committed.
-# Usage: setup.sh [0.3.75] [0.18.1]  (the versions to set up; default 0.3.75, all the main job needs)
+# Usage: setup.sh [0.3.75] [0.18.1] [0.28.0]  (the versions to set up; default 0.3.75, all the main job needs)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${ZIMAGE_VENV:-$ROOT/.venv}"
@@ -18,6 +21,9 @@ VENV_0181="$ROOT/.venv-comfyui-0.18.1"
 COMFY_0181="$COMFY_PARENT/ComfyUI-0.18.1"
 # No registry carries ComfyUI 0.18.1: its source sits in the shared/ folder beside the checkout.
 SRC_0181="${ZIMAGE_COMFYUI_0181_SRC:-$ROOT/../shared/comfyui-0.18.1}"
+VENV_0280="$ROOT/.venv-comfyui-0.28.0"
+COMFY_0280="$COMFY_PARENT/ComfyUI-0.28.0"
+SRC_0280="${ZIMAGE_COMFYUI_0280_SRC:-$ROOT/../shared/comfyui-0.28.0.tar.xz}"  # an xz tarball of comfyui-0.28.0/
 TORCH="torch==2.13.0"
 TORCHVISION="torchvision==0.28.0"
 PY="${PYTHON:-python3}"
@@ -27,7 +33,7 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 versions=("$@")
 [ ${#versions[@]} -gt 0 ] || versions=(0.3.75)
 for v in "${versions[@]}"; do
-  case "$v" in 0.3.75|0.18.1) ;; *) echo "setup.sh: unknown ComfyUI version '$v' (0.3.75 or 0.18.1)" >&2; exit 2 ;; esac
+  case "$v" in 0.3.75|0.18.1|0.28.0) ;; *) echo "setup.sh: unknown ComfyUI version '$v' (0.3.75, 0.18.1 or 0.28.0)" >&2; exit 2 ;; esac
 done
 wants() { [[ " ${versions[*]} " == *" $1 "* ]]; }
 
@@ -57,6 +63,30 @@ cpu_requirements() { grep -v -E '^(torch|torchaudio|torchvision)\s*$' "$1/requir
 install_torchvision() {
   pip_in "$1" install --no-deps "$TORCHVISION"
   "$1/bin/python" "$ROOT/scripts/patch_torchvision.py"
+}
+
+# ComfyUI 0.28 imports torchaudio at startup (comfy/sd.py -> the LTX audio VAE; comfy_extras' audio nodes),
+# and no torchaudio build matches the pinned CPU torch. Z-Image never uses it: this test venv gets a stand-in
+# package whose import works and whose every use raises, naming why. Never part of the pack.
+install_torchaudio_standin() {
+  local site
+  site="$("$1/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  mkdir -p "$site/torchaudio"
+  cat > "$site/torchaudio/__init__.py" <<'PY'
+"""Stand-in written by ComfyUI-ZImage's scripts/setup.sh into a test venv: no torchaudio build matches its
+pinned CPU torch, and ComfyUI 0.28 imports torchaudio at startup. Importing works; any use raises."""
+
+
+class TorchaudioUnavailable(RuntimeError):
+    pass
+
+
+def __getattr__(name):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    raise TorchaudioUnavailable(f"torchaudio.{name}: this test environment has only a stand-in for torchaudio "
+                                "(no build matches its CPU torch); audio nodes do not work here")
+PY
 }
 
 if wants 0.3.75; then
@@ -126,4 +156,36 @@ if wants 0.18.1; then
   log "ready: ComfyUI 0.18.1 venv=$VENV_0181 comfyui=$COMFY_0181"
 fi
 
-"$ROOT/scripts/setup_browser.sh"
+if wants 0.28.0; then
+  if [ ! -f "$SRC_0280" ]; then
+    echo "setup.sh: ComfyUI 0.28.0's source is missing at $SRC_0280 (the shared/ folder beside the checkout);" \
+         "no package registry carries it. Run 'setup.sh 0.3.75' for the 0.3.75 backend alone." >&2
+    exit 1
+  fi
+  # Stamped as 0.18.1's copy: a hash of the tarball and of this recipe.
+  src_hash="$( (md5sum < "$SRC_0280"; cat "$ROOT/scripts/setup.sh" "$ROOT/scripts/patch_torchvision.py") \
+               | md5sum | cut -c1-12)"
+  if [ "$(cat "$COMFY_0280/.installed" 2>/dev/null)" != "$src_hash" ]; then
+    log "unpacking ComfyUI 0.28.0 from $SRC_0280 into $COMFY_0280"
+    rm -rf "$COMFY_0280" "$COMFY_0280.tmp"; mkdir -p "$COMFY_0280.tmp"
+    tar -xJf "$SRC_0280" -C "$COMFY_0280.tmp"
+    mv "$COMFY_0280.tmp/comfyui-0.28.0" "$COMFY_0280"; rmdir "$COMFY_0280.tmp"
+    chmod -R u+w "$COMFY_0280"
+    mkdir -p "$COMFY_0280"/{custom_nodes,input,output,models}
+    cpu_requirements "$COMFY_0280"
+    echo "$src_hash" > "$COMFY_0280/.installed"
+  fi
+  make_venv "$VENV_0280"
+  stamp="$VENV_0280/.zimage-setup-$( (echo "$src_hash"; cat "$ROOT/requirements.txt" "$ROOT/requirements-test.txt") \
+         | md5sum | cut -c1-12)"
+  if [ ! -f "$stamp" ]; then
+    log "installing ComfyUI 0.28.0's and the pack's Python packages into $VENV_0280"
+    pip_in "$VENV_0280" install -c "$VENV_0280/constraints.txt" -r "$COMFY_0280/requirements-cpu.txt" requests \
+      -r "$ROOT/requirements.txt" -r "$ROOT/requirements-test.txt"
+    install_torchvision "$VENV_0280"
+    install_torchaudio_standin "$VENV_0280"
+    rm -f "$VENV_0280"/.zimage-setup-*
+    touch "$stamp"
+  fi
+  log "ready: ComfyUI 0.28.0 venv=$VENV_0280 comfyui=$COMFY_0280"
+fi

@@ -2,7 +2,7 @@
 # The browser tests' tools (tests/test_comfy_browser.py), idempotently:
 #   chromium, node, npm   Debian packages (apt-get, as root; skipped when already on PATH)
 #   .node/node_modules/   puppeteer-core, pinned (npm; drives Debian's chromium, downloads no browser)
-# Called by scripts/setup.sh. Where the tools cannot be installed (no root, no apt-get) it says so and
+# Called by scripts/test.sh. Where the tools cannot be installed (no root, no apt-get) it says so and
 # returns 0: the browser tests then skip locally, and fail under CI=true.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# The test command (README, CI). Sets up the environment if needed (scripts/setup.sh, idempotent), then:
+# The test command (README, CI). Sets up the environment if needed (scripts/setup.sh and, for the browser
+# tests, scripts/setup_browser.sh; both idempotent), then:
 #   1. the whole suite under ComfyUI 0.3.75  (.venv, .comfyui/ComfyUI)
 #   2. the tests that use ComfyUI (tests/test_comfy_*.py and those reaching ComfyUI through
 #      tests/comfyui_reference.py; pytest's --comfyui-only, see tests/comfy_pytest_plugin.py) again under
 #      ComfyUI 0.18.1  (.venv-comfyui-0.18.1, .comfyui/ComfyUI-0.18.1)
-# Extra arguments go to both pytest runs. Exits non-zero if either run fails or runs no test at all.
-# ZIMAGE_COMFYUI_VERSIONS="0.3.75" (or "0.18.1") runs one of the two (not in CI: it always runs both).
+#   3. and again under ComfyUI 0.28.0  (.venv-comfyui-0.28.0, .comfyui/ComfyUI-0.28.0)
+# Extra arguments go to every pytest run. Exits non-zero if any run fails or runs no test at all.
+# ZIMAGE_COMFYUI_VERSIONS="0.3.75 0.28.0" (any of the three) runs those only. CI (CI=true) runs CI_VERSIONS:
+# 0.3.75 and today's 0.28.0; 0.18.1 is left to local runs to keep CI within its time (README, "Tests").
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VERSIONS="${ZIMAGE_COMFYUI_VERSIONS:-0.3.75 0.18.1}"
-if [ -n "${CI:-}" ]; then VERSIONS="0.3.75 0.18.1"; fi
+CI_VERSIONS="0.3.75 0.28.0"
+VERSIONS="${ZIMAGE_COMFYUI_VERSIONS:-0.3.75 0.18.1 0.28.0}"
+if [ -n "${CI:-}" ]; then VERSIONS="$CI_VERSIONS"; fi
 # shellcheck disable=SC2086  # word splitting of the version list is intended
 "$ROOT/scripts/setup.sh" $VERSIONS
+# Chromium, node and puppeteer-core for the browser tests (tests only: the main job never needs them).
+"$ROOT/scripts/setup_browser.sh"
 cd "$ROOT"
 
 # Triton, for the fused-kernel tests through its CPU interpreter (tests/test_kernels.py runs them in a child
@@ -38,7 +44,7 @@ run_pytest() {
   local rc=0
   ZIMAGE_COMFYUI_DIR="$comfyui" "$python" -m pytest -q "$@" || rc=$?
   if [ "$rc" -eq 5 ]; then  # pytest's "no tests collected/selected"
-    if [ "$label" = 0.18.1 ] && [ "$user_args" -gt 0 ] && [ "$ran_0375" = yes ]; then
+    if [ "$label" != 0.3.75 ] && [ "$user_args" -gt 0 ] && [ "$ran_0375" = yes ]; then
       summary+=("ComfyUI $label: no test that uses ComfyUI is among the selected tests (pytest exit 5)")
       return
     fi
@@ -63,6 +69,8 @@ for version in $VERSIONS; do
       [[ "${summary[-1]}" == *"ran no test"* ]] || ran_0375=yes ;;
     0.18.1)
       run_pytest 0.18.1 "$ROOT/.venv-comfyui-0.18.1/bin/python" "$ROOT/.comfyui/ComfyUI-0.18.1" --comfyui-only "$@" ;;
+    0.28.0)
+      run_pytest 0.28.0 "$ROOT/.venv-comfyui-0.28.0/bin/python" "$ROOT/.comfyui/ComfyUI-0.28.0" --comfyui-only "$@" ;;
   esac
 done
 for line in "${summary[@]}"; do log "$line"; done
