@@ -1,5 +1,5 @@
 """One transformer step under ComfyUI's partial loading, with and without our prefetching of the weights it
-leaves in host memory (nodes/core_model.py `_prefetch_offloaded_blocks`), on full-size random bf16 weights.
+leaves in host memory (nodes/memory.py `prefetch_context`), on full-size random bf16 weights.
 
 For each weight budget: ComfyUI's own `ModelPatcher.patch_model(lowvram_model_memory=...)` loads the model
 (what `load_models_gpu` does on a small card), then a 1024² step is timed with prefetching on and off and
@@ -77,7 +77,7 @@ def main() -> None:
         mem = 0 if budget == "full" else int(float(budget) * GiB)
         patcher.patch_model(device_to=dev, lowvram_model_memory=mem)
         try:
-            blocks = dm.blocks_in_call_order()
+            blocks = dm.blocks()
             host = [sum(p.numel() * p.element_size() for p in b.parameters() if p.device.type == "cpu")
                     for b in blocks]
             run = {"budget_gib": budget, "loaded_gib": patcher.model.model_loaded_weight_memory / GiB,

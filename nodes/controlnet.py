@@ -23,6 +23,7 @@ from ..zimage_core.checkpoint import model_fingerprint
 from ..zimage_core.controlnet import ControlRun, control_latents, load_controlnet
 from ..zimage_core.controlnet.conditioning import fit_image
 from ..zimage_core.transformer import ZImageTransformer
+from .comfy_compat import loaded_models
 from .core_model import CorePatcher, is_zimage_model, load_options
 from .errors import load_explained
 
@@ -175,7 +176,7 @@ class _ControlLatents:
         key = (height, width)
         if key not in self.cache:
             # Sampling has the model loaded; encoding may evict it, so it is loaded back afterwards.
-            loaded = mm.loaded_models(only_currently_used=True) if hasattr(mm, "loaded_models") else []
+            loaded = loaded_models()
             fit = [None if t is None else fit_image(t.float(), height, width) for t in (self.image, self.inpaint_image)]
             mask = None
             if self.mask is not None:

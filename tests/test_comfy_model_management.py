@@ -56,19 +56,18 @@ def test_out_of_memory_with_prefetched_weights_finishes_the_step_with_comfyui_co
     tries = []
 
     @contextlib.contextmanager
-    def tight_card(model):
+    def tight_card(blocks):
         def out_of_memory(module, args):
             tries.append(1)
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 260.00 MiB (simulated)")
-        handle = model.blocks_in_call_order()[3].register_forward_pre_hook(out_of_memory)
+        handle = blocks[3].register_forward_pre_hook(out_of_memory)
         try:
             yield
         finally:
             handle.remove()
 
     monkeypatch.setattr(dm, "prefetch_offloaded", True, raising=False)
-    monkeypatch.setattr(core_model, "_prefetch_offloaded_blocks",
-                        lambda model, device: tight_card(model) if model.prefetch_offloaded else None)
+    monkeypatch.setattr(core_model, "prefetch_context", lambda blocks, device, enabled: tight_card(blocks))
     with caplog.at_level(logging.WARNING):
         assert torch.equal(_velocity(patcher, x, sigma, context), reference)
         assert torch.equal(_velocity(patcher, x, sigma, context), reference)
@@ -91,7 +90,7 @@ def test_partial_loading_spreads_the_layers_left_in_host_memory_over_the_blocks(
     memory. Among equal-size layers (the FFN's w1/w2/w3), those are one kind across all blocks, so every
     block waits for a similar share of copies, not three layers of one block and none of the next."""
     patcher = _model()
-    blocks = patcher.model.diffusion_model.blocks_in_call_order()
+    blocks = patcher.model.diffusion_model.blocks()
     cpu = torch.device("cpu")
     total = patcher.model_size()
     seen = set()

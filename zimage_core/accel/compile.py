@@ -121,8 +121,9 @@ class CompileFallback(BlockRunner):
     runs the forward again eagerly (every later call stays eager); after a forward it saves newly compiled
     artifacts (the block call's `forward_done`, the model's CompileCache)."""
 
-    def __init__(self, model: nn.Module, block_call: BlockCall | None, hooks: BlockHooks | None) -> None:
-        super().__init__(block_call, hooks)
+    def __init__(self, model: nn.Module, block_call: BlockCall | None, hooks: BlockHooks | None,
+                 around: Any = None) -> None:
+        super().__init__(block_call, hooks, around)
         self.model = model
         self._shape: tuple = ()
 
@@ -133,7 +134,7 @@ class CompileFallback(BlockRunner):
     def execute(self, step):  # noqa: ANN001, ANN201 - BlockRunner.execute
         model = self.model
         try:
-            out = step(self)
+            out = self.run(step)
         except Exception as exc:
             if not is_compile_failure(exc):
                 raise
@@ -145,7 +146,7 @@ class CompileFallback(BlockRunner):
             if disable is not None:
                 disable()  # its later calls run eagerly too
             self.block_call = call_block
-            return step(self)
+            return self.run(step)
         done = getattr(self.block_call, "forward_done", None)
         if done is not None:
             done()

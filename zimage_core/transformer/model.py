@@ -379,13 +379,14 @@ class ZImageTransformer(nn.Module):
             self._layouts[key] = layout
         return layout
 
-    def _runner(self, block_call: BlockCall | None, hooks: BlockHooks | None) -> BlockRunner:
-        """The default runner: with compiled blocks (compile_blocks) or a compiled `block_call`, one that
-        falls back to eager after a compiler failure."""
+    def runner(self, block_call: BlockCall | None = None, hooks: BlockHooks | None = None,
+               around: Any = None) -> BlockRunner:
+        """The runner of a forward: with compiled blocks (compile_blocks) or a compiled `block_call`, one that
+        falls back to eager after a compiler failure. `around`: a context factory entered around the forward."""
         if self._compiled_blocks or hasattr(block_call, "disable"):
             from ..accel.compile import CompileFallback
-            return CompileFallback(self, block_call, hooks)
-        return BlockRunner(block_call, hooks)
+            return CompileFallback(self, block_call, hooks, around)
+        return BlockRunner(block_call, hooks, around)
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cap_feats: list[torch.Tensor], *,
@@ -400,7 +401,7 @@ class ZImageTransformer(nn.Module):
         `image_pos` (scale_y, shift_y, scale_x, shift_x) of the image RoPE positions; `omni` reference
         images; `runner` to run the blocks (default: a BlockRunner with `block_call` and `hooks`).
         """
-        runner = runner or self._runner(block_call, hooks)
+        runner = runner or self.runner(block_call, hooks)
         return runner.execute(lambda r: self._forward(x, sigma, cap_feats, r, image_pos or IMAGE_POS_IDENTITY, omni))
 
     def _check_latents(self, x: Any, what: str) -> tuple[int, int]:

@@ -7,9 +7,10 @@
   `CompiledBlockCall` runs it through torch.compile);
 - `hooks` (`BlockHooks`) are called after each noise-refiner block and each main block (ControlNet,
   ComfyUI's block patches); they receive the `SequenceLayout`, not offsets;
-- `execute(step)` wraps the whole forward: a runner may enter contexts around it (weight prefetch of
-  offloaded layers), retry it (compile fallback: `zimage_core.accel.compile.CompileFallback`), or save
-  state after it.
+- `around` is a context (factory) entered around the whole forward: e.g. the prefetch of weights that a
+  partly loaded model keeps in host memory (`zimage_core.accel.prefetch_offloaded`);
+- `execute(step)` runs the whole forward: a subclass may retry it (compile fallback:
+  `zimage_core.accel.compile.CompileFallback`) or save state after it.
 
 What may replace or wrap it: a step cache (skip or reuse `main` between steps), a sequence-parallel
 runner (shard `seq` along the token axis inside `main`, with the layout's rope / mask / noisy rows
@@ -20,6 +21,7 @@ full (gathered) stream and the layout.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
@@ -86,13 +88,20 @@ def call_block(block: nn.Module, x: torch.Tensor, rope: torch.Tensor, mask: torc
 class BlockRunner:
     """Runs the blocks of one forward (see the module docstring for what plugs in)."""
 
-    def __init__(self, block_call: BlockCall | None = None, hooks: BlockHooks | None = None) -> None:
+    def __init__(self, block_call: BlockCall | None = None, hooks: BlockHooks | None = None,
+                 around: Callable[[], contextlib.AbstractContextManager] | None = None) -> None:
         self.block_call = block_call or call_block
         self.hooks = hooks
+        self.around = around
+
+    def run(self, step: Callable[[BlockRunner], torch.Tensor]) -> torch.Tensor:
+        """`step(self)` inside the `around` context."""
+        with self.around() if self.around is not None else contextlib.nullcontext():
+            return step(self)
 
     def execute(self, step: Callable[[BlockRunner], torch.Tensor]) -> torch.Tensor:
         """Run one forward (`step` assembles the sequence and calls the methods below)."""
-        out = step(self)
+        out = self.run(step)
         done = getattr(self.block_call, "forward_done", None)
         if done is not None:
             done()
