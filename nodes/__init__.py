@@ -8,6 +8,7 @@ from .inpaint import ZImageInpaintComposite, ZImageInpaintMask
 from .latent import ZImageEmptyLatent
 from .loaders import ZImageModelLoader, ZImageTextEncoderLoader, ZImageVAELoader
 from .lora import ZImageLoraLoader
+from .omni import ZImageOmniReference
 from .sampling import ZImageImg2ImgSampler, ZImageTurboSampler
 from .vae import ZImageVAEDecode, ZImageVAEEncode
 from .variety import ZImageSeedVariety
@@ -31,6 +32,7 @@ NODE_CLASS_MAPPINGS = {
     "ZImageCompileVAE": ZImageCompileVAE,
     "ZImageControlNetLoader": ZImageControlNetLoader,
     "ZImageControlNetApply": ZImageControlNetApply,
+    "ZImageOmniReference": ZImageOmniReference,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -52,4 +54,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageCompileVAE": "Z-Image Compile VAE (fused GroupNorm·SiLU)",
     "ZImageControlNetLoader": "Z-Image ControlNet Loader (Fun Union)",
     "ZImageControlNetApply": "Z-Image ControlNet Apply",
+    "ZImageOmniReference": "Z-Image Omni Reference Layout",
 }

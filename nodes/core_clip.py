@@ -32,8 +32,11 @@ class ZImageClipTokenizer:
     def __init__(self, encoder) -> None:
         self.encoder = encoder
 
-    def tokenize_with_weights(self, text: str, return_word_ids: bool = False, **kwargs) -> dict:
-        (ids,) = self.encoder.tokenize([text])
+    def tokenize_with_weights(self, text: str, return_word_ids: bool = False, llama_template: str | None = None,
+                              **kwargs) -> dict:
+        # llama_template: ComfyUI's own Z-Image tokenizer takes another template than the chat one this way
+        # (TextEncodeZImageOmni's reference segments are encoded as written, with "{}").
+        (ids,) = self.encoder.tokenize([text], template=llama_template)
         pairs = [(i, 1.0, 0) if return_word_ids else (i, 1.0) for i in ids]
         return {TOKENS_KEY: [pairs]}
 

@@ -97,8 +97,8 @@ def test_bad_omni_inputs_are_clear_errors(ref):
     model = ours_like(ref)
     x, sigma, prompts, refs, ref_caps, trailing, sig = omni_inputs(1, True)
     with torch.no_grad():
-        with pytest.raises(ValueError, match=r"reference latent 1 size 7x6 is not divisible by 2"):
-            model(x, sigma, prompts, omni=OmniInputs([torch.randn(1, 16, 7, 6)], [*ref_caps, trailing]))
+        with pytest.raises(ValueError, match=r"reference latent 1 \(B, 16, H, W\), got \(1, 4, 8, 6\)"):
+            model(x, sigma, prompts, omni=OmniInputs([torch.randn(1, 4, 8, 6)], [*ref_caps, trailing]))
         with pytest.raises(ValueError, match=r"SigLIP features of reference 1 have shape \(1, 3, 5, 7\)"):
             model(x, sigma, prompts, omni=OmniInputs(refs, [*ref_caps, trailing], [torch.randn(1, 3, 5, 7)]))
         with pytest.raises(ValueError, match=r"reference caption 1 has shape"):
@@ -107,3 +107,16 @@ def test_bad_omni_inputs_are_clear_errors(ref):
             model(x, sigma, prompts, omni=OmniInputs([refs[0].expand(3, -1, -1, -1)], [*ref_caps, trailing]))
         with pytest.raises(ValueError, match="style must be one of"):
             OmniInputs(refs, style="other")
+
+
+def test_a_reference_of_odd_latent_size_is_padded_by_repeating_its_edge(ref):
+    """TextEncodeZImageOmni resizes references to multiples of 8 pixels, so a latent side can be odd: the
+    last row is repeated up to the patch size (the reference then equals its padded copy)."""
+    model = ours_like(ref)
+    x, sigma, prompts, refs, ref_caps, trailing, sig = omni_inputs(1, True)
+    odd = refs[0][:, :, :7, :]
+    padded = torch.cat([odd, odd[:, :, -1:]], 2)
+    with torch.no_grad():
+        got = model(x, sigma, prompts, omni=OmniInputs([odd], [*ref_caps, trailing], sig))
+        expected = model(x, sigma, prompts, omni=OmniInputs([padded], [*ref_caps, trailing], sig))
+    assert torch.equal(got, expected)

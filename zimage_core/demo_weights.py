@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from .transformer.model import TransformerConfig, ZImageTransformer
 from .vae.model import FluxAEConfig
 
-DEMO_VERSION = "1"
+DEMO_VERSION = "2"  # 2: the demo transformer has Omni (SigLIP) layers
 DEMO_FILES = {
     "diffusion_models": "zimage_demo_random_dit.safetensors",
     "text_encoders": "zimage_demo_random_qwen3.safetensors",
@@ -37,8 +37,9 @@ DEMO_FILES = {
 QWEN3_VOCAB = 151936
 TEXT_HIDDEN = 32
 
+# With Omni's SigLIP layers at the real feature width, so reference-image workflows run on the demo files.
 DEMO_TRANSFORMER = TransformerConfig(dim=64, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
-                                     cap_feat_dim=TEXT_HIDDEN, axes_dims=(8, 12, 12))
+                                     cap_feat_dim=TEXT_HIDDEN, axes_dims=(8, 12, 12), siglip_feat_dim=1152)
 DEMO_VAE = FluxAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
 
 
@@ -68,7 +69,10 @@ def demo_transformer_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     """ComfyUI key names (no prefix), float32."""
     with torch.device("meta"):
         model = ZImageTransformer(DEMO_TRANSFORMER)
-    return _randomize(model.state_dict(), seed)
+    state = model.state_dict()
+    # The SigLIP layers draw from their own stream, so the text-to-image weights are those of demo version 1.
+    siglip = {k: v for k, v in state.items() if k.startswith("siglip_")}
+    return {**_randomize({k: v for k, v in state.items() if k not in siglip}, seed), **_randomize(siglip, seed + 100)}
 
 
 def demo_text_encoder_state_dict(seed: int = 1) -> dict[str, torch.Tensor]:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from ..checkpoint.kinds import is_controlnet_checkpoint
 from .conditioning import control_latents
 from .loading import (
     LAYOUTS,
     ControlNetLayout,
     detect_layout,
-    is_controlnet_checkpoint,
     load_controlnet,
     random_controlnet_state_dict,
     write_random_controlnet,

@@ -27,7 +27,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ import torch
 
 from ..checkpoint.dequant import quant_layers, stored_dtype
 from ..checkpoint.io import Checkpoint, open_checkpoint
+from ..checkpoint.kinds import CONTROLNET_EMBED_KEY
 from ..checkpoint.materialise import read_joined, set_param
 from ..checks import BoundsError, compute_dtype, numbered_blocks, release_on_error
 from ..errors import CheckpointError
@@ -45,7 +46,7 @@ WHAT = "a Z-Image Fun ControlNet Union checkpoint"
 _FIX = ("Download Z-Image-Turbo-Fun-Controlnet-Union(-2.0/-2.1) from alibaba-pai into models/model_patches "
         "(or models/controlnet) again.")
 MAIN_LAYERS = 30  # hint places are spread over the 30 main blocks of Z-Image-Turbo
-EMBED_KEY = "control_all_x_embedder.2-1.weight"
+EMBED_KEY = CONTROLNET_EMBED_KEY
 # A few files carry a prefix (e.g. re-saved through another tool).
 PREFIXES = ("", "controlnet.", "model.", "diffusion_model.")
 _RENAMES = (
@@ -75,11 +76,6 @@ class ControlNetLayout:
         tile = " / Tile" if self.name in ("2.1", "lite") else ""
         return (f"Fun ControlNet Union {self.name}{tile}: {cfg.n_control_layers} control layers, "
                 f"{cfg.in_channels} input channels, dim {cfg.dim}{extra}")
-
-
-def is_controlnet_checkpoint(keys: Iterable[str]) -> bool:
-    """Whether tensor names are a Fun ControlNet's (for loaders of other models to name it)."""
-    return any(k.endswith(EMBED_KEY) or ".control_layers." in k or k.startswith("control_layers.") for k in keys)
 
 
 def file_keys(name: str) -> tuple[str, ...]:

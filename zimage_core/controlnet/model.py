@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from ..checks import whole_number, whole_numbers
+from ..constants import LATENT_CHANNELS
 from ..transformer.model import TransformerBlock, TransformerConfig
 from ..transformer.sequence import SequenceLayout, caption_ids, rope_table
 
-LATENT_CHANNELS = 16
 # 2.x files take 16 control + 1 mask + 16 masked-image latent channels.
 INPAINT_CHANNELS = 2 * LATENT_CHANNELS + 1
 # How the noise refiner is controlled, per layout:

@@ -127,15 +127,18 @@ class ZImageTextEncoder:
             self.model.to(device)
         return self
 
-    def tokenize(self, prompts: str | Sequence[str]) -> list[list[int]]:
+    def tokenize(self, prompts: str | Sequence[str], template: str | None = None) -> list[list[int]]:
         """Token ids per prompt, template included, cut to `max_tokens` (warning) if longer.
+
+        `template`: another template than the chat template, a format string with one `{}` for the prompt
+        (ComfyUI's `llama_template`, e.g. "{}" for text taken as written, as TextEncodeZImageOmni asks).
 
         Prompts must be strings of at most `tokenizer.MAX_TEXT_CHARS` characters of valid Unicode text:
         a lone UTF-16 surrogate (e.g. "\\ud800", which JSON can carry) raises ValueError naming the
         prompt's index and the character's position; it is not replaced, so what is encoded is
         always exactly what was written. Non-strings raise TypeError.
         """
-        return self._token_ids(prompts, warn=True)
+        return self._token_ids(prompts, warn=True, template=template)
 
     def count_tokens(self, prompts: str | Sequence[str]) -> list[int]:
         """Tokens each prompt will be encoded as (chat template included, capped at `max_tokens`).
@@ -145,14 +148,17 @@ class ZImageTextEncoder:
         """
         return [len(ids) for ids in self._token_ids(prompts, warn=False)]
 
-    def _token_ids(self, prompts: str | Sequence[str], *, warn: bool) -> list[list[int]]:
+    def _token_ids(self, prompts: str | Sequence[str], *, warn: bool, template: str | None = None) -> list[list[int]]:
         prompts = _as_prompt_list(prompts)
         if self.max_tokens < _TEMPLATE_TOKENS + 1:
             raise ValueError(f"max_tokens must leave room for the prompt: at least {_TEMPLATE_TOKENS + 1} "
                              f"(the chat template alone is {_TEMPLATE_TOKENS} tokens), got {self.max_tokens}")
         out = []
         for i, prompt in enumerate(prompts):
-            ids = self.tokenizer.encode(chat_prompt(prompt), label=f"prompt {i}")
+            text = chat_prompt(prompt) if template is None else template.replace("{}", prompt, 1)
+            ids = self.tokenizer.encode(text, label=f"prompt {i}")
+            if template is not None:
+                ids = ids[: self.max_tokens]  # no chat template to keep closed
             if len(ids) > self.max_tokens and warn:
                 n = len(self._suffix_ids)
                 # The template's end is its own segment (special tokens split first), so it is

@@ -20,6 +20,7 @@ import torch
 
 from ..checkpoint.dequant import FP8_DTYPES, SCALE_SUFFIXES, quant_layers, stored_dtype
 from ..checkpoint.io import Checkpoint, open_checkpoint
+from ..checkpoint.kinds import is_controlnet_checkpoint
 from ..checkpoint.materialise import read_joined, set_param
 from ..checks import (
     BoundsError,
@@ -28,6 +29,7 @@ from ..checks import (
     numbered_blocks,
     release_on_error,
 )
+from ..constants import LATENT_CHANNELS
 from ..errors import CheckpointError
 from .model import MAX_LAYERS, TransformerConfig, ZImageTransformer
 
@@ -106,15 +108,9 @@ def detect_transformer_format(keys: Iterable[str], path: object = "<state dict>"
     raise CheckpointError(path, WHAT, _describe_other_model(keys), _fix_for_other_model(keys))
 
 
-def _is_controlnet(keys: set[str]) -> bool:
-    from ..controlnet.loading import is_controlnet_checkpoint  # lazy: controlnet builds on this package
-
-    return is_controlnet_checkpoint(keys)
-
-
 def _describe_other_model(keys: set[str]) -> str:
     text = " ".join(sorted(keys)[:2000])
-    if _is_controlnet(keys):
+    if is_controlnet_checkpoint(keys):
         return "a Z-Image Fun ControlNet Union file (control_layers keys), not the transformer"
     if "double_blocks." in text or "single_blocks." in text:
         return "a FLUX-style transformer (double_blocks/single_blocks keys)"
@@ -130,7 +126,7 @@ def _describe_other_model(keys: set[str]) -> str:
 
 def _fix_for_other_model(keys: set[str]) -> str:
     text = " ".join(sorted(keys)[:2000])
-    if _is_controlnet(keys):
+    if is_controlnet_checkpoint(keys):
         return ("Put it in models/model_patches and load it with Z-Image ControlNet Loader; here pick "
                 "z_image_turbo_bf16.safetensors.")
     if "self_attn." in text:
@@ -227,7 +223,7 @@ def _config_from_shapes(names: Mapping[str, tuple[int, ...]], path: object) -> T
     dim, cap_feat_dim = need("cap_embedder.1.weight", 2)
     _, patch_dim = need("x_embedder.weight", 2)
     (head_dim,) = need("layers.0.attention.q_norm.weight", 1)
-    in_channels = 16
+    in_channels = LATENT_CHANNELS
     patch = int(round((patch_dim / in_channels) ** 0.5))
     if patch * patch * in_channels != patch_dim or head_dim <= 0 or dim % head_dim:
         raise CheckpointError(path, WHAT, f"inconsistent shapes (x_embedder in {patch_dim}, dim {dim}, "

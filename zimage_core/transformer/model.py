@@ -23,6 +23,7 @@ from torch import nn
 
 from ..accel import kernels
 from ..checks import real_number, whole_number, whole_numbers
+from ..constants import LATENT_CHANNELS, PATCH_SIZE, TEXT_WIDTH, VAE_FACTOR
 from .attention import attention
 from .runner import BlockCall, BlockHooks, BlockRunner, Modulation, Timesteps, TokenTimesteps
 from .sequence import IMAGE_POS_IDENTITY, STYLES, ImageInput, SequenceLayout, build_layout
@@ -51,9 +52,9 @@ class TransformerConfig:
     n_refiner_layers: int = 2
     n_heads: int = 30
     n_kv_heads: int = 30
-    in_channels: int = 16
-    patch_size: int = 2
-    cap_feat_dim: int = 2560
+    in_channels: int = LATENT_CHANNELS
+    patch_size: int = PATCH_SIZE
+    cap_feat_dim: int = TEXT_WIDTH
     axes_dims: tuple[int, ...] = field(default=(32, 48, 48))
     axes_lens: tuple[int, ...] = field(default=(1536, 512, 512))
     rope_theta: float = 256.0
@@ -415,7 +416,7 @@ class ZImageTransformer(nn.Module):
         p = cfg.patch_size
         if h % p or w % p:
             raise ValueError(f"ZImageTransformer: {what} size {h}x{w} is not divisible by {p}. Latent sizes must be "
-                             f"even, i.e. image width and height must be multiples of {8 * p} pixels.")
+                             f"even, i.e. image width and height must be multiples of {VAE_FACTOR * p} pixels.")
         return h // p, w // p
 
     def _check_captions(self, cap_feats: Any, b: int) -> list[torch.Tensor]:
@@ -463,7 +464,13 @@ class ZImageTransformer(nn.Module):
             return t.to(device=device).expand(b, *t.shape[1:]) if t.shape[0] == 1 else t.to(device=device)
 
         refs = []
+        p = cfg.patch_size
         for j, ref in enumerate(omni.ref_latents):
+            if isinstance(ref, torch.Tensor) and ref.ndim == 4 and (ref.shape[-2] % p or ref.shape[-1] % p):
+                # A reference picture whose sides are multiples of 8 but not 16 (TextEncodeZImageOmni's resize
+                # gives those): its last latent row / column is repeated to the patch size (ComfyUI's own model
+                # cannot take such a reference at all).
+                ref = F.pad(ref, (0, -ref.shape[-1] % p, 0, -ref.shape[-2] % p), mode="replicate")
             self._check_latents(ref, f"reference latent {j + 1}")
             refs.append(batch(ref, f"reference latent {j + 1}"))
         caps: list[torch.Tensor | None] = []

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-SEQ_MULTIPLE = 32  # every segment is padded to a multiple of this many tokens
-VAE_SCALE = 8  # pixels per latent cell (used by ComfyUI's SigLIP positions)
+from ..constants import SEQ_MULTIPLE, VAE_FACTOR
+
 STYLES = ("comfyui", "diffusers")
 CAPTION, IMAGE, SIGLIP = "caption", "image", "siglip"
 
@@ -201,8 +201,8 @@ def _comfyui_sample(caps: Sequence[int], images: Sequence[ImageInput], siglip: b
             embedded = caps[j] + offset  # the unpadded caption length
             if img.siglip is not None:
                 h, w = img.siglip
-                rows = torch.linspace(0, h * VAE_SCALE - 1, steps=h, dtype=torch.float32).floor().double()
-                cols = torch.linspace(0, w * VAE_SCALE - 1, steps=w, dtype=torch.float32).floor().double()
+                rows = torch.linspace(0, h * VAE_FACTOR - 1, steps=h, dtype=torch.float32).floor().double()
+                cols = torch.linspace(0, w * VAE_FACTOR - 1, steps=w, dtype=torch.float32).floor().double()
                 sig_len.append(padded(h * w))
                 ids_sig.append(_grid_ids(embedded + 2, rows, cols, sig_len[-1]))
             else:

@@ -29,6 +29,7 @@ from torch import nn
 from ..checks import (
     release_on_error,
 )
+from ..constants import LATENT_SCALE, LATENT_SHIFT
 from .model import ATTN_CHUNK_BYTES, Decoder, Encoder, FluxAEConfig
 
 __all__ = [
@@ -38,8 +39,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LATENT_SCALE = 0.3611
-LATENT_SHIFT = 0.1159
 
 # Share of free device memory a single untiled pass may plan to use (the rest covers conv
 # workspaces, the allocator's fragmentation and whatever else is resident).

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .flux_vae import LATENT_SCALE, LATENT_SHIFT
+from ..constants import LATENT_SCALE, LATENT_SHIFT
 
 DECODE_BOUND = 12.0
 
