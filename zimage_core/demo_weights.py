@@ -53,16 +53,20 @@ def _randomize(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Ten
     for name in sorted(state):
         shape = tuple(state[name].shape)
         r = torch.randn(shape, generator=g, dtype=torch.float32)
-        if name.endswith("pad_token"):
-            value = 0.5 * r
-        elif len(shape) >= 2:  # Linear / Conv weights
-            value = r / math.sqrt(math.prod(shape[1:]))
-        elif name.endswith("weight"):  # 1-D weights are norm scales
-            value = 1.0 + 0.1 * r
-        else:
-            value = 0.02 * r
-        out[name] = value.contiguous()
+        out[name] = random_value(name, r).contiguous()
     return out
+
+
+def random_value(name: str, r: torch.Tensor) -> torch.Tensor:
+    """The value rule of the random weights: standard-normal draws `r` (the tensor's shape, any device)
+    → the tensor named `name`. Public so the benchmarks draw full-size weights on the GPU by the same rule."""
+    if name.endswith("pad_token"):
+        return 0.5 * r
+    if r.ndim >= 2:  # Linear / Conv weights
+        return r / math.sqrt(math.prod(r.shape[1:]))
+    if name.endswith("weight"):  # 1-D weights are norm scales
+        return 1.0 + 0.1 * r
+    return 0.02 * r
 
 
 def demo_transformer_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
