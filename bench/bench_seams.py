@@ -85,10 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         os.environ.setdefault("ZBENCH_DEVICE", "cpu")
     sys.path.insert(0, str(HERE))
-    import bench as B  # timing helpers (CUDA events), DEV/DT, load_assign
     import fixtures as F
     import torch
 
+    import bench as B  # timing helpers (CUDA events), DEV/DT, load_assign
     import zimage_core
     from zimage_core.transformer import ZImageTransformer
 

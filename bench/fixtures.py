@@ -17,7 +17,6 @@ the file); `qwen3_4b_config()` is its only copy in bench/.
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 from pathlib import Path
 from typing import Any
