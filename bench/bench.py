@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import math
@@ -32,30 +33,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 if os.environ.get("ZBENCH_CORE"):  # an overlay folder holding a zimage_core package (pre-merge runs)
     sys.path.insert(0, str(REPO / os.environ["ZBENCH_CORE"]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fixtures as F  # noqa: E402  (shapes, keys and the random-weight rule, from zimage_core)
 
 GiB = 1024**3
 DT = torch.bfloat16
 DEV = os.environ.get("ZBENCH_DEVICE", "cuda")
 TINY = os.environ.get("ZBENCH_TINY") == "1"  # local CPU smoke test of the script itself
 
-# Official Z-Image-Turbo transformer config (FACTS §2).
-DIT = dict(dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30, n_kv_heads=30, in_channels=16,
-           patch_size=2, cap_feat_dim=2560, axes_dims=(32, 48, 48), axes_lens=(1536, 512, 512),
-           rope_theta=256.0, norm_eps=1e-5, t_scale=1000.0)
-QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
-                rope_theta=1_000_000.0, max_position_embeddings=40960, tie_word_embeddings=True)
-FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16,
-                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32,
-                act_fn="silu", sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
-                use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True)
-if TINY:
-    DIT.update(dim=1536, n_layers=2, n_refiner_layers=1, n_heads=12, n_kv_heads=12, cap_feat_dim=256)
-    QWEN3_4B.update(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=2,
-                    num_key_value_heads=1, head_dim=128)
-    FLUX_VAE.update(block_out_channels=[32, 32, 64, 64])
-LATENT_SCALE, LATENT_SHIFT = 0.3611, 0.1159
+# The official Z-Image-Turbo transformer, Qwen3-4B and FLUX VAE shapes (tiny ones for the CPU smoke test),
+# derived from zimage_core by bench/fixtures.py. DIT is a dict view of zimage_core's TransformerConfig.
+DIT_CONFIG = F.dit_config(tiny=TINY)
+DIT = dataclasses.asdict(DIT_CONFIG)
+QWEN3_4B = F.qwen3_4b_config(tiny=TINY)
+FLUX_VAE = F.flux_vae_diffusers_config(tiny=TINY)
+LATENT_SCALE, LATENT_SHIFT = F.LATENT_SCALE, F.LATENT_SHIFT
 PROMPT = "a photo of a ginger cat sitting on a sunlit windowsill, soft light, highly detailed"
 TURBO_SIGMAS_8 = [1.0, 0.9545454545, 0.9, 0.8333333333, 0.75, 0.6428571429, 0.5, 0.3, 0.0]
 
@@ -152,15 +144,7 @@ def record(impl: str, what: str, size: int | None, batch: int | None, times: lis
 
 def step_flops(size: int, batch: int, cap_len: int) -> float:
     """Forward FLOPs of one DiT call (matmuls + attention), counted as 2 per MAC."""
-    d, L, R, ffn = DIT["dim"], DIT["n_layers"], DIT["n_refiner_layers"], int(DIT["dim"] / 3 * 8)
-    n_img = (size // 16) ** 2
-    n_img += (-n_img) % 32
-    n_cap = cap_len + (-cap_len) % 32
-    n = n_img + n_cap
-    per_tok = 2 * (d * 3 * d + d * d + 3 * d * ffn)
-    lin = per_tok * (n * L + n_img * R + n_cap * R)
-    attn = 4 * d * (n * n * L + n_img * n_img * R + n_cap * n_cap * R)
-    return float(batch * (lin + attn))
+    return F.step_flops(DIT_CONFIG, size, batch, cap_len)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,47 +152,13 @@ def step_flops(size: int, batch: int, cap_len: int) -> float:
 # ----------------------------------------------------------------------------------------------
 
 def _rand_like_param(name: str, shape: tuple[int, ...], gen: torch.Generator, dtype=DT) -> torch.Tensor:
-    t = torch.empty(shape, dtype=dtype, device=DEV)
-    if len(shape) >= 2 and not name.endswith("pad_token"):
-        fan_in = math.prod(shape[1:])
-        t.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=gen)
-    elif "norm" in name and name.endswith("weight"):
-        t.normal_(1.0, 0.1, generator=gen)
-    else:
-        t.normal_(0.0, 0.5 if name.endswith("pad_token") else 0.02, generator=gen)
-    return t
+    """zimage_core's random-weight rule (demo_weights.random_value), drawn on the generator's device."""
+    return F.random_tensor(name, shape, gen, dtype=dtype)
 
 
 def dit_comfy_shapes() -> dict[str, tuple[int, ...]]:
-    """ComfyUI single-file key names and shapes of the Z-Image transformer (FACTS §2)."""
-    d, ffn, hd = DIT["dim"], int(DIT["dim"] / 3 * 8), DIT["dim"] // DIT["n_heads"]
-    s: dict[str, tuple[int, ...]] = {
-        "x_embedder.weight": (d, 64), "x_embedder.bias": (d,),
-        "x_pad_token": (1, d), "cap_pad_token": (1, d),
-        "cap_embedder.0.weight": (DIT["cap_feat_dim"],),
-        "cap_embedder.1.weight": (d, DIT["cap_feat_dim"]), "cap_embedder.1.bias": (d,),
-        "t_embedder.mlp.0.weight": (1024, 256), "t_embedder.mlp.0.bias": (1024,),
-        "t_embedder.mlp.2.weight": (256, 1024), "t_embedder.mlp.2.bias": (256,),
-        "final_layer.linear.weight": (64, d), "final_layer.linear.bias": (64,),
-        "final_layer.adaLN_modulation.1.weight": (d, 256), "final_layer.adaLN_modulation.1.bias": (d,),
-    }
-    blocks = [(f"layers.{i}", True) for i in range(DIT["n_layers"])]
-    blocks += [(f"noise_refiner.{i}", True) for i in range(DIT["n_refiner_layers"])]
-    blocks += [(f"context_refiner.{i}", False) for i in range(DIT["n_refiner_layers"])]
-    for p, mod in blocks:
-        s[f"{p}.attention.qkv.weight"] = (3 * d, d)
-        s[f"{p}.attention.out.weight"] = (d, d)
-        s[f"{p}.attention.q_norm.weight"] = (hd,)
-        s[f"{p}.attention.k_norm.weight"] = (hd,)
-        s[f"{p}.feed_forward.w1.weight"] = (ffn, d)
-        s[f"{p}.feed_forward.w2.weight"] = (d, ffn)
-        s[f"{p}.feed_forward.w3.weight"] = (ffn, d)
-        for n in ("attention_norm1", "attention_norm2", "ffn_norm1", "ffn_norm2"):
-            s[f"{p}.{n}.weight"] = (d,)
-        if mod:
-            s[f"{p}.adaLN_modulation.0.weight"] = (4 * d, 256)
-            s[f"{p}.adaLN_modulation.0.bias"] = (4 * d,)
-    return s
+    """ComfyUI single-file key names and shapes of the Z-Image transformer (from zimage_core's model)."""
+    return F.dit_shapes(DIT_CONFIG)
 
 
 def make_dit_weights(seed: int = 0, dtype=DT) -> dict[str, torch.Tensor]:
@@ -236,33 +186,14 @@ def comfy_to_diffusers_dit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def qwen_hf_shapes() -> dict[str, tuple[int, ...]]:
-    c = QWEN3_4B
-    h, hd, nh, nkv, ff = c["hidden_size"], c["head_dim"], c["num_attention_heads"], c["num_key_value_heads"], c["intermediate_size"]
-    s: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (c["vocab_size"], h), "norm.weight": (h,)}
-    for i in range(c["num_hidden_layers"]):
-        p = f"layers.{i}"
-        s[f"{p}.self_attn.q_proj.weight"] = (nh * hd, h)
-        s[f"{p}.self_attn.k_proj.weight"] = (nkv * hd, h)
-        s[f"{p}.self_attn.v_proj.weight"] = (nkv * hd, h)
-        s[f"{p}.self_attn.o_proj.weight"] = (h, nh * hd)
-        s[f"{p}.self_attn.q_norm.weight"] = (hd,)
-        s[f"{p}.self_attn.k_norm.weight"] = (hd,)
-        s[f"{p}.mlp.gate_proj.weight"] = (ff, h)
-        s[f"{p}.mlp.up_proj.weight"] = (ff, h)
-        s[f"{p}.mlp.down_proj.weight"] = (h, ff)
-        s[f"{p}.input_layernorm.weight"] = (h,)
-        s[f"{p}.post_attention_layernorm.weight"] = (h,)
-    return s
+    return F.qwen3_shapes(QWEN3_4B)
 
 
 def make_te_weights(seed: int = 1) -> dict[str, torch.Tensor]:
     gen = torch.Generator(device=DEV).manual_seed(seed)
     sd = {}
     for k, shp in qwen_hf_shapes().items():
-        t = _rand_like_param(k, shp, gen)
-        if k == "embed_tokens.weight":
-            t.normal_(0.0, 0.02, generator=gen)
-        sd[k] = t
+        sd[k] = _rand_like_param(k, shp, gen)
     return sd
 
 
@@ -343,7 +274,8 @@ class Impls:
 
     def _build_dit_diffusers(self, variant: str):
         from diffusers import ZImageTransformer2DModel
-        cfg = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=DIT["dim"],
+        cfg = dict(all_patch_size=(DIT["patch_size"],), all_f_patch_size=(1,), in_channels=DIT["in_channels"],
+                   dim=DIT["dim"],
                    n_layers=DIT["n_layers"], n_refiner_layers=DIT["n_refiner_layers"], n_heads=DIT["n_heads"],
                    n_kv_heads=DIT["n_kv_heads"], norm_eps=DIT["norm_eps"], qk_norm=True,
                    cap_feat_dim=DIT["cap_feat_dim"], rope_theta=DIT["rope_theta"], t_scale=DIT["t_scale"],
@@ -368,13 +300,14 @@ class Impls:
         from comfy.ldm.lumina.model import NextDiT
         if "comfy" not in self.__dict__.setdefault("_mods", {}):
             with torch.device("meta"):
-                m = NextDiT(patch_size=2, in_channels=16, dim=DIT["dim"], n_layers=DIT["n_layers"],
+                m = NextDiT(patch_size=DIT["patch_size"], in_channels=DIT["in_channels"], dim=DIT["dim"],
+                            n_layers=DIT["n_layers"],
                             n_refiner_layers=DIT["n_refiner_layers"], n_heads=DIT["n_heads"],
                             n_kv_heads=DIT["n_kv_heads"], multiple_of=256, ffn_dim_multiplier=8.0 / 3.0,
                             norm_eps=DIT["norm_eps"], qk_norm=True, cap_feat_dim=DIT["cap_feat_dim"],
                             axes_dims=list(DIT["axes_dims"]), axes_lens=list(DIT["axes_lens"]),
                             rope_theta=DIT["rope_theta"], z_image_modulation=True, time_scale=1000.0,
-                            pad_tokens_multiple=32, image_model="lumina2", device="meta", dtype=DT,
+                            pad_tokens_multiple=F.SEQ_MULTIPLE, image_model="lumina2", device="meta", dtype=DT,
                             operations=comfy.ops.disable_weight_init)
             sd = dict(self.dit_sd)
             sd["norm_final.weight"] = torch.ones(DIT["dim"], dtype=DT, device=DEV)  # stray, unused
@@ -392,12 +325,7 @@ class Impls:
         return run
 
     def ours_config(self):
-        from zimage_core.transformer import TransformerConfig
-        return TransformerConfig(dim=DIT["dim"], n_layers=DIT["n_layers"], n_refiner_layers=DIT["n_refiner_layers"],
-                                 n_heads=DIT["n_heads"], n_kv_heads=DIT["n_kv_heads"], in_channels=16, patch_size=2,
-                                 cap_feat_dim=DIT["cap_feat_dim"], axes_dims=tuple(DIT["axes_dims"]),
-                                 axes_lens=tuple(DIT["axes_lens"]), rope_theta=DIT["rope_theta"],
-                                 norm_eps=DIT["norm_eps"], t_scale=DIT["t_scale"])
+        return DIT_CONFIG
 
     def new_ours(self, sd: dict[str, torch.Tensor] | None = None):
         """A fresh ZImageTransformer instance on the shared weights (no copy)."""
@@ -543,13 +471,12 @@ class Impls:
     def vae_dir(self) -> Path:
         if self._vae_dir is None:
             from diffusers import AutoencoderKL
-            torch.manual_seed(2)
+            gen = torch.Generator(device=DEV).manual_seed(2)
             with torch.device(DEV):
                 m = AutoencoderKL(**FLUX_VAE)
             with torch.no_grad():
-                for p in m.parameters():
-                    if p.ndim >= 2:
-                        p.normal_(0, 1.0 / math.sqrt(p[0].numel()))
+                for name, p in m.named_parameters():
+                    p.copy_(_rand_like_param(name, tuple(p.shape), gen, p.dtype))
             d = Path("/tmp/zbench/vae")
             m.save_pretrained(str(d))
             self._vae_dir = d
@@ -681,8 +608,7 @@ def stage_env(args, zi: Impls) -> None:
 
 def make_inputs(zi: Impls, size: int, batch: int, seed: int = 0):
     g = torch.Generator(device="cpu").manual_seed(seed)
-    lat = size // 8
-    x = torch.randn(batch, 16, lat, lat, generator=g).to(DEV, DT)
+    x = torch.randn(F.latent_shape(size, batch), generator=g).to(DEV, DT)
     cap_len = int(zi.prompt_ids([PROMPT])[0].numel())
     caps = [torch.randn(cap_len, DIT["cap_feat_dim"], generator=g).to(DEV, DT) * 3 for _ in range(batch)]
     return x, caps, cap_len
@@ -811,7 +737,7 @@ def stage_vae(args, zi: Impls) -> None:
                 try:
                     fn = zi.get_vae(impl)
                     g = torch.Generator(device="cpu").manual_seed(3)
-                    lat = torch.randn(batch, 16, size // 8, size // 8, generator=g).to(DEV, DT)
+                    lat = torch.randn(F.latent_shape(size, batch), generator=g).to(DEV, DT)
                     with peak_mem() as pm:
                         warm, o = first_call(lambda fn=fn, lat=lat: fn(lat))
                         times = time_ms(lambda fn=fn, lat=lat: fn(lat), args.reps if size <= 1024 else 3, warmup=1)
@@ -876,7 +802,7 @@ def stage_parity(args, zi: Impls) -> None:
     bf16 = [i for i in outs if i.startswith("ours") and "fp8" not in i]
     if fp8 and bf16:
         from zimage_core.sampling import sample_text_to_image
-        noise = torch.randn(1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(11))
+        noise = torch.randn(F.latent_shape(size), generator=torch.Generator().manual_seed(11))
         lat = {i: sample_text_to_image(zi.get_dit(i).model, caps[:1], noise, steps=8) for i in (bf16[-1], *fp8)}
         vae = zi.get_vae("ours+" + args.e2e_vae if args.e2e_vae else "ours")
         img = {i: vae(v) for i, v in lat.items()}
@@ -936,7 +862,7 @@ def _e2e_one(args, zi: Impls, impl: str, base: str, size: int, batch: int) -> No
     vae = zi.get_vae(vae_impl)
     te = zi.get_te(base)
     ids = zi.prompt_ids([PROMPT] * batch)
-    noise = torch.randn(batch, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(7))
+    noise = torch.randn(F.latent_shape(size, batch), generator=torch.Generator().manual_seed(7))
 
     if base == "ours":
         from zimage_core.sampling import sample_text_to_image
@@ -1082,7 +1008,7 @@ def _mem_one(args, zi, mode, size, host_dit, host_te, compile_, sample_text_to_i
     dit.eval()
     if compile_:
         dit.compile_blocks()
-    noise = torch.randn(1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(7))
+    noise = torch.randn(F.latent_shape(size), generator=torch.Generator().manual_seed(7))
 
     last: dict[str, torch.Tensor] = {}
 
@@ -1124,7 +1050,7 @@ def stage_vaetiled(args, zi: Impls) -> None:
     """ours' VAE decode whole vs tiled at each size: time and peak (activations only)."""
     fn = zi.get_vae("ours")
     for size in args.sizes:
-        lat = torch.randn(1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(3)).to(DEV)
+        lat = torch.randn(F.latent_shape(size), generator=torch.Generator().manual_seed(3)).to(DEV)
         for tiled in (False, True):
             try:
                 with peak_mem() as pm:
@@ -1177,7 +1103,7 @@ def stage_profile(args, zi: Impls) -> None:
         record(impl, "profile", size, 1, None, **_profile(f"{impl} step {size}^2",
                                                           lambda fn=fn: fn(x, sig, caps)))
     if args.profile_vae:
-        lat = torch.randn(1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(3)).to(DEV, DT)
+        lat = torch.randn(F.latent_shape(size), generator=torch.Generator().manual_seed(3)).to(DEV, DT)
         for impl in ["ours+" + v if v else "ours" for v in args.profile_vae.split(",")] + ["diffusers"]:
             fn = zi.get_vae(impl)
             record(impl, "profile_vae", size, 1, None, **_profile(f"{impl} VAE decode {size}^2",
@@ -1214,7 +1140,7 @@ def stage_warmup(args, zi: Impls) -> None:
     t_wrap = time.perf_counter() - t0
     if args.first_image:
         from zimage_core.sampling import sample_text_to_image
-        noise = torch.randn(1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(7))
+        noise = torch.randn(F.latent_shape(size), generator=torch.Generator().manual_seed(7))
 
         def call():
             lat = sample_text_to_image(m, enc.encode([PROMPT]), noise, steps=8)
@@ -1259,10 +1185,9 @@ def stage_kernels(args, zi: Impls) -> None:
         return
     size = args.sizes[0]
     cap = int(zi.prompt_ids([PROMPT])[0].numel())
-    n = (size // 16) ** 2
-    n += (-n) % 32 + cap + (-cap) % 32  # the main blocks' joint sequence
+    n = F.padded(F.image_tokens(size)) + F.padded(cap)  # the main blocks' joint sequence
     d, h = DIT["dim"], DIT["n_heads"]
-    hd, ffn, eps = d // h, int(d / 3 * 8), DIT["norm_eps"]
+    hd, ffn, eps = DIT_CONFIG.head_dim, DIT_CONFIG.ffn_hidden, DIT["norm_eps"]
     g = torch.Generator(device=DEV).manual_seed(0)
 
     def rnd(*shape, std=1.0):

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fixtures as F  # noqa: E402  (shapes from zimage_core)
+
 import bench as B  # noqa: E402  (bench.py: shared DiT weights, timing helpers)
 
 CAP_LEN = 48  # a typical prompt's token count (padded to 64)
@@ -40,12 +42,14 @@ CAP_LEN = 48  # a typical prompt's token count (padded to 64)
 def control_flops(layout: str, size: int, cap_len: int, style: str) -> float:
     """FLOPs of the control tower for one step (2 per MAC): patch embed, refiner blocks, control blocks with
     before/after projections, and for the diffusers style of 2.x the re-run main refiner block."""
-    d, ffn = B.DIT["dim"], int(B.DIT["dim"] / 3 * 8)
-    n_img = (size // 16) ** 2
-    n_pad = n_img + (-n_img) % 32
-    n_cap = cap_len + (-cap_len) % 32
+    from zimage_core.controlnet.model import INPAINT_CHANNELS
+
+    d, ffn = B.DIT_CONFIG.dim, B.DIT_CONFIG.ffn_hidden
+    n_img = F.image_tokens(size)
+    n_pad = F.padded(n_img)
+    n_cap = F.padded(cap_len)
     n_layers = {"2.1": 15, "lite": 3, "1.0": 6, "2.0": 15}[layout]
-    in_ch = 16 if layout == "1.0" else 33
+    in_ch = F.LATENT_CHANNELS if layout == "1.0" else INPAINT_CHANNELS
     img = n_pad if style == "diffusers" else n_img
     main = img + n_cap if style == "diffusers" else n_img
     block = 2 * (d * 3 * d + d * d + 3 * d * ffn)  # per token
@@ -64,10 +68,11 @@ def make_control_weights(layout: str, seed: int = 3) -> tuple[Any, dict[str, tor
     """(our ControlNetConfig, our-named weights on the GPU), in the published layout's shapes."""
     from zimage_core.controlnet import ZImageControlNet
     from zimage_core.controlnet.loading import _places  # noqa: PLC2701 - the loader's hint placement
-    from zimage_core.controlnet.model import ControlNetConfig
+    from zimage_core.controlnet.model import INPAINT_CHANNELS, ControlNetConfig
 
     n = {"2.1": 15, "lite": 3, "1.0": 6}[layout]
-    cfg = ControlNetConfig(dim=B.DIT["dim"], n_heads=B.DIT["n_heads"], in_channels=16 if layout == "1.0" else 33,
+    cfg = ControlNetConfig(dim=B.DIT["dim"], n_heads=B.DIT["n_heads"],
+                           in_channels=F.LATENT_CHANNELS if layout == "1.0" else INPAINT_CHANNELS,
                            refiner="plain" if layout == "1.0" else "control", layer_places=_places(n),
                            refiner_places=() if layout == "1.0" else (0, 1))
     with torch.device("meta"):
@@ -149,7 +154,7 @@ def bench_layout(layout: str, ours: Any, ref: Any, x: torch.Tensor, sigma: torch
 
 def bench_size(size: int, layouts: list[str], ours: Any, ref: Any, diffusers_dit: Any, reps: int) -> None:
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, size // 8, size // 8, generator=g).to(B.DEV, B.DT)
+    x = torch.randn(F.latent_shape(size), generator=g).to(B.DEV, B.DT)
     caps = [torch.randn(CAP_LEN, B.DIT["cap_feat_dim"], generator=g).to(B.DEV, B.DT) * 3]
     sigma = torch.full((1,), 0.75, device=B.DEV)
     with torch.no_grad():

@@ -2,8 +2,8 @@
 batch 1 on the text encoder's weights (zimage_core.text_encoder.generate), against transformers'
 `Qwen3ForCausalLM.generate` on the same weights.
 
-Full-size random weights are made directly on the GPU (N(0, 1/fan_in) matrices, norm scales near 1,
-as bench.py; speed does not depend on the values). The encoder is built as `load_text_encoder` builds it
+Full-size random weights are made directly on the GPU (zimage_core's rule through bench/fixtures.py:
+N(0, 1/fan_in) matrices, norm scales near 1; speed does not depend on the values). The encoder is built as `load_text_encoder` builds it
 (35 of 36 layers, no final norm) and the LM tail (layer 36 + final norm) as `load_lm_tail` does, on
 the same tensors, so nothing is copied. Random weights never say "stop", so every run generates
 exactly `--new-tokens` tokens (stop tokens off).
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -38,9 +37,10 @@ sys.path.insert(0, str(REPO))
 DEV = os.environ.get("ZBENCH_DEVICE", "cuda")
 TINY = os.environ.get("ZBENCH_TINY") == "1"
 DT = torch.bfloat16
-QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
-                rope_theta=1_000_000.0, max_position_embeddings=40960, tie_word_embeddings=True)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fixtures as F  # noqa: E402  (shapes and the random-weight rule, from zimage_core)
+
+QWEN3_4B = F.qwen3_4b_config()
 if TINY:
     QWEN3_4B.update(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=64)
@@ -62,18 +62,7 @@ def random_weights(seed: int = 1) -> dict[str, torch.Tensor]:
 
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in Qwen3Model(Qwen3Config(**QWEN3_4B)).state_dict().items()}
-    gen = torch.Generator(device=DEV).manual_seed(seed)
-    sd = {}
-    for name, shape in shapes.items():
-        t = torch.empty(shape, dtype=DT, device=DEV)
-        if name == "embed_tokens.weight":
-            t.normal_(0.0, 0.02, generator=gen)
-        elif len(shape) == 2:
-            t.normal_(0.0, 1.0 / math.sqrt(shape[1]), generator=gen)
-        else:
-            t.normal_(1.0, 0.1, generator=gen)
-        sd[name] = t
-    return sd
+    return F.random_state_dict(shapes, seed=seed, device=DEV, dtype=DT)
 
 
 def assign(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:

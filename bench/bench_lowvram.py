@@ -100,52 +100,38 @@ def model_specs(smoke: bool) -> dict[str, tuple[dict[str, tuple[int, ...]], str]
 
     DiT and VAE come from meta-device models (no memory), as zimage_core.demo_weights builds its files:
     our ZImageTransformer (its state_dict names are ComfyUI's, no prefix) and our FluxVAE (BFL
-    ae.safetensors names); the text encoder from qwen3_shapes (HF Qwen3ForCausalLM names). --smoke uses
+    ae.safetensors names); the text encoder from fixtures.qwen3_shapes (HF Qwen3ForCausalLM names). --smoke uses
     small shapes that ComfyUI's native loaders accept after the patches in _smoke_patch_comfy (the VAE
     stays full size: ComfyUI's VAE loader has fixed channel counts; it is small).
     """
     import torch
 
     sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO / "bench"))
+    import fixtures as F
+
     from zimage_core.demo_weights import QWEN3_VOCAB, TEXT_HIDDEN
-    from zimage_core.transformer import TransformerConfig, ZImageTransformer
+    from zimage_core.transformer import ZImageTransformer
     from zimage_core.vae import FluxVAE
     from zimage_core.vae.model import FluxAEConfig
 
     if smoke:
         dit_cfg = smoke_dit_config()
-        te_cfg = dict(hidden_size=TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                      num_key_value_heads=1, head_dim=16)  # zimage_core.demo_weights' tiny Qwen3
+        te_cfg = F.qwen3_4b_config(vocab_size=QWEN3_VOCAB, hidden_size=TEXT_HIDDEN, intermediate_size=64,
+                                   num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+                                   head_dim=16)  # zimage_core.demo_weights' tiny Qwen3
     else:
-        dit_cfg = TransformerConfig()  # the official Z-Image-Turbo config
-        te_cfg = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-                      num_key_value_heads=8, head_dim=128)
+        dit_cfg = F.dit_config()  # the official Z-Image-Turbo config
+        te_cfg = F.qwen3_4b_config()
     with torch.device("meta"):
         dit = ZImageTransformer(dit_cfg)
         vae = FluxVAE(FluxAEConfig())
     dit_sd = {k: tuple(v.shape) for k, v in dit.state_dict().items()}
     if not smoke and len(dit_sd) != 453:
         raise RuntimeError(f"expected the 453 keys of z_image_turbo_bf16.safetensors, got {len(dit_sd)}")
-    te_sd = qwen3_shapes(vocab=QWEN3_VOCAB, **te_cfg)
+    te_sd = {"model." + k: v for k, v in F.qwen3_shapes(te_cfg).items()}  # qwen_3_4b.safetensors' names
     vae_sd = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
     return {"dit": (dit_sd, "BF16"), "te": (te_sd, "BF16"), "vae": (vae_sd, "F32")}
-
-
-def qwen3_shapes(vocab: int, hidden_size: int, intermediate_size: int, num_hidden_layers: int,
-                 num_attention_heads: int, num_key_value_heads: int, head_dim: int) -> dict[str, tuple[int, ...]]:
-    """transformers' Qwen3ForCausalLM state-dict names and shapes (qwen_3_4b.safetensors: `model.` prefix,
-    lm_head tied to the embedding and so absent). Written out here so the writer needs no transformers import."""
-    h, q, kv = hidden_size, num_attention_heads * head_dim, num_key_value_heads * head_dim
-    s: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,)}
-    for i in range(num_hidden_layers):
-        p = f"model.layers.{i}."
-        s.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                  p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                  p + "self_attn.q_norm.weight": (head_dim,), p + "self_attn.k_norm.weight": (head_dim,),
-                  p + "mlp.gate_proj.weight": (intermediate_size, h), p + "mlp.up_proj.weight": (intermediate_size, h),
-                  p + "mlp.down_proj.weight": (h, intermediate_size), p + "input_layernorm.weight": (h,),
-                  p + "post_attention_layernorm.weight": (h,)})
-    return s
 
 
 def smoke_dit_config():
@@ -157,19 +143,6 @@ def smoke_dit_config():
 
     return TransformerConfig(dim=1152, n_layers=1, n_refiner_layers=2, n_heads=12, n_kv_heads=12,
                              cap_feat_dim=TEXT_HIDDEN, axes_dims=(24, 36, 36))
-
-
-def _fill_(t, name: str, gen) -> None:
-    """zimage_core.demo_weights' value rule (scaled like trained weights, so activations stay finite):
-    matrices/convs N(0, 1/fan_in), 1-D weights (norm scales) N(1, 0.1), biases N(0, 0.02), pad tokens N(0, 0.5)."""
-    if name.endswith("pad_token"):
-        t.normal_(0.0, 0.5, generator=gen)
-    elif t.ndim >= 2:
-        t.normal_(0.0, 1.0 / math.sqrt(math.prod(t.shape[1:])), generator=gen)
-    elif name.endswith("weight"):
-        t.normal_(1.0, 0.1, generator=gen)
-    else:
-        t.normal_(0.0, 0.02, generator=gen)
 
 
 def _header_metadata(path: Path) -> dict | None:
@@ -188,6 +161,9 @@ def write_safetensors_streaming(path: Path, shapes: dict[str, tuple[int, ...]], 
     a few tensors in host memory. Returns the bytes written."""
     import torch
 
+    sys.path.insert(0, str(REPO / "bench"))
+    import fixtures as F
+
     dtype, size = {"BF16": (torch.bfloat16, 2), "F32": (torch.float32, 4)}[dtype_name]
     names = sorted(shapes)
     header: dict[str, Any] = {"__metadata__": metadata}
@@ -205,8 +181,7 @@ def write_safetensors_streaming(path: Path, shapes: dict[str, tuple[int, ...]], 
         f.write(struct.pack("<Q", len(blob)) + blob)
         pending = []
         for n in names:
-            t = torch.empty(shapes[n], dtype=dtype, device=device)
-            _fill_(t, n, gen)
+            t = F.random_tensor(n, shapes[n], gen, dtype=dtype)  # zimage_core's random-weight rule
             host = t.reshape(-1).view(torch.uint8).cpu().numpy()
             pending.append(pool.submit(f.write, host))
             if len(pending) > 2:

@@ -20,6 +20,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
+import fixtures as F  # noqa: E402  (shapes and the random-weight rule, from zimage_core)
+
 from bench import import_comfy  # noqa: E402  (puts ComfyUI on sys.path)
 
 
@@ -32,10 +34,13 @@ def _pack():
     return pack
 
 
-def _random_(module: torch.nn.Module) -> None:
+def _random_(module: torch.nn.Module, seed: int = 0) -> None:
+    """zimage_core's random-weight rule (bench/fixtures.py), drawn on the parameters' device."""
     with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0.0, 0.02)
+        gen = None
+        for name, p in module.named_parameters():
+            gen = gen or torch.Generator(device=p.device).manual_seed(seed)
+            p.copy_(F.random_tensor(name, tuple(p.shape), gen, dtype=p.dtype))
 
 
 def _sync() -> None:
@@ -97,7 +102,7 @@ def main() -> None:
     cfg = TransformerConfig.full()
     if args.smoke:
         cfg = TransformerConfig(dim=64, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
-                                cap_feat_dim=2560, axes_dims=[8, 12, 12])
+                                cap_feat_dim=F.TEXT_WIDTH, axes_dims=[8, 12, 12])
     dit = core_model.ZImageDiffusionModel(cfg, operations=comfy.ops.disable_weight_init, dtype=dt,
                                           device=dev).eval().requires_grad_(False)
     _random_(dit)
@@ -107,10 +112,10 @@ def main() -> None:
     _random_(vae_net)
     vae = core_vae.ZImageCoreVAE(vae_net, dev, mm.vae_offload_device(), dt, "random")
 
-    h = w = args.size // 8
-    caps = torch.randn(27, 2560, generator=torch.Generator().manual_seed(1)).to(dt)
+    shape = F.latent_shape(args.size)
+    caps = torch.randn(27, F.TEXT_WIDTH, generator=torch.Generator().manual_seed(1)).to(dt)
     cond = [[caps[None], {}]]
-    latent = {"samples": torch.zeros(1, 16, h, w)}
+    latent = {"samples": torch.zeros(shape)}
     sampler = node_classes["ZImageTurboSampler"]()
     decoder = node_classes["ZImageVAEDecode"]()
     res: dict = {"device": str(dev) if args.smoke else torch.cuda.get_device_name(), "torch": torch.__version__, "size": args.size}
@@ -119,7 +124,7 @@ def main() -> None:
         return sampler.sample(model, cond, latent, 0, 8, 3.0, 0.0)[0]
 
     def core_sample():
-        out = sample_text_to_image(core_dit, [caps.to(dev)], make_noise((1, 16, h, w), 0).to(dev))
+        out = sample_text_to_image(core_dit, [caps.to(dev)], make_noise(shape, 0).to(dev))
         return out.cpu()
 
     # zimage_core's own call convention on the same weights (ZImageTransformer.forward, not NextDiT's).

@@ -21,6 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
+import fixtures as F  # noqa: E402  (shapes from zimage_core)
 from bench_nodes import _pack, _random_  # noqa: E402
 
 from bench import import_comfy  # noqa: E402  (puts ComfyUI on sys.path)
@@ -61,11 +62,10 @@ def main() -> None:
     _random_(dm)
     dm.to(cpu)
     patcher = core_model.as_core_model(dm, dt, None, dev, cpu)
-    h = w = args.size // 8
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, h, w, generator=g).to(dev, dt)
+    x = torch.randn(F.latent_shape(args.size), generator=g).to(dev, dt)
     t = torch.tensor([0.7], device=dev)
-    ctx = torch.randn(1, 96, 2560, generator=g).to(dev, dt)
+    ctx = torch.randn(1, 96, F.TEXT_WIDTH, generator=g).to(dev, dt)
 
     def step() -> torch.Tensor:
         return dm(x, t, ctx, ctx.shape[1], transformer_options={})

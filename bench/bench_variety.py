@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from scripts.comfy_headless import HeadlessComfyUI  # noqa: E402
+from zimage_core.constants import LATENT_SCALE, LATENT_SHIFT  # noqa: E402
 from zimage_core.demo_weights import DEMO_FILES, write_demo_models  # noqa: E402
 
 SETTINGS = [(0.0, 0.25), (0.25, 0.25), (0.5, 0.25), (1.0, 0.25), (1.0, 0.5)]
@@ -60,7 +61,7 @@ def main() -> None:
 
         def run(m, seed: int) -> torch.Tensor:
             out = nodes["ZImageTurboSampler"]().sample(m, cond, latent, seed, 8, 3.0, 0.0)[0]["samples"]
-            return ((out.float() - 0.1159) * 0.3611).flatten()  # the transformer's (normalised) space
+            return ((out.float() - LATENT_SHIFT) * LATENT_SCALE).flatten()  # the transformer's (normalised) space
 
         def rms(a: torch.Tensor, b: torch.Tensor) -> float:
             return float((a - b).pow(2).mean().sqrt())

@@ -43,7 +43,8 @@ from zimage_core.transformer import TransformerConfig, ZImageTransformer  # noqa
 __all__ = [
     "LATENT_CHANNELS", "LATENT_SCALE", "LATENT_SHIFT", "PATCH_SIZE", "PIXEL_MULTIPLE", "SEQ_MULTIPLE", "TEXT_WIDTH",
     "VAE_FACTOR", "dit_config", "dit_shapes", "flux_vae_diffusers_config", "image_tokens", "latent_shape",
-    "padded", "qwen3_4b_config", "random_state_dict", "random_tensor", "step_flops", "tiny_dit_overrides",
+    "padded", "qwen3_4b_config", "qwen3_shapes", "random_state_dict", "random_tensor", "step_flops",
+    "tiny_dit_overrides",
 ]
 
 # The CPU smoke tests' transformer: full head_dim (so the RoPE axes and the fused kernels' shapes stay real),
@@ -78,6 +79,23 @@ def qwen3_4b_config(tiny: bool = False, **overrides: Any) -> dict[str, Any]:
                    num_attention_heads=2, num_key_value_heads=1, head_dim=128)
     cfg.update(overrides)
     return cfg
+
+
+def qwen3_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """transformers' Qwen3Model state-dict names (no `model.` prefix; the tied lm_head absent) and shapes for a
+    `qwen3_4b_config()`-style dict. Written out so that file writers need no transformers import."""
+    h, hd, ff = config["hidden_size"], config["head_dim"], config["intermediate_size"]
+    q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
+    s: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (config["vocab_size"], h), "norm.weight": (h,)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"layers.{i}."
+        s.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                  p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+                  p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,),
+                  p + "mlp.gate_proj.weight": (ff, h), p + "mlp.up_proj.weight": (ff, h),
+                  p + "mlp.down_proj.weight": (h, ff), p + "input_layernorm.weight": (h,),
+                  p + "post_attention_layernorm.weight": (h,)})
+    return s
 
 
 def flux_vae_diffusers_config(tiny: bool = False) -> dict[str, Any]:
