@@ -7,8 +7,10 @@ tests that only read its output.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import platform
 import re
 import shutil
 import signal
@@ -21,12 +23,23 @@ import numpy as np
 import pytest
 
 from scripts.comfy_headless import ui_to_api
-from tests.comfy_harness import ROOT, T2I, comfy_module, require_comfyui, session_dir
+from tests.comfy_harness import (
+    LORA_CORE,
+    ROOT,
+    T2I,
+    comfy_module,
+    require_comfyui,
+    session_dir,
+)
 from zimage_core.demo_weights import DEMO_FILES
 
 MAIN = ROOT / "scripts" / "run_workflow.py"
-SETTINGS = ["--width", "64", "--height", "48", "--seed", "7", "--steps", "3", "--prompt", "a lighthouse at dusk",
-            "--cpu"]
+# 51 steps: more than 50, where the step lines once thinned out to every tenth.
+STEPS = 51
+SETTINGS = ["--width", "64", "--height", "48", "--seed", "7", "--steps", str(STEPS), "--prompt",
+            "a lighthouse at dusk", "--cpu"]
+BASE_NAMES = {"diffusion_models": "z_image_turbo_bf16.safetensors", "text_encoders": "qwen_3_4b.safetensors",
+              "vae": "ae.safetensors"}
 
 
 class Job:
@@ -85,9 +98,9 @@ def test_main_job_reports_each_node_and_sampling_step_on_stderr(demo_run):
     _, out = demo_run
     lines = out.stderr.splitlines()
     sampler = lines.index("  node 6: ZImageTurboSampler")
-    steps = [line.strip() for line in lines[sampler + 1:sampler + 4]]
-    assert steps == ["step 1/3", "step 2/3", "step 3/3"]
-    assert "  node 7: ZImageVAEDecode" in lines[sampler + 4:]
+    steps = [line.strip() for line in lines[sampler + 1:sampler + 1 + STEPS]]
+    assert steps == [f"step {i}/{STEPS}" for i in range(1, STEPS + 1)]
+    assert "  node 7: ZImageVAEDecode" in lines[sampler + 1 + STEPS:]
     assert "step" not in out.stdout, "progress goes to stderr; stdout keeps the result lines"
 
 
@@ -105,14 +118,14 @@ def test_saved_png_carries_the_workflow_that_ran(demo_run):
     widgets = {n["type"]: n["widgets_values"] for n in embedded["nodes"]}
     assert widgets["ZImageTextEncode"] == ["a lighthouse at dusk"]
     assert widgets["ZImageEmptyLatent"][:3] == [64, 48, "custom"]
-    assert widgets["ZImageTurboSampler"][:3] == [7, "fixed", 3]
+    assert widgets["ZImageTurboSampler"][:3] == [7, "fixed", STEPS]
     assert widgets["ZImageVAELoader"] == [DEMO_FILES["vae"]]
     # Queuing the restored graph gives exactly the prompt that ran (also embedded, as ComfyUI does).
     ran = json.loads(chunks["prompt"])
     for node in ran.values():
         node.pop("is_changed", None)  # ComfyUI's executor adds the loaders' IS_CHANGED stamps before saving
     assert ui_to_api(embedded, comfy_module("nodes").NODE_CLASS_MAPPINGS) == ran
-    assert ran["6"]["inputs"]["seed"] == 7 and ran["6"]["inputs"]["steps"] == 3
+    assert ran["6"]["inputs"]["seed"] == 7 and ran["6"]["inputs"]["steps"] == STEPS
 
 
 def test_main_job_leaves_nothing_in_the_temp_folder(demo_run):
@@ -170,27 +183,77 @@ def test_some_model_files_missing_is_an_error_naming_them_and_where():
     assert job.leftovers() == []
 
 
+WRITE_SYSCALL = {"x86_64": "1", "aarch64": "64"}.get(platform.machine())
+
+
+def _blocked_writing_stderr(pid: int, timeout: float = 300) -> bool:
+    """Whether the process sleeps in write(2, ...) (within `timeout` seconds), from /proc/<pid>/syscall."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            fields = Path(f"/proc/{pid}/syscall").read_text().split()
+        except OSError:
+            return False
+        if fields[:2] == [WRITE_SYSCALL, "0x2"]:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _interrupt_from_another_thread(pid: int) -> None:
+    """SIGINT delivered to a worker thread of the process (a terminal's Ctrl-C may go to any thread that does
+    not block it): the main thread stays inside its write, which completes once the pipe is drained, and
+    Python runs the handler at its next check, still inside the buffered write."""
+    import ctypes
+
+    others = [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
+    assert others, "the job has no worker thread"
+    libc = ctypes.CDLL(None, use_errno=True)
+    tgkill = {"x86_64": 234, "aarch64": 131}[platform.machine()]
+    assert libc.syscall(tgkill, pid, others[0], signal.SIGINT) == 0, os.strerror(ctypes.get_errno())
+
+
+@pytest.mark.skipif(WRITE_SYSCALL is None, reason="write's syscall number is known for x86_64 and aarch64")
 def test_ctrl_c_cancels_the_run_and_cleans_up():
+    """Ctrl-C while the main thread is inside a write to stderr: the job's stderr is a pipe the test fills, so
+    the job blocks in the write of a step line and the signal handler runs inside that write. Python then
+    refuses any write through sys.stderr ("RuntimeError: reentrant call inside <_io.BufferedWriter
+    name='<stderr>'>"); the run must still be cancelled cleanly, without a traceback."""
     require_comfyui()
     job = Job("ctrl-c")
     (job.work / "empty_models").mkdir()
-    proc = subprocess.Popen(job.command("--models-dir", str(job.work / "empty_models"), "--width", "256",
-                                        "--height", "256", "--steps", "100", "--cpu"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=job.env, cwd=job.work)
+    read_end, write_end = os.pipe()
+    # KSampler (the LoRA workflow) takes 1000 steps: the run is still sampling when the pipe is full.
+    proc = subprocess.Popen(job.command("--models-dir", str(job.work / "empty_models"), "--workflow", str(LORA_CORE),
+                                        "--width", "32", "--height", "32", "--steps", "1000", "--cpu"),
+                            stdout=subprocess.PIPE, stderr=write_end, env=job.env, cwd=job.work)
+    # A second, non-blocking open of the pipe's write end (O_NONBLOCK on `write_end` itself would also make the
+    # job's writes non-blocking: the two share one open file description).
+    filler = os.open(f"/proc/self/fd/{write_end}", os.O_WRONLY | os.O_NONBLOCK)
+    os.close(write_end)
+    stderr = os.fdopen(read_end, "rb")
     try:
         seen = []
-        for line in proc.stderr:
+        for line in stderr:
             seen.append(line)
-            if line.strip() == "step 1/100":
-                proc.send_signal(signal.SIGINT)
+            if line.strip() == b"step 1/1000":
                 break
-        stderr, stdout = "".join(seen) + proc.stderr.read(), proc.stdout.read()
-        assert proc.wait(timeout=60) == 130, stdout + stderr[-3000:]
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                os.write(filler, b"\n" * 512)
+        os.close(filler)
+        assert _blocked_writing_stderr(proc.pid), "the job never blocked writing to stderr"
+        _interrupt_from_another_thread(proc.pid)
+        err = (b"".join(seen) + stderr.read()).decode().replace("\n\n", "\n")
+        out = proc.stdout.read().decode()
+        assert proc.wait(timeout=60) == 130, out + err[-3000:]
     finally:
+        stderr.close()
         if proc.poll() is None:
             proc.kill()
-    assert "Interrupted." in stderr and "Traceback" not in stderr
-    assert "step 100/100" not in stderr and not saved_paths(stdout)
+    assert "Cancelling (Ctrl-C again to stop at once)" in err and "Interrupted." in err
+    assert "Traceback" not in err and "reentrant" not in err, err[-3000:]
+    assert "step 1000/1000" not in err and not saved_paths(out)
     assert job.leftovers() == []
 
 
