@@ -5,8 +5,9 @@ from __future__ import annotations
 import comfy.model_management as mm
 import torch
 
+from ..zimage_core.sizes import MAX_SIDE, MULTIPLE
+
 NODE_CATEGORY = "Z-Image/latent"
-MULTIPLE = 16  # VAE ÷8, then the DiT's 2×2 patches
 
 
 def crop_box(height: int, width: int) -> tuple[int, int, int, int]:
@@ -15,7 +16,6 @@ def crop_box(height: int, width: int) -> tuple[int, int, int, int]:
     nh, nw = height // MULTIPLE * MULTIPLE, width // MULTIPLE * MULTIPLE
     return (height - nh) // 2, (width - nw) // 2, nh, nw
 LATENT_CHANNELS = 16
-MAX_SIDE = 4096
 
 # Official Z-Image-Turbo resolutions of the 1024 tier (width × height).
 PRESETS = {

@@ -25,6 +25,7 @@ import atexit
 import json
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import uuid
@@ -38,6 +39,11 @@ PACK_NAME = "ComfyUI-ZImage"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+# Bounds of what load_workflow reads: the shipped workflows are ~30 KB, nested ~8 levels, with 20-digit seeds.
+MAX_WORKFLOW_BYTES = 64 * 2**20
+MAX_DEPTH = 100
+MAX_INT_DIGITS = 40
+MAX_ID_DIGITS = 18
 
 
 def default_comfyui_dir() -> Path:
@@ -107,26 +113,54 @@ def set_widget_value(workflow: dict, node_id: int | str, name: str, value: Any,
     raise WorkflowError(f"node {node_id} ({node['type']}) stores no widget value for {name!r}")
 
 
-def ui_to_api(workflow: dict, node_classes: dict[str, Any]) -> dict[str, dict]:
-    """Convert a UI-format workflow to an API prompt for ComfyUI's executor."""
-    nodes = {int(n["id"]): n for n in workflow["nodes"]}
-    links = {int(link[0]): link for link in workflow.get("links", [])}
+def _node_id(value: Any) -> int | None:
+    """A UI node's id as the frontend writes it (a whole number, also as a string); None if it is not one."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= MAX_ID_DIGITS:
+        return int(value)
+    return None
 
-    def source(link_id: int) -> list:
-        link = links.get(int(link_id))
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def link_sources(workflow: dict) -> dict[int, list]:
+    """{link id: [origin node id, output slot]} for each link a node input uses, Reroutes followed.
+
+    WorkflowError for a link that is not in the links list, comes from a node that is not there, or runs
+    through Reroutes in a circle (or through one without an input).
+    """
+    nodes = {_node_id(n["id"]): n for n in workflow["nodes"]}
+    links = {link[0]: link for link in workflow.get("links") or []}
+
+    def source(link_id: int, seen: tuple[int, ...] = ()) -> list:
+        link = links.get(link_id)
         if link is None:
             raise WorkflowError(f"link {link_id} is missing from the workflow's links")
-        _, from_node, from_slot = link[0], int(link[1]), int(link[2])
+        from_node, from_slot = link[1], link[2]
         origin = nodes.get(from_node)
         if origin is None:
             raise WorkflowError(f"link {link_id} comes from node {from_node}, which is not in the workflow")
         if origin["type"] == "Reroute":
-            upstream = origin["inputs"][0].get("link")
+            if from_node in seen:
+                raise WorkflowError(f"Reroute node {from_node} is fed by its own output (a loop of Reroutes)")
+            upstream = next(iter(origin.get("inputs") or []), {}).get("link")
             if upstream is None:
                 raise WorkflowError(f"Reroute node {from_node} has no input")
-            return source(upstream)
+            return source(upstream, (*seen, from_node))
         return [str(from_node), from_slot]
 
+    return {entry["link"]: source(entry["link"]) for node in workflow["nodes"]
+            for entry in node.get("inputs") or [] if entry.get("link") is not None}
+
+
+def ui_to_api(workflow: dict, node_classes: dict[str, Any]) -> dict[str, dict]:
+    """Convert a UI-format workflow (as `load_workflow` accepts it) to an API prompt for ComfyUI's executor."""
+    check_ui_workflow(workflow)
+    sources = link_sources(workflow)
+    nodes = {_node_id(n["id"]): n for n in workflow["nodes"]}
     prompt: dict[str, dict] = {}
     for node_id, node in sorted(nodes.items()):
         kind = node["type"]
@@ -142,9 +176,9 @@ def ui_to_api(workflow: dict, node_classes: dict[str, Any]) -> dict[str, dict]:
             inputs.update({name: values[name] for name, _ in _widget_inputs(node_class) if name in values})
         else:
             inputs.update({name: values[i] for name, i in _widget_slots(node_class, values)})
-        for entry in node.get("inputs", []):
+        for entry in node.get("inputs") or []:
             if entry.get("link") is not None:
-                inputs[entry["name"]] = source(entry["link"])
+                inputs[entry["name"]] = sources[entry["link"]]
         api_node = {"class_type": kind, "inputs": inputs}
         if node.get("title"):
             api_node["_meta"] = {"title": node["title"]}
@@ -152,29 +186,131 @@ def ui_to_api(workflow: dict, node_classes: dict[str, Any]) -> dict[str, dict]:
     return prompt
 
 
+def check_ui_workflow(workflow: Any) -> None:
+    """WorkflowError (one line, naming the node or link) unless `workflow` has the UI format's shape:
+    a "nodes" list of nodes with a whole-number id and a type, `inputs` a list of {name, link}, widget values
+    a list or an object; a "links" list of [id, from node, from slot, to node, to slot, type]; every link a
+    node uses is in that list and leads to a node (see `link_sources`)."""
+    nodes = workflow.get("nodes") if isinstance(workflow, dict) else None
+    if not isinstance(nodes, list) or not all(isinstance(n, dict) and "id" in n and "type" in n for n in nodes):
+        raise WorkflowError("not a ComfyUI UI workflow (expected a JSON object with a \"nodes\" list of nodes "
+                            "that have an id and a type)")
+    seen: set[int] = set()
+    for node in nodes:
+        node_id = _node_id(node["id"])
+        if node_id is None:
+            raise WorkflowError(f"node id {_short(node['id'])} is not a whole number")
+        if node_id in seen:
+            raise WorkflowError(f"two nodes have the id {node_id}")
+        seen.add(node_id)
+        where = f"node {node_id}"
+        if not isinstance(node["type"], str) or not node["type"]:
+            raise WorkflowError(f"{where}: its type {_short(node['type'])} is not a node type name")
+        if not _is_index(node.get("mode", 0)):
+            raise WorkflowError(f"{where}: its mode {_short(node['mode'])} is not a whole number")
+        inputs = node.get("inputs")
+        if inputs is not None and not isinstance(inputs, list):
+            raise WorkflowError(f"{where}: its inputs are {_short(inputs)}, not a list of inputs")
+        for entry in inputs or []:
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                raise WorkflowError(f"{where}: input {_short(entry)} has no name")
+            if entry.get("link") is not None and not _is_index(entry["link"]):
+                raise WorkflowError(f"{where}: input {entry['name']!r} names link {_short(entry['link'])}, "
+                                    "not a link id")
+        values = node.get("widgets_values")
+        if values is not None and not isinstance(values, (list, dict)):
+            raise WorkflowError(f"{where}: its widgets_values are {_short(values)}, not a list (or object) of "
+                                "widget values")
+        if node.get("title") is not None and not isinstance(node["title"], str):
+            raise WorkflowError(f"{where}: its title {_short(node['title'])} is not text")
+    links = workflow.get("links")
+    if links is not None and not isinstance(links, list):
+        raise WorkflowError(f"its links are {_short(links)}, not a list of links")
+    for link in links or []:
+        if not (isinstance(link, list) and len(link) >= 5 and all(_is_index(v) for v in link[:5])):
+            raise WorkflowError(f"link {_short(link)} is not [id, from node, from slot, to node, to slot, type]")
+    link_sources(workflow)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr() of a value from a file, cut to a line's worth (a value may be megabytes long or deeply nested)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"<a deeply nested {type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise WorkflowError(f"a number with {len(text.lstrip('-'))} digits (more than {MAX_INT_DIGITS}) is in it")
+    return int(text)
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
+def _read_file(path: Path) -> bytes:
+    """The bytes of a regular file of at most MAX_WORKFLOW_BYTES; never blocks on a FIFO, never reads a
+    device without end."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO would wait for a writer
+    except FileNotFoundError:
+        raise WorkflowError(f"{path}: no such file") from None
+    except OSError as e:
+        raise WorkflowError(f"{path}: cannot be read ({e.strerror or e})") from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise WorkflowError(f"{path}: is a folder, not a workflow file")
+        if not stat.S_ISREG(mode):
+            raise WorkflowError(f"{path}: is not a regular file (a device, pipe or socket); save the workflow "
+                                "to a .json file and pass that")
+        try:
+            data = f.read(MAX_WORKFLOW_BYTES + 1)
+        except OSError as e:
+            raise WorkflowError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if len(data) > MAX_WORKFLOW_BYTES:
+        raise WorkflowError(f"{path}: is larger than {MAX_WORKFLOW_BYTES // 2**20} MiB, too large for a workflow")
+    return data
+
+
 def load_workflow(path: str | os.PathLike) -> dict:
     """Read a UI-format workflow file; WorkflowError (one line, naming the file) if it is not one."""
     path = Path(path)
+    data = _read_file(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise WorkflowError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise WorkflowError(f"{path}: is a folder, not a workflow file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise WorkflowError(f"{path}: cannot be read ({e})") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise WorkflowError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
-        workflow = json.loads(text)
+        workflow = json.loads(text, parse_int=_bounded_int)
     except json.JSONDecodeError as e:
         raise WorkflowError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except WorkflowError as e:
+        raise WorkflowError(f"{path}: {e}") from None
+    except RecursionError:
+        raise WorkflowError(f"{path}: nested deeper than a workflow is (more than {MAX_DEPTH} levels)") from None
+    except ValueError as e:  # e.g. a number Python will not convert
+        raise WorkflowError(f"{path}: not valid JSON ({e})") from None
+    if _depth_exceeds(workflow, MAX_DEPTH):
+        raise WorkflowError(f"{path}: nested deeper than a workflow is (more than {MAX_DEPTH} levels)")
     if isinstance(workflow, dict) and workflow and all(
             isinstance(n, dict) and "class_type" in n for n in workflow.values()):
         raise WorkflowError(f"{path}: this is an API-format prompt (Export (API)); a UI workflow is needed "
                             "(the file ComfyUI's Save / Export writes)")
-    nodes = workflow.get("nodes") if isinstance(workflow, dict) else None
-    if not isinstance(nodes, list) or not all(isinstance(n, dict) and "id" in n and "type" in n for n in nodes):
-        raise WorkflowError(f"{path}: not a ComfyUI UI workflow (expected a JSON object with a \"nodes\" "
-                            "list of nodes that have an id and a type)")
+    try:
+        check_ui_workflow(workflow)
+    except WorkflowError as e:
+        raise WorkflowError(f"{path}: {e}") from None
     return workflow
 
 

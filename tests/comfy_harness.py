@@ -27,7 +27,6 @@ from zimage_core.demo_weights import (
     random_text_encoder_lora_state_dict,
     write_demo_models,
     write_lora,
-    write_random_lora,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +39,7 @@ LORA_CORE = WORKFLOWS / "z_image_turbo_lora_core_nodes.json"
 ENHANCED_PROMPT = WORKFLOWS / "z_image_turbo_enhanced_prompt.json"
 CONTROLNET_CANNY = WORKFLOWS / "z_image_turbo_controlnet_canny.json"
 CONTROLNET_INPAINT = WORKFLOWS / "z_image_turbo_controlnet_inpaint.json"
-DEMO_LORA = "zimage_demo_random_lora.safetensors"
+DEMO_LORA = DEMO_FILES["loras"]  # written by write_demo_models
 # A second demo LoRA: kohya/musubi names (split q/k/v, alpha) with a Qwen3 text-encoder part.
 DEMO_LORA_KOHYA = "zimage_demo_random_lora_kohya_te.safetensors"
 TWO_LORAS = WORKFLOWS / "z_image_turbo_two_loras.json"
@@ -75,7 +74,6 @@ def demo_models() -> Path:
     if _models is None:
         _models = session_dir("models")
         write_demo_models(_models)
-        write_random_lora(_models / "loras" / DEMO_LORA, DEMO_TRANSFORMER, scale=0.5, seed=3)
         write_lora(_models / "loras" / DEMO_LORA_KOHYA, {
             **random_lora_state_dict(DEMO_TRANSFORMER, dialect="kohya", scale=0.5, seed=4, alpha=2.0),
             **random_text_encoder_lora_state_dict(demo_text_encoder_lora_targets(), dialect="kohya", scale=0.5,

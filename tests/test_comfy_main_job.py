@@ -7,8 +7,10 @@ tests that only read its output.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import platform
 import re
 import shutil
 import signal
@@ -21,12 +23,27 @@ import numpy as np
 import pytest
 
 from scripts.comfy_headless import ui_to_api
-from tests.comfy_harness import ROOT, T2I, comfy_module, require_comfyui, session_dir
+from tests.comfy_harness import (
+    ENHANCED_PROMPT,
+    LORA_CORE,
+    ROOT,
+    T2I,
+    TWO_LORAS,
+    WORKFLOWS,
+    comfy_module,
+    demo_models,
+    require_comfyui,
+    session_dir,
+)
 from zimage_core.demo_weights import DEMO_FILES
 
 MAIN = ROOT / "scripts" / "run_workflow.py"
-SETTINGS = ["--width", "64", "--height", "48", "--seed", "7", "--steps", "3", "--prompt", "a lighthouse at dusk",
-            "--cpu"]
+# 51 steps: more than 50, where the step lines once thinned out to every tenth.
+STEPS = 51
+SETTINGS = ["--width", "64", "--height", "48", "--seed", "7", "--steps", str(STEPS), "--prompt",
+            "a lighthouse at dusk", "--cpu"]
+BASE_NAMES = {"diffusion_models": "z_image_turbo_bf16.safetensors", "text_encoders": "qwen_3_4b.safetensors",
+              "vae": "ae.safetensors"}
 
 
 class Job:
@@ -85,9 +102,9 @@ def test_main_job_reports_each_node_and_sampling_step_on_stderr(demo_run):
     _, out = demo_run
     lines = out.stderr.splitlines()
     sampler = lines.index("  node 6: ZImageTurboSampler")
-    steps = [line.strip() for line in lines[sampler + 1:sampler + 4]]
-    assert steps == ["step 1/3", "step 2/3", "step 3/3"]
-    assert "  node 7: ZImageVAEDecode" in lines[sampler + 4:]
+    steps = [line.strip() for line in lines[sampler + 1:sampler + 1 + STEPS]]
+    assert steps == [f"step {i}/{STEPS}" for i in range(1, STEPS + 1)]
+    assert "  node 7: ZImageVAEDecode" in lines[sampler + 1 + STEPS:]
     assert "step" not in out.stdout, "progress goes to stderr; stdout keeps the result lines"
 
 
@@ -105,14 +122,14 @@ def test_saved_png_carries_the_workflow_that_ran(demo_run):
     widgets = {n["type"]: n["widgets_values"] for n in embedded["nodes"]}
     assert widgets["ZImageTextEncode"] == ["a lighthouse at dusk"]
     assert widgets["ZImageEmptyLatent"][:3] == [64, 48, "custom"]
-    assert widgets["ZImageTurboSampler"][:3] == [7, "fixed", 3]
+    assert widgets["ZImageTurboSampler"][:3] == [7, "fixed", STEPS]
     assert widgets["ZImageVAELoader"] == [DEMO_FILES["vae"]]
     # Queuing the restored graph gives exactly the prompt that ran (also embedded, as ComfyUI does).
     ran = json.loads(chunks["prompt"])
     for node in ran.values():
         node.pop("is_changed", None)  # ComfyUI's executor adds the loaders' IS_CHANGED stamps before saving
     assert ui_to_api(embedded, comfy_module("nodes").NODE_CLASS_MAPPINGS) == ran
-    assert ran["6"]["inputs"]["seed"] == 7 and ran["6"]["inputs"]["steps"] == 3
+    assert ran["6"]["inputs"]["seed"] == 7 and ran["6"]["inputs"]["steps"] == STEPS
 
 
 def test_main_job_leaves_nothing_in_the_temp_folder(demo_run):
@@ -170,27 +187,77 @@ def test_some_model_files_missing_is_an_error_naming_them_and_where():
     assert job.leftovers() == []
 
 
+WRITE_SYSCALL = {"x86_64": "1", "aarch64": "64"}.get(platform.machine())
+
+
+def _blocked_writing_stderr(pid: int, timeout: float = 300) -> bool:
+    """Whether the process sleeps in write(2, ...) (within `timeout` seconds), from /proc/<pid>/syscall."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            fields = Path(f"/proc/{pid}/syscall").read_text().split()
+        except OSError:
+            return False
+        if fields[:2] == [WRITE_SYSCALL, "0x2"]:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _interrupt_from_another_thread(pid: int) -> None:
+    """SIGINT delivered to a worker thread of the process (a terminal's Ctrl-C may go to any thread that does
+    not block it): the main thread stays inside its write, which completes once the pipe is drained, and
+    Python runs the handler at its next check, still inside the buffered write."""
+    import ctypes
+
+    others = [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
+    assert others, "the job has no worker thread"
+    libc = ctypes.CDLL(None, use_errno=True)
+    tgkill = {"x86_64": 234, "aarch64": 131}[platform.machine()]
+    assert libc.syscall(tgkill, pid, others[0], signal.SIGINT) == 0, os.strerror(ctypes.get_errno())
+
+
+@pytest.mark.skipif(WRITE_SYSCALL is None, reason="write's syscall number is known for x86_64 and aarch64")
 def test_ctrl_c_cancels_the_run_and_cleans_up():
+    """Ctrl-C while the main thread is inside a write to stderr: the job's stderr is a pipe the test fills, so
+    the job blocks in the write of a step line and the signal handler runs inside that write. Python then
+    refuses any write through sys.stderr ("RuntimeError: reentrant call inside <_io.BufferedWriter
+    name='<stderr>'>"); the run must still be cancelled cleanly, without a traceback."""
     require_comfyui()
     job = Job("ctrl-c")
     (job.work / "empty_models").mkdir()
-    proc = subprocess.Popen(job.command("--models-dir", str(job.work / "empty_models"), "--width", "256",
-                                        "--height", "256", "--steps", "100", "--cpu"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=job.env, cwd=job.work)
+    read_end, write_end = os.pipe()
+    # KSampler (the LoRA workflow) takes 1000 steps: the run is still sampling when the pipe is full.
+    proc = subprocess.Popen(job.command("--models-dir", str(job.work / "empty_models"), "--workflow", str(LORA_CORE),
+                                        "--width", "32", "--height", "32", "--steps", "1000", "--cpu"),
+                            stdout=subprocess.PIPE, stderr=write_end, env=job.env, cwd=job.work)
+    # A second, non-blocking open of the pipe's write end (O_NONBLOCK on `write_end` itself would also make the
+    # job's writes non-blocking: the two share one open file description).
+    filler = os.open(f"/proc/self/fd/{write_end}", os.O_WRONLY | os.O_NONBLOCK)
+    os.close(write_end)
+    stderr = os.fdopen(read_end, "rb")
     try:
         seen = []
-        for line in proc.stderr:
+        for line in stderr:
             seen.append(line)
-            if line.strip() == "step 1/100":
-                proc.send_signal(signal.SIGINT)
+            if line.strip() == b"step 1/1000":
                 break
-        stderr, stdout = "".join(seen) + proc.stderr.read(), proc.stdout.read()
-        assert proc.wait(timeout=60) == 130, stdout + stderr[-3000:]
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                os.write(filler, b"\n" * 512)
+        os.close(filler)
+        assert _blocked_writing_stderr(proc.pid), "the job never blocked writing to stderr"
+        _interrupt_from_another_thread(proc.pid)
+        err = (b"".join(seen) + stderr.read()).decode().replace("\n\n", "\n")
+        out = proc.stdout.read().decode()
+        assert proc.wait(timeout=60) == 130, out + err[-3000:]
     finally:
+        stderr.close()
         if proc.poll() is None:
             proc.kill()
-    assert "Interrupted." in stderr and "Traceback" not in stderr
-    assert "step 100/100" not in stderr and not saved_paths(stdout)
+    assert "Cancelling (Ctrl-C again to stop at once)" in err and "Interrupted." in err
+    assert "Traceback" not in err and "reentrant" not in err, err[-3000:]
+    assert "step 1000/1000" not in err and not saved_paths(out)
     assert job.leftovers() == []
 
 
@@ -201,6 +268,8 @@ def test_ctrl_c_cancels_the_run_and_cleans_up():
     (["--steps", "0"], "argument --steps: 0 is too small (at least 1)"),
     (["--seed", "-1"], "argument --seed: -1 is too small (at least 0)"),
     (["--steps", "many"], "argument --steps: 'many' is not a whole number"),
+    (["--width", "4112"], "argument --width: 4112 is too large (at most 4096)"),
+    (["--height", "100000"], "argument --height: 100000 is too large (at most 4096)"),
 ])
 def test_bad_numbers_are_rejected_by_the_command_line(args, message):
     job = Job("args")
@@ -216,6 +285,20 @@ def test_bad_numbers_are_rejected_by_the_command_line(args, message):
     ('{"3": {"class_type": "KSampler", "inputs": {}}}', "this is an API-format prompt"),
     ('{"nodes": "x"}', "not a ComfyUI UI workflow"),
     ("[1, 2]", "not a ComfyUI UI workflow"),
+    ("[" * 100_000 + "]" * 100_000, "nested deeper than a workflow is"),
+    ('{"nodes": [], "extra": ' + "[" * 500 + "]" * 500 + "}", "nested deeper than a workflow is"),
+    ('{"nodes": [{"id": 1, "type": "Note", "widgets_values": [' + "7" * 5000 + "]}]}",
+     "a number with 5000 digits"),
+    ('{"nodes": [{"id": "abc", "type": "ZImageEmptyLatent"}]}', "node id 'abc' is not a whole number"),
+    (json.dumps({"nodes": [{"id": 1, "type": "A"}, {"id": 2, "type": "B", "inputs": [{"name": "x", "link": 5}]}],
+                 "links": [[5, 1]]}), "link [5, 1] is not [id, from node, from slot, to node, to slot, type]"),
+    (json.dumps({"nodes": [{"id": 3, "type": "Reroute", "inputs": [{"name": "", "link": 9}]},
+                           {"id": 4, "type": "SaveImage", "inputs": [{"name": "images", "link": 9}]}],
+                 "links": [[9, 3, 0, 3, 0, "*"]]}), "Reroute node 3 is fed by its own output"),
+    ('{"nodes": [{"id": 1, "type": "SaveImage", "inputs": "images"}]}',
+     "node 1: its inputs are 'images', not a list of inputs"),
+    ('{"nodes": [{"id": 1, "type": "ZImageEmptyLatent", "widgets_values": 1024}]}',
+     "node 1: its widgets_values are 1024, not a list"),
 ])
 def test_a_bad_workflow_file_is_one_clear_line(content, message):
     job = Job("workflow")
@@ -250,3 +333,230 @@ def test_headless_comfyui_removes_its_temporary_folder(tmp_path):
     assert out.returncode == 0, out.stderr
     assert Path(out.stdout.strip()).parent == tmp
     assert list(tmp.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+def test_a_workflow_that_is_not_a_regular_file_is_refused_at_once(kind):
+    """/dev/zero would be read until memory runs out, a FIFO would wait for a writer forever."""
+    job = Job("workflow-special")
+    path = Path("/dev/zero") if kind == "device" else job.work / "pipe.json"
+    if kind == "fifo":
+        os.mkfifo(path)
+    out = job.run("--workflow", str(path), timeout=60)
+    assert out.returncode == 2
+    (line,) = out.stderr.strip().splitlines()
+    assert line == (f"run_workflow.py: error: --workflow {path}: is not a regular file (a device, pipe or socket); "
+                    "save the workflow to a .json file and pass that")
+
+
+def test_folders_that_cannot_be_used_are_argument_errors():
+    job = Job("folders")
+    a_file = job.work / "a_file"
+    a_file.write_text("x")
+    out = job.run("--models-dir", str(job.work / "no_such_models"), timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == (f"run_workflow.py: error: --models-dir {job.work / 'no_such_models'}: no such folder "
+                                  "(give ComfyUI's models folder, the one holding diffusion_models/, vae/, ...)")
+    out = job.run("--models-dir", str(a_file), timeout=60)
+    assert out.returncode == 2 and f"--models-dir {a_file}: is not a folder" in out.stderr
+    out = subprocess.run([sys.executable, str(MAIN), "--output-dir", str(a_file / "pngs")], capture_output=True,
+                         text=True, timeout=60, env=job.env, cwd=job.work)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == f"run_workflow.py: error: --output-dir {a_file / 'pngs'}: {a_file} is a file, not a folder"
+    assert job.leftovers() == []
+
+
+def test_help_and_argument_errors_answer_before_any_setup(tmp_path):
+    """run_workflow.sh checks its arguments (the standard library only) before scripts/setup.sh runs: on a
+    machine where setup cannot run (here: a setup.sh that only records that it ran and fails), --help and
+    argument errors still answer."""
+    clone = tmp_path / "clone"
+    for rel in ("scripts/run_workflow.sh", "scripts/run_workflow.py", "scripts/comfy_headless.py",
+                "scripts/__init__.py", "zimage_core/__init__.py", "zimage_core/sizes.py", T2I.relative_to(ROOT)):
+        (clone / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, clone / rel)
+    marker = tmp_path / "setup-ran"
+    setup = clone / "scripts" / "setup.sh"
+    setup.write_text(f"#!/bin/sh\ntouch {marker}\nexit 100\n")
+    setup.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("ZIMAGE_VENV", "PYTHON")}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(clone / "scripts" / "run_workflow.sh"), *args], capture_output=True, text=True,
+                              timeout=60, env=env, cwd=tmp_path)
+
+    out = run("--help")
+    assert out.returncode == 0 and "usage: run_workflow.py" in out.stdout and not marker.exists()
+    assert "width and height 16 to 4096 pixels" in out.stdout and "16 to 4096, a multiple of 16" in out.stdout
+    out = run("--width", "5000")
+    assert out.returncode == 2 and not marker.exists()
+    assert out.stderr.strip().splitlines()[-1] == "run_workflow.py: error: argument --width: 5000 is too large (at most 4096)"
+    out = run("--workflow", str(tmp_path / "nope.json"))
+    assert out.returncode == 2 and "no such file" in out.stderr and not marker.exists()
+    out = run("--seed", "1")  # good arguments: setup comes next (and fails here, with its own code)
+    assert out.returncode == 100 and marker.exists()
+
+
+def _workflow_copy(job: Job, source: Path, change) -> Path:
+    workflow = json.loads(source.read_text())
+    change({n["type"]: n for n in workflow["nodes"]})
+    path = job.work / f"my_{source.name}"
+    path.write_text(json.dumps(workflow))
+    return path
+
+
+def test_a_size_error_in_the_workflow_is_reported_once_naming_its_input():
+    """ComfyUI repeats a node's own validation message under each input it validates ("width - height ...",
+    "preset - height ..."): the job reports it once, as the node says it."""
+    require_comfyui()
+    job = Job("size")
+    (job.work / "empty_models").mkdir()
+    workflow = _workflow_copy(job, T2I, lambda nodes: nodes["ZImageEmptyLatent"].update(
+        widgets_values=[1024, 100000, "custom", 1]))
+    out = job.run("--workflow", str(workflow), "--models-dir", str(job.work / "empty_models"), "--cpu")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if "100000" in line]
+    assert errors == ["ERROR: the workflow failed: node 5 (ZImageEmptyLatent): height 100000 is outside 16..4096 "
+                      "pixels"], out.stderr[-3000:]
+    assert job.leftovers() == []
+
+
+def test_a_failing_node_is_one_line_without_a_traceback():
+    """A node's clear error (here the text encoder's, for an empty prompt) is the whole report: ComfyUI's
+    "!!! Exception during processing !!!" and traceback are not printed in front of it."""
+    require_comfyui()
+    job = Job("node-error")
+    (job.work / "empty_models").mkdir()
+    out = job.run("--models-dir", str(job.work / "empty_models"), "--prompt", " ", "--width", "32", "--height", "32",
+                  "--steps", "1", "--cpu")
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr and "!!!" not in out.stderr, out.stderr[-3000:]
+    (line,) = [line for line in out.stderr.splitlines() if "ERROR" in line]
+    assert line.startswith("ERROR: the workflow failed: node 4 (ZImageTextEncode): ZImageTextEncode: the prompt is "
+                           "empty.")
+
+
+def test_prompt_sets_the_idea_of_the_prompt_enhancer_and_the_enhanced_prompt_is_printed():
+    require_comfyui()
+    job = Job("enhancer")
+    (job.work / "empty_models").mkdir()
+    # The shipped workflow with the answer capped at 16 tokens (random demo weights never stop on their own).
+    workflow = _workflow_copy(job, ENHANCED_PROMPT, lambda nodes: nodes["ZImagePromptEnhancer"]["widgets_values"]
+                              .__setitem__(4, 16))
+    out = job.run("--workflow", str(workflow), "--models-dir", str(job.work / "empty_models"), "--prompt",
+                  "a red bicycle", "--width", "32", "--height", "32", "--steps", "1", "--cpu")
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    from PIL import Image
+
+    (png,) = saved_paths(out.stdout)
+    ran = json.loads(Image.open(png).text["prompt"])
+    assert ran["10"]["class_type"] == "ZImagePromptEnhancer" and ran["10"]["inputs"]["text"] == "a red bicycle"
+    assert ran["4"]["inputs"]["text"] == ["10", 0], "the encoded text is still the enhancer's output"
+    (enhanced,) = [line for line in out.stdout.splitlines() if line.startswith("Enhanced prompt (node 10): ")]
+    assert len(enhanced) > len("Enhanced prompt (node 10): ")
+    lines = out.stderr.splitlines()
+    enhancer = lines.index("  node 10: ZImagePromptEnhancer")
+    assert [line.strip() for line in lines[enhancer + 1:enhancer + 17]] == [f"step {i}/16" for i in range(1, 17)]
+
+
+SHIPPED = sorted(WORKFLOWS.glob("*.json"))
+# Run in demo mode elsewhere in this module: text to image (demo_run) and the prompt enhancer (capped answer).
+ELSEWHERE = {T2I.name, ENHANCED_PROMPT.name}
+
+
+def demo_picture(path: Path) -> Path:
+    """A small RGBA picture with a transparent square (the inpainting workflows' mask)."""
+    from PIL import Image
+
+    rgba = np.zeros((48, 64, 4), np.uint8)
+    rgba[..., 0], rgba[..., 1], rgba[..., 3] = np.arange(64) * 4, np.arange(48)[:, None] * 5, 255
+    rgba[12:36, 16:48, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(path)
+    return path
+
+
+@pytest.mark.parametrize("workflow", [w for w in SHIPPED if w.name not in ELSEWHERE], ids=lambda w: w.stem)
+def test_demo_mode_runs_every_shipped_workflow(workflow):
+    """With no model file at all, every shipped workflow runs on demo files: ControlNet and LoRA included."""
+    require_comfyui()
+    assert len(SHIPPED) >= 9
+    job = Job("demo-" + workflow.stem)
+    (job.work / "empty_models").mkdir()
+    kinds = {n["type"] for n in json.loads(workflow.read_text())["nodes"]}
+    size = ["--width", "32", "--height", "32"] if "ZImageEmptyLatent" in kinds else []
+    image = ["--image", str(demo_picture(job.work / "picture.png"))] if "LoadImage" in kinds else []
+    out = job.run("--workflow", str(workflow), "--models-dir", str(job.work / "empty_models"), *size, *image,
+                  "--steps", "2", "--cpu")
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    assert "RANDOM demo weights" in out.stdout and len(saved_paths(out.stdout)) >= 1
+    from PIL import Image
+
+    embedded = json.loads(Image.open(saved_paths(out.stdout)[0]).text["prompt"])
+    files = {n["class_type"]: v for n in embedded.values()
+             for k, v in n["inputs"].items() if k in ("control_net_name", "lora_name")}
+    if "ZImageControlNetLoader" in kinds:
+        assert files["ZImageControlNetLoader"] == DEMO_FILES["model_patches"]
+        assert "your_z_image_lora" not in out.stdout
+    for loader in ("ZImageLoraLoader", "LoraLoaderModelOnly"):
+        if loader in kinds:
+            assert files[loader] == DEMO_FILES["loras"]
+    assert job.leftovers() == []
+
+
+def _base_models(job: Job) -> Path:
+    """A models folder with the three base files under their real names (demo weights inside)."""
+    models = job.work / "models"
+    for folder, name in BASE_NAMES.items():
+        (models / folder).mkdir(parents=True)
+        shutil.copyfile(demo_models() / folder / DEMO_FILES[folder], models / folder / name)
+    return models
+
+
+def test_a_missing_controlnet_gets_the_missing_file_report():
+    require_comfyui()
+    job = Job("no-controlnet")
+    models = _base_models(job)
+    out = job.run("--workflow", str(WORKFLOWS / "z_image_turbo_controlnet_canny.json"), "--models-dir", str(models),
+                  "--cpu")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "Value not in list" not in out.stderr and "SaveImage" not in out.stderr
+    assert "1 of the 4 model files the workflow needs is missing:" in out.stderr
+    name = "Z-Image-Turbo-Fun-Controlnet-Union-2.1-2601-8steps.safetensors"
+    assert f"  ControlNet: {name}, looked for at:\n      {models / 'model_patches' / name}\n" \
+           f"      {models / 'controlnet' / name}\n" in out.stderr
+    assert "download: https://huggingface.co/alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union-2.1" in out.stderr
+    assert f"vae: found {models / 'vae' / 'ae.safetensors'}".lower() in out.stderr.lower()
+
+
+def test_controlnet_and_lora_options_pick_files_and_a_missing_lora_is_reported():
+    """--controlnet takes a path; --lora fills the LoRA loaders in node order, and a LoRA loader left with a
+    missing file gets the missing-file report (folder, where to get one)."""
+    require_comfyui()
+    job = Job("options")
+    models = _base_models(job)
+    controlnet = job.work / "downloads" / "my_controlnet.safetensors"
+    controlnet.parent.mkdir()
+    shutil.copyfile(demo_models() / "model_patches" / DEMO_FILES["model_patches"], controlnet)
+    out = job.run("--workflow", str(WORKFLOWS / "z_image_turbo_controlnet_canny.json"), "--models-dir", str(models),
+                  "--controlnet", str(controlnet), "--image", str(demo_picture(job.work / "picture.png")),
+                  "--width", "32", "--height", "32", "--steps", "1", "--cpu")
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    assert "demo" not in out.stdout.lower()
+    from PIL import Image
+
+    ran = json.loads(Image.open(saved_paths(out.stdout)[0]).text["prompt"])
+    assert ran["7"]["inputs"]["control_net_name"] == "my_controlnet.safetensors"
+
+    lora = job.work / "downloads" / "my_lora.safetensors"
+    shutil.copyfile(demo_models() / "loras" / DEMO_FILES["loras"], lora)
+    out = job.run("--workflow", str(TWO_LORAS), "--models-dir", str(models), "--lora", str(lora), "--cpu")
+    assert out.returncode == 1 and "Traceback" not in out.stderr and "Value not in list" not in out.stderr
+    assert "1 of the 5 model files the workflow needs is missing:" in out.stderr
+    assert f"  LoRA: z_image_detail_lora.safetensors, looked for at:\n      {models / 'loras'}/" in out.stderr
+    assert f"LoRA: found {lora}" in out.stderr
+    assert "z_image_style_lora" not in out.stderr, "--lora replaced the first LoRA loader's file"
+    out = job.run("--workflow", str(TWO_LORAS), "--models-dir", str(models), "--lora", str(lora), "--lora", "a",
+                  "--lora", "b", "--cpu")
+    assert out.returncode == 2
+    assert "--lora is given 3 times, but z_image_turbo_two_loras.json has 2 ZImageLoraLoader" in out.stderr
+    assert job.leftovers() == []

@@ -5,6 +5,8 @@
     diffusion_models/zimage_demo_random_dit.safetensors    ComfyUI single file, `model.diffusion_model.` prefix, bf16
     text_encoders/zimage_demo_random_qwen3.safetensors     HF Qwen3ForCausalLM names (tied lm_head omitted), bf16
     vae/zimage_demo_random_ae.safetensors                  BFL ae.safetensors names, fp32
+    model_patches/zimage_demo_random_controlnet_lite.safetensors   Fun ControlNet Union lite layout, bf16
+    loras/zimage_demo_random_lora.safetensors              ComfyUI LoRA names (fused qkv, alpha), fp32
 
 The shapes are scaled down (DiT dim 64, Qwen3 hidden 32, VAE 32 channels) but keep everything the
 loaders and the real tokenizer rely on: Qwen3's full vocabulary (151,936 rows, so the real tokenizer's
@@ -33,6 +35,8 @@ DEMO_FILES = {
     "vae": "zimage_demo_random_ae.safetensors",
     # Fun ControlNet Union lite layout (3 control layers, inpaint channels) at the demo width.
     "model_patches": "zimage_demo_random_controlnet_lite.safetensors",
+    # A LoRA over every transformer block, in the key names both ComfyUI's LoraLoader and ours read.
+    "loras": "zimage_demo_random_lora.safetensors",
 }
 QWEN3_VOCAB = 151936
 TEXT_HIDDEN = 32
@@ -121,7 +125,7 @@ def _save(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype, what: 
 
 
 def write_demo_models(models_dir: str | os.PathLike, *, prefix: str = "model.diffusion_model.") -> dict[str, str]:
-    """Write the three demo files into `models_dir/<folder>/` (skipped when already there).
+    """Write the demo files (DEMO_FILES) into `models_dir/<folder>/` (each skipped when already there).
 
     Returns {ComfyUI folder name: file name}.
     """
@@ -143,6 +147,9 @@ def write_demo_models(models_dir: str | os.PathLike, *, prefix: str = "model.dif
         write_random_controlnet(control, "lite", dim=DEMO_TRANSFORMER.dim, n_heads=DEMO_TRANSFORMER.n_heads,
                                 seed=4, metadata={"zimage_demo": DEMO_VERSION, "description":
                                                   "RANDOM demo weights (Fun ControlNet lite); images are noise"})
+    lora = root / "loras" / DEMO_FILES["loras"]
+    if not _is_current(lora):
+        write_random_lora(lora, DEMO_TRANSFORMER, scale=0.5, seed=3)
     return dict(DEMO_FILES)
 
 
