@@ -5,7 +5,8 @@ from __future__ import annotations
 import comfy.model_management as mm
 import torch
 
-from ..zimage_core.sizes import MAX_SIDE, MULTIPLE
+from ..zimage_core.constants import LATENT_CHANNELS, MAX_SIDE, VAE_FACTOR
+from ..zimage_core.constants import PIXEL_MULTIPLE as MULTIPLE
 
 NODE_CATEGORY = "Z-Image/latent"
 
@@ -15,7 +16,7 @@ def crop_box(height: int, width: int) -> tuple[int, int, int, int]:
     masks and the inpaint composite line up with the encoded image through the same box."""
     nh, nw = height // MULTIPLE * MULTIPLE, width // MULTIPLE * MULTIPLE
     return (height - nh) // 2, (width - nw) // 2, nh, nw
-LATENT_CHANNELS = 16
+
 
 # Official Z-Image-Turbo resolutions of the 1024 tier (width × height).
 PRESETS = {
@@ -88,5 +89,5 @@ class ZImageEmptyLatent:
             width, height = PRESETS[preset]
         check_size(width, height, "ZImageEmptyLatent")
         # ComfyUI's LATENT holds raw VAE latents for Flux-family models; zeros, as in EmptySD3LatentImage.
-        samples = torch.zeros([batch_size, LATENT_CHANNELS, height // 8, width // 8], device=mm.intermediate_device())
+        samples = torch.zeros([batch_size, LATENT_CHANNELS, height // VAE_FACTOR, width // VAE_FACTOR], device=mm.intermediate_device())
         return ({"samples": samples},)

@@ -52,7 +52,8 @@ from scripts.comfy_headless import (  # noqa: E402
     set_widget_value,
     ui_to_api,
 )
-from zimage_core.sizes import MAX_SIDE, MULTIPLE  # noqa: E402
+from zimage_core.constants import MAX_SIDE  # noqa: E402
+from zimage_core.constants import PIXEL_MULTIPLE as MULTIPLE  # noqa: E402
 
 PROG = "run_workflow.py"
 DEFAULT_WORKFLOW = ROOT / "workflows" / "z_image_turbo_text_to_image.json"
