@@ -82,19 +82,30 @@ def _omni_conditioning(nodes, clip, vae, encoder, images, prompt: str):
     return out[0]
 
 
-@pytest.mark.parametrize("file, n_refs, with_encoder, cfg", [
-    (OMNI, 2, True, 2.0), (OMNI, 1, False, 1.0), (REGULAR, 2, True, 1.0), (REGULAR, 1, False, 2.0)],
-    ids=["omni-2refs-siglip-cfg", "omni-1ref", "regular-2refs-siglip", "regular-1ref-cfg"])
-def test_omni_references_on_our_model_match_native(omni_setup, file, n_refs, with_encoder, cfg):
+# (refs, SigLIP2 encoder, cfg) per file; cfg > 1 runs the prompt and the negative prompt as one batch.
+CASES = {OMNI: [(2, True, 2.0), (1, False, 1.0)], REGULAR: [(2, True, 1.0), (1, False, 2.0)]}
+
+
+@pytest.mark.parametrize("file", [OMNI, REGULAR], ids=["omni-file", "regular-file"])
+def test_omni_references_on_our_model_match_native(omni_setup, file):
+    """1 and 2 references, with and without SigLIP features, alone and in a CFG batch: each model is loaded
+    once per file (full-width files are slow to load on a CPU) and samples every case."""
     nodes, clip, vae, encoder, images, latent = omni_setup
+    version = tuple(int(v) for v in comfy_module("comfyui_version").__version__.split(".")[:2])
+    if version < (0, 28):
+        pytest.skip("the full-width Omni parity runs on the newest ComfyUI CI has (0.28); the workflow test "
+                    "below runs Omni conditioning on every ComfyUI that has it")
     mm = comfy_module("comfy.model_management")
-    refs = images[:n_refs]
-    enc = encoder if with_encoder else None
-    positive = _omni_conditioning(nodes, clip, vae, enc, refs, "make the cat wear a red hat")
-    negative = _omni_conditioning(nodes, clip, vae, enc, refs, "blurry")
-    extras = positive[0][1]
-    assert len(extras["reference_latents"]) == n_refs and len(extras["reference_latents_text_embeds"]) == n_refs + 1
-    assert ("clip_vision_outputs" in extras) is with_encoder
+    conds = []
+    for n_refs, with_encoder, cfg in CASES[file]:
+        refs, enc = images[:n_refs], encoder if with_encoder else None
+        positive = _omni_conditioning(nodes, clip, vae, enc, refs, "make the cat wear a red hat")
+        negative = _omni_conditioning(nodes, clip, vae, enc, refs, "blurry")
+        extras = positive[0][1]
+        assert len(extras["reference_latents"]) == n_refs
+        assert len(extras["reference_latents_text_embeds"]) == n_refs + 1
+        assert ("clip_vision_outputs" in extras) is with_encoder
+        conds.append((positive, negative, cfg))
     results = {}
     for which in ("native", "ours"):
         if which == "native":
@@ -103,16 +114,18 @@ def test_omni_references_on_our_model_match_native(omni_setup, file, n_refs, wit
             assert (getattr(model.model.diffusion_model, "siglip_embedder", None) is not None) is (file == OMNI)
         else:
             model = nodes.NODE_CLASS_MAPPINGS["ZImageModelLoader"]().load(file, "default")[0]
-        results[which] = nodes.KSampler().sample(model, 11, STEPS, cfg, "euler", "simple", positive, negative,
-                                                 latent, 1.0)[0]["samples"]
+        for k, (positive, negative, cfg) in enumerate(conds):
+            results[which, k] = nodes.KSampler().sample(model, 11, STEPS, cfg, "euler", "simple", positive, negative,
+                                                        latent, 1.0)[0]["samples"]
         model = None
         mm.unload_all_models()
         gc.collect()
-    native, ours = results["native"], results["ours"]
-    assert torch.isfinite(native).all() and native.shape == ours.shape
-    # fp32 on the CPU; the implementations differ in op order and ComfyUI's q/k RMSNorm eps (see
-    # test_comfy_native_parity.py).
-    assert _rel(ours, native) < 1e-5, _rel(ours, native)
+    for k, case in enumerate(CASES[file]):
+        native, ours = results["native", k], results["ours", k]
+        assert torch.isfinite(native).all() and native.shape == ours.shape
+        # fp32 on the CPU; the implementations differ in op order (the token order, too) and ComfyUI's q/k
+        # RMSNorm eps (see test_comfy_native_parity.py): observed ~1e-7.
+        assert _rel(ours, native) < 1e-5, (case, _rel(ours, native))
 
 
 def test_the_omni_reference_workflow_runs_on_the_demo_files():
