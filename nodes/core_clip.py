@@ -15,12 +15,33 @@ import comfy.ops
 import comfy.sd
 import torch
 
-from .core_model import compute_dtype_for, load_options
+from .core_model import load_options
 from .errors import load_explained
 
 log = logging.getLogger(__name__)
 
 TOKENS_KEY = "qwen3_4b"  # the key ComfyUI's own Z-Image tokenizer uses
+
+
+def text_encoder_compute_dtype(device: torch.device, *, generating_from: torch.dtype | None = None) -> torch.dtype:
+    """The one decision of the dtype Qwen3 computes in on `device`: for encoding, or for the prompt enhancer's
+    generation with weights stored in `generating_from`.
+
+    Encoding: float32 on every device, as ComfyUI's CLIP: its `SDClipModel.forward` runs the model with
+    `dtype=torch.float32` through `comfy.ops.manual_cast` layers, each casting its weight (stored as the file
+    has it, e.g. bf16) per call. `mm.text_encoder_dtype` (fp16) does not apply to Qwen3: native stores the file's
+    dtype (`llama_detect`'s `dtype_llama` overrides it), and storage is not the compute dtype. float32 cannot
+    overflow, so no fp16 NaN guard is needed.
+    Generating: ComfyUI's own LLM generation (0.18.1 `BaseGenerate.generate`) computes in bf16 where
+    `should_use_bf16(device)`, else float32. Not on the CPU with bf16 weights: there float32 means casting the
+    whole model for every token (a bf16 2560x9728 matrix-vector product 2.5 ms, cast + float32 43 ms on a
+    2-core EPYC), so generation computes in the weights' bf16, as before.
+    """
+    if generating_from is None:
+        return torch.float32
+    if mm.is_device_cpu(device):
+        return generating_from if generating_from in (torch.bfloat16, torch.float32) else torch.float32
+    return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
 
 
 class ZImageClipTokenizer:
@@ -67,10 +88,13 @@ class ZImageClipModel(torch.nn.Module):
         pass  # no CLIP skip / projection options: Z-Image always takes Qwen3's second-to-last layer
 
     def memory_estimation_function(self, tokens: dict, device=None) -> int:
-        """Activation bytes for encoding `tokens`: scales with the tokens actually encoded."""
+        """Bytes beside the weights for encoding `tokens`: activations, which scale with the tokens actually
+        encoded, and one weight cast to the compute dtype (manual cast: one layer's at a time)."""
         n = sum(len(chunk) for chunk in tokens.get(TOKENS_KEY, [])) or 1
         cfg = self.transformer.config
-        return n * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * mm.dtype_size(self.encoder.dtype) * 2
+        size = mm.dtype_size(self.encoder.working_dtype)
+        cast = 0 if self.encoder.working_dtype == self.encoder.dtype else cfg.hidden_size * cfg.intermediate_size * size
+        return n * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * size * 2 + cast
 
     def encode_token_weights(self, tokens: dict):
         chunks = tokens.get(TOKENS_KEY)
@@ -164,17 +188,17 @@ def load_zimage_clip(path: str) -> comfy.sd.CLIP:
 
     load_device = mm.text_encoder_device()
     offload_device = mm.text_encoder_offload_device()
-    # Qwen3 is trained in bf16. On the CPU (also ComfyUI's text-encoder device under --lowvram) bf16
-    # halves the 16 GB an fp32 copy of the 4B model would take; GPUs without bf16 compute in fp32.
-    dtype = torch.bfloat16 if mm.is_device_cpu(load_device) else compute_dtype_for(load_device)
+    # Stored as the file has it (fp8 files dequantized to bf16), computed as ComfyUI computes it: manual_cast
+    # layers cast each weight to the compute dtype per call, as native CLIPLoader's do.
     encoder = load_explained(
-        lambda: load_text_encoder(path, dtype=dtype, device=offload_device, operations=comfy.ops.disable_weight_init,
+        lambda: load_text_encoder(path, device=offload_device, operations=comfy.ops.manual_cast,
+                                  compute_dtype=text_encoder_compute_dtype(load_device),
                                   **load_options()),
         path,
         "the Qwen3-4B text encoder of Z-Image (qwen_3_4b.safetensors)",
         "Put qwen_3_4b.safetensors in models/text_encoders and select it.")
     encoder.model.eval().requires_grad_(False)
     options = {"load_device": load_device, "offload_device": offload_device, "initial_device": offload_device,
-               "dtype": dtype}
+               "dtype": encoder.dtype}
     return ZImageCLIP(target=_Target(encoder), model_options=options)
 

@@ -20,7 +20,7 @@ from ..zimage_core.checkpoint import model_fingerprint
 from ..zimage_core.prompt_enhancer import MODES, enhance_prompt
 from ..zimage_core.text_encoder.generate import CausalLM, Sampling
 from ..zimage_core.text_encoder.lm_tail import load_lm_tail
-from .core_clip import ZImageClipModel, load_zimage_clip
+from .core_clip import ZImageClipModel, load_zimage_clip, text_encoder_compute_dtype
 from .core_model import load_options
 from .errors import load_explained
 from .loaders import _choices, _resolve
@@ -114,8 +114,9 @@ class ZImagePromptEnhancer:
             clip = _clip_from_file(text_encoder_name)
         encoder = _encoder_of(clip)
         tail = _tail_of(clip, encoder)
-        lm = CausalLM.from_encoder(encoder, tail.model)
         patcher = clip.patcher
+        lm = CausalLM.from_encoder(encoder, tail.model, compute_dtype=text_encoder_compute_dtype(
+            patcher.load_device, generating_from=encoder.dtype))
         ids_estimate = 1024 + max_new_tokens  # instruction (~300-400 tokens) + idea + answer
         mm.load_models_gpu([patcher, tail], memory_required=lm.memory_required(ids_estimate))
         pbar = comfy.utils.ProgressBar(max_new_tokens)
@@ -156,7 +157,7 @@ def _tail_of(clip, encoder) -> comfy.model_patcher.ModelPatcher:
         path = encoder.path
         tail = load_explained(
             lambda: load_lm_tail(path, len(encoder.model.layers), dtype=encoder.dtype, device=clip.patcher.offload_device,
-                                 operations=comfy.ops.disable_weight_init, **load_options()),
+                                 operations=comfy.ops.manual_cast, **load_options()),
             path, "the Qwen3-4B text encoder of Z-Image (qwen_3_4b.safetensors)",
             "Use the complete qwen_3_4b.safetensors from Comfy-Org/z_image_turbo (split_files/text_encoders).")
         tail.eval().requires_grad_(False)

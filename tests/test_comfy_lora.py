@@ -372,8 +372,9 @@ def test_low_precision_weights_are_patched_within_the_rounding_bound(lora_setup,
 
 def test_text_encoder_lora_matches_peft_on_transformers_qwen3(lora_setup):
     """A Qwen3 LoRA (kohya names, alpha) on our CLIP gives the caption features transformers' Qwen3 gives with
-    the same change merged by PEFT (hidden_states[-2], Z-Image's features). Our CLIP computes in bf16 on
-    the CPU, so the comparison is at bf16 precision; the LoRA changes the features far more than that."""
+    the same change merged by PEFT (hidden_states[-2], Z-Image's features). Our CLIP computes in fp32 (as
+    ComfyUI's does) on the bf16 weights, and the patched weights are stored back in bf16, as ComfyUI stores
+    them: the comparison is at bf16 precision; the LoRA changes the features far more than that."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -425,10 +426,10 @@ def test_text_encoder_lora_matches_peft_on_transformers_qwen3(lora_setup):
     change = _rel(expected, plain)
     err, err_plain = _rel(ours, expected), _rel(plain, expected_plain)
     print(f"text-encoder LoRA: changes features by {change:.2e}; ours vs transformers+PEFT {err:.2e} "
-          f"({err_plain:.2e} without the LoRA: bf16)")
-    # bf16 rounding through the layers is ~1e-2 here (also without the LoRA); a wrong module or scale would
-    # be off by a sizeable part of the change.
-    assert err_plain < 0.02 and err < 0.03 and change > 0.5
+          f"({err_plain:.2e} without the LoRA)")
+    # The patched weights' bf16 rounding moves the features by ~5e-3 here; a wrong module or scale would be off
+    # by a sizeable part of the change. Without the LoRA the weights are the file's: fp32 compute on them.
+    assert err_plain < 1e-5 and err < 0.03 and change > 0.5
 
 
 def test_a_lora_replaced_on_disk_is_read_again(lora_setup):

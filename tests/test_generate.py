@@ -27,6 +27,7 @@ from zimage_core.text_encoder import (
     load_lm_tail,
     load_text_encoder,
     load_tokenizer,
+    manual_cast,
 )
 
 IDEA = "a red fox in the snow at golden hour"
@@ -137,6 +138,23 @@ def test_fp8_file(tmp_path, lm, tokenizer, prompt):
     last = lm.config.num_hidden_layers - 1
     assert torch.equal(model.layers[-1].attn.q_proj.weight, sd[f"model.layers.{last}.self_attn.q_proj.weight"])
     assert model.generate(prompt, 24).token_ids == hf_greedy(rounded, prompt, 24)
+
+
+def test_bf16_file_generated_in_fp32_by_manual_cast(tmp_path, lm, tokenizer, prompt):
+    """bf16 weights stay bf16 and generation computes in float32 (each layer casts per call): transformers'
+    float32 tokens on the same bf16-rounded weights."""
+    from transformers import Qwen3ForCausalLM
+
+    path = save_comfy_file(lm, tmp_path / "qwen_bf16.safetensors", torch.bfloat16)
+    rounded = Qwen3ForCausalLM(lm.config).eval()
+    rounded.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    rounded.tie_weights()
+    encoder = load_text_encoder(path, tokenizer=tokenizer, compute_dtype=torch.float32)
+    tail = load_lm_tail(path, len(encoder.model.layers), dtype=None, operations=manual_cast)
+    model = CausalLM.from_encoder(encoder, tail, compute_dtype=torch.float32)
+    assert model.generate(prompt, 24).token_ids == hf_greedy(rounded, prompt, 24)
+    weights = [*encoder.model.parameters(), *tail.parameters()]
+    assert {p.dtype for p in weights} == {torch.bfloat16}
 
 
 def test_file_without_final_norm(tmp_path, comfy_file, tokenizer):

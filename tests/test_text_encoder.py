@@ -176,6 +176,12 @@ def test_bf16_file(files, lm, tmp_path):
     ref = [_hidden_minus_2(ref_model, ids) for ids in enc32.tokenize(BATCH)]
     _check(enc32.encode(BATCH), ref, "bf16 file loaded as fp32 vs transformers")
     assert max(rel_err(o, r) for o, r in zip(out, ref, strict=True)) < 5e-2  # bf16 compute, loose by nature
+    # Stored in bf16, computed in fp32 (manual cast, zimage_core's own layers): as ComfyUI computes it.
+    cast = load_text_encoder(path, tokenizer=tok, compute_dtype=torch.float32)
+    assert cast.dtype == torch.bfloat16 and cast.working_dtype == torch.float32
+    assert {p.dtype for p in cast.model.parameters()} == {torch.bfloat16}
+    _check(cast.encode(BATCH), ref, "bf16 file computed in fp32 (manual cast) vs transformers")
+    assert {p.dtype for p in cast.model.parameters()} == {torch.bfloat16}
 
 
 @pytest.mark.parametrize("scale_key", ["weight_scale", "scale_weight"])

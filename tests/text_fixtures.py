@@ -56,18 +56,20 @@ def import_comfy():
     return sys.modules["comfy"]
 
 
-def tiny_config():
+def tiny_config(**changes):
+    """TINY as a transformers Qwen3Config, with `changes` to its fields."""
     from transformers import Qwen3Config
 
-    return Qwen3Config(**TINY)
+    return Qwen3Config(**{**TINY, **changes})
 
 
-def tiny_causal_lm(seed: int = 0):
-    """A random Qwen3ForCausalLM with non-trivial norm weights (so a skipped/misplaced norm shows)."""
+def tiny_causal_lm(seed: int = 0, **changes):
+    """A random Qwen3ForCausalLM with non-trivial norm weights (so a skipped/misplaced norm shows);
+    `changes`: fields of TINY to change."""
     from transformers import Qwen3ForCausalLM
 
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(tiny_config()).eval()
+    model = Qwen3ForCausalLM(tiny_config(**changes)).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

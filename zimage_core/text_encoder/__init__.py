@@ -14,6 +14,7 @@ from .model import (
     ZImageTextEncoder,
     chat_prompt,
 )
+from .ops import manual_cast
 from .tokenizer import (
     ENDOFTEXT,
     IM_END,
@@ -55,4 +56,5 @@ __all__ = [
     "check_text",
     "load_text_encoder",
     "load_tokenizer",
+    "manual_cast",
 ]

@@ -125,33 +125,43 @@ class CausalLM:
 
     Modules are called, not their weights read, so a host's cast/offload layers (ComfyUI's ops) work;
     only the head's weight is used directly (moved to the compute device if it is elsewhere).
+    `compute_dtype`: the dtype generation computes in (activations, key/value cache); None: the
+    embedding's dtype. When it differs from the weights' dtype the Linear layers must cast per call
+    (`ops.manual_cast`, ComfyUI's `comfy.ops.manual_cast`).
     """
 
     def __init__(self, embed: nn.Module, layers: Sequence[nn.Module], norm: nn.Module, rotary_emb: nn.Module,
-                 *, head_weight: torch.Tensor | None = None) -> None:
+                 *, head_weight: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None) -> None:
         self.embed = embed
         self.layers = [_Layer(layer) for layer in layers]
         self.norm = norm
         self.rotary_emb = rotary_emb
         self.head_weight = head_weight
+        self.compute_dtype = compute_dtype
         self.use_cuda_graphs = True
 
     @classmethod
-    def from_encoder(cls, encoder, tail) -> CausalLM:
+    def from_encoder(cls, encoder, tail, *, compute_dtype: torch.dtype | None = None) -> CausalLM:
         """The LM of a `ZImageTextEncoder` (its 35 layers) completed by `tail` (`LMTail`: the layers the
-        encoder does not hold and the final norm)."""
+        encoder does not hold and the final norm). `compute_dtype`: as the constructor's."""
         if getattr(encoder, "_streamer", None) is not None:
             raise RuntimeError("CausalLM.from_encoder: the encoder streams its weights (low-VRAM mode); "
                                "call encoder.stop_streaming() first.")
         model = encoder.model
         return cls(model.embed_tokens, list(model.layers) + list(tail.layers), tail.norm, model.rotary_emb,
-                   head_weight=tail.lm_head.weight if tail.lm_head is not None else None)
+                   head_weight=tail.lm_head.weight if tail.lm_head is not None else None,
+                   compute_dtype=compute_dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype generation computes in: `compute_dtype`, else the embedding's."""
+        return self.compute_dtype if self.compute_dtype is not None else self.embed.weight.dtype
 
     def memory_required(self, total_tokens: int) -> int:
         """Bytes of device memory a generation of `total_tokens` (prompt + new) needs beside the weights:
         the key/value cache, the prefill's activations, and the logits."""
         length = -(-total_tokens // _CACHE_BUCKET) * _CACHE_BUCKET
-        size = torch.finfo(self.embed.weight.dtype).bits // 8
+        size = torch.finfo(self.dtype).bits // 8
         kv = sum(2 * la.n_kv * la.head_dim for la in self.layers) * length * size
         first = self.layers[0]
         width = first.layer.mlp.gate_proj.weight.shape[0]
@@ -183,7 +193,7 @@ class CausalLM:
         entries under `mask` ((1, keys) bool, True = attend; None = all of them), for T = 1.
         """
         t = ids.shape[1]
-        x = self.embed(ids)
+        x = self.embed(ids).to(self.dtype)  # the rows in the compute dtype (no copy when they are in it)
         c = cos.index_select(0, pos).unsqueeze(0).unsqueeze(0)  # (1, 1, T, head_dim)
         s = sin.index_select(0, pos).unsqueeze(0).unsqueeze(0)
         for i, la in enumerate(self.layers):
@@ -253,7 +263,7 @@ class CausalLM:
         device = torch.device(device) if device is not None else self.embed.weight.device
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        dtype = self.embed.weight.dtype
+        dtype = self.dtype
         if static_cache is None:
             static_cache = device.type == "cuda"
         stops = {int(s) for s in stop_ids}

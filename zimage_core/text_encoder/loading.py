@@ -18,14 +18,15 @@ from ..checkpoint.io import Checkpoint, open_checkpoint
 from ..checkpoint.materialise import read_joined, set_param
 from ..checks import (
     checkpoint_errors,
-    compute_dtype,
     numbered_blocks,
     real_number,
     release_on_error,
     whole_number,
 )
+from ..checks import compute_dtype as checked_dtype
 from ..errors import CheckpointError
 from .model import MAX_CAPTION_TOKENS, RMS_NORM_EPS, ROPE_THETA, ZImageTextEncoder
+from .ops import manual_cast
 from .tokenizer import QwenTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,15 @@ _SHAPE_LIMITS = {
 def load_text_encoder(path: str | os.PathLike, *, tokenizer: QwenTokenizer | str | os.PathLike | None = None,
                       dtype: torch.dtype | None = None, device: torch.device | str = "cpu", mmap: bool = True,
                       check_interrupt: Callable[[], None] | None = None,
-                      operations: Any = None) -> ZImageTextEncoder:
+                      operations: Any = None, compute_dtype: torch.dtype | None = None) -> ZImageTextEncoder:
     """Load a Qwen3 text encoder for Z-Image from local files.
 
     `tokenizer`: a loaded `QwenTokenizer`, a tokenizer path, or None to search (see `load_tokenizer`,
-    starting beside `path`). `dtype`: None keeps the stored dtype (fp8 storage -> bfloat16).
+    starting beside `path`). `dtype`: the weights' storage dtype; None keeps the stored dtype (fp8 storage
+    -> bfloat16). `compute_dtype`: the dtype the encoder computes in (None: the storage dtype). When it
+    differs from the storage dtype each layer casts its weight per call (manual cast, as ComfyUI's CLIP
+    computes a bf16 file in float32): the layers are `ops.manual_cast`'s unless `operations` are given,
+    which must then cast too (e.g. `comfy.ops.manual_cast`).
     Weights are assigned one tensor at a time onto a meta-initialised model (no second copy in RAM),
     each in memory of its own (never a view of the file). `mmap=False` reads with plain file reads
     (ComfyUI's --disable-mmap). `check_interrupt` is called before each tensor is read; whatever it
@@ -63,7 +68,8 @@ def load_text_encoder(path: str | os.PathLike, *, tokenizer: QwenTokenizer | str
     `operations`: a namespace whose `Linear` / `Embedding` subclass torch's (e.g. ComfyUI's `comfy.ops`);
     the model's layers take those classes, so a host that casts or streams such layers can split it.
     """
-    dtype = compute_dtype(dtype, "load_text_encoder: dtype")
+    dtype = checked_dtype(dtype, "load_text_encoder: dtype")
+    compute_dtype = checked_dtype(compute_dtype, "load_text_encoder: compute_dtype")
     path = Path(path)
     if path.is_dir() and not any(path.glob("*.safetensors")) and (path / "text_encoder").is_dir():
         path = path / "text_encoder"  # the root of a diffusers layout
@@ -77,9 +83,11 @@ def load_text_encoder(path: str | os.PathLike, *, tokenizer: QwenTokenizer | str
             stored = ckpt.dtype(prefix + "embed_tokens.weight")
             dtype = stored if stored in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
         model = _build(ckpt, prefix, config, dtype, torch.device(device), check_interrupt)
+    if operations is None and compute_dtype not in (None, dtype):
+        operations = manual_cast
     if operations is not None:
         _use_operations(model, operations)
-    return ZImageTextEncoder(model, tokenizer, path=str(path))
+    return ZImageTextEncoder(model, tokenizer, path=str(path), compute_dtype=compute_dtype)
 
 
 def _find_prefix(ckpt: Checkpoint) -> str:

@@ -53,14 +53,17 @@ class ZImageTextEncoder:
     `model` is a transformers `Qwen3Model` holding only the layers that produce `hidden_states[-2]`
     (the last layer and the final norm are dropped; its `norm` is an Identity). An empty prompt is
     allowed: the template alone gives 8 tokens, as diffusers does for its empty negative prompt.
+    `compute_dtype`: the dtype the layers compute in (None: the weights' dtype); when it differs, the
+    model's Linear layers must cast their weights per call (see `load_text_encoder`).
     """
 
     def __init__(self, model: nn.Module, tokenizer: QwenTokenizer, *, path: str = "",
-                 max_tokens: int = MAX_CAPTION_TOKENS) -> None:
+                 max_tokens: int = MAX_CAPTION_TOKENS, compute_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.path = path
         self.max_tokens = max_tokens
+        self.compute_dtype = compute_dtype
         self._suffix_ids = tokenizer.encode(TEMPLATE_SUFFIX)
         # CUDA graphs per padded length: a 4B model on a short prompt is launch-bound (~1 ms of
         # Python per layer); a replayed graph runs it at memory speed. Set False to disable.
@@ -73,7 +76,13 @@ class ZImageTextEncoder:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The weights' (storage) dtype."""
         return self.model.embed_tokens.weight.dtype
+
+    @property
+    def working_dtype(self) -> torch.dtype:
+        """The dtype the layers compute in, and the features' dtype: `compute_dtype`, else the weights'."""
+        return self.compute_dtype if self.compute_dtype is not None else self.dtype
 
     @property
     def device(self) -> torch.device:
@@ -173,7 +182,7 @@ class ZImageTextEncoder:
         return out
 
     def encode(self, prompts: str | Sequence[str]) -> list[torch.Tensor]:
-        """Caption features per prompt: (L_i, hidden) in the model's dtype, on its device."""
+        """Caption features per prompt: (L_i, hidden) in `working_dtype`, on the model's device."""
         return self.encode_ids(self.tokenize(prompts))
 
     @torch.no_grad()
@@ -201,16 +210,20 @@ class ZImageTextEncoder:
             # travel (a gather, exact on any device).
             embeds = nn.functional.embedding(input_ids, self._emb_host).to(device)
             try:
-                hidden = self.model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                    use_cache=False).last_hidden_state
+                hidden = self._run(embeds, attention_mask)
             finally:
                 self._streamer.release()
         else:
-            hidden = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask,
-                                use_cache=False).last_hidden_state
+            hidden = self._run(self.model.embed_tokens(input_ids.to(device)), attention_mask)
         if len(ids) == 1:
             return [hidden[0]]
         return [hidden[row, :n].clone() for row, n in enumerate(lengths)]
+
+    def _run(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The layers on the token embeddings, in the compute dtype: the rows are cast to it (exact for a
+        wider dtype), and every layer computes in its input's dtype."""
+        return self.model(inputs_embeds=embeds.to(self.working_dtype), attention_mask=attention_mask,
+                          use_cache=False).last_hidden_state
 
     GRAPH_BUCKET = 64
 
@@ -255,13 +268,13 @@ class ZImageTextEncoder:
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up: cuBLAS handles and workspaces exist before capture
-                self.model(input_ids=static_ids, attention_mask=None, use_cache=False)
+                self._run(self.model.embed_tokens(static_ids), None)
         torch.cuda.current_stream(device).wait_stream(side)
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            static_out = self.model(input_ids=static_ids, attention_mask=None, use_cache=False).last_hidden_state
+            static_out = self._run(self.model.embed_tokens(static_ids), None)
         return graph, static_ids, static_out
 
     def release_graphs(self) -> None:
@@ -274,7 +287,7 @@ class ZImageTextEncoder:
         c = self.model.config
         return (f"ZImageTextEncoder({self.path!r}, hidden={c.hidden_size}, "
                 f"layers run={c.num_hidden_layers} of {c.num_hidden_layers + 1}, "
-                f"dtype={self.dtype}, device={self.device})")
+                f"dtype={self.dtype}, compute={self.working_dtype}, device={self.device})")
 
 
 def _as_prompt_list(prompts: str | Sequence[str]) -> list[str]:
