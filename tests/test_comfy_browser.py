@@ -161,10 +161,10 @@ def test_extension_labels_the_negative_unused_while_guidance_is_zero(report, nam
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in WORKFLOWS.glob("*.json")))
-def test_widget_labels_values_and_notes_fit_their_nodes(report, name):
+def test_widget_labels_values_titles_and_notes_fit_their_nodes(report, name):
     # What a newcomer sees on dropping the workflow, at 100 % zoom: no widget whose label or value the
-    # frontend cuts short ("mo… z_image_turbo_bf16"), no note whose text runs past its edge (a table's
-    # "download" column). The frontend's own fit test, measured in the page (browser_check.js).
+    # frontend cuts short ("mo… z_image_turbo_bf16"), no cut title, no note whose text runs past its edge
+    # (a table's "download" column). The frontend's own fit tests, measured in the page (browser_check.js).
     layout = report["workflows"][name]["layout"]
     nodes = _workflow(name)["nodes"]
     measured = {(w["node"], w["name"]) for w in layout["widgets"]}
@@ -174,6 +174,10 @@ def test_widget_labels_values_and_notes_fit_their_nodes(report, name):
     cut = [f"{w['type']} #{w['node']}: '{w['label']}' + '{w['value']}' need {w['needed']} px, "
            f"{w['available']} px there" for w in layout["widgets"] if not w["fits"]]
     assert not cut, "cut-off widget text:\n" + "\n".join(cut)
+    assert len(layout["titles"]) == len(nodes)
+    cut = [f"{t['type']} #{t['node']}: '{t['title']}' needs {t['needed']} px, {t['available']} px there"
+           for t in layout["titles"] if not t["fits"]]
+    assert not cut, "cut-off node titles:\n" + "\n".join(cut)
     notes = [n for n in nodes if n["type"] in ("MarkdownNote", "Note")]
     assert len(layout["notes"]) == len(notes) and all(n["found"] for n in layout["notes"])
     wide = [n for n in layout["notes"] if n["overflow_px"] > 1]

@@ -51,7 +51,8 @@ const PAGE_HELPERS = `
 // What a newcomer sees right after dropping the workflow, at 100 % zoom: for every widget the frontend
 // draws as "label ... value" (drawTruncatingText, frontends >= 1.2x), whether both fit the node's width
 // (the frontend's own test, with the arguments of its own call: otherwise it cuts the label and/or the
-// value with an ellipsis), and for every note whether its rendered text runs past the note's right edge.
+// value with an ellipsis), whether each node's title fits, and for every note whether its rendered text
+// runs past the note's right edge.
 async function layoutReport(page, screenshotPath) {
   return page.evaluate(async () => {
     const canvas = window.app.canvas;
@@ -82,6 +83,19 @@ async function layoutReport(page, screenshotPath) {
     }
     const widgets = [];
     const notes = [];
+    // Titles: the frontend cuts a title longer than the node's width less twice the title height
+    // (LGraphNode.drawTitleText).
+    const measure = document.createElement('canvas').getContext('2d');
+    const titleHeight = window.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
+    const titles = window.app.graph._nodes.filter((n) => n.titleFontStyle && n.getTitle).map((n) => {
+      measure.font = n.titleFontStyle;
+      const title = String(n.getTitle());
+      const width = (n.renderingSize ?? n.size)[0];
+      const needed = measure.measureText(title).width;
+      const available = width - titleHeight * 2;
+      return {node: n.id, type: n.type, title, needed: Math.round(needed), available: Math.round(available),
+        fits: needed <= available};
+    });
     window.__ziView = {scale: canvas.ds.scale, offset: [...canvas.ds.offset]};
     try {
       for (const n of window.app.graph._nodes) {
@@ -118,7 +132,7 @@ async function layoutReport(page, screenshotPath) {
     }
     canvas.setDirty(true, true);
     await frame();
-    return {widgets, notes};
+    return {widgets, notes, titles};
   }).then(async (report) => {
     await sleep(200);
     await page.screenshot({path: screenshotPath});
