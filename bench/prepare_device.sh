@@ -20,9 +20,12 @@
 #   .device/comfy_src-0.28.0   from .comfyui/ComfyUI-0.28.0 (scripts/setup.sh 0.28.0), the same files left out
 #   .whl-0.28.0/        torchsde + trampoline as above, comfy-aimdo 0.4.10 (dynamic VRAM; comfy.model_management
 #                       imports it), comfy-kitchen 0.2.22 (its quantised layers; ~29 MB), and the small packages
-#                       0.28 imports at start-up that the machine lacks: simpleeval, blake3, SQLAlchemy (+
-#                       greenlet) and alembic (+ Mako) for its asset database code, which the server imports.
-#   Carry: ".device/comfy_src-0.28.0" and ".whl-0.28.0" (about 45 MiB with the checkout; the limit is 64 MiB).
+#                       0.28 imports at start-up that the machine lacks: simpleeval, blake3, SQLAlchemy and
+#                       pydantic (+ pydantic_core, annotated_types, typing_inspection and typing_extensions
+#                       >= 4.16, newer than the machine may have) for its asset code, which the server imports
+#                       (found with the CPU smoke run, which hides what KINDS.md's list lacks). Not carried:
+#                       alembic (database migrations: main.py only), kornia/spandrel/PyOpenGL (extra nodes).
+#   Carry: ".device/comfy_src-0.28.0" and ".whl-0.28.0" (about 52 MiB with the checkout; the limit is 64 MiB).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -33,7 +36,7 @@ case "$VERSION" in
   0.28.0) SRC="${ZIMAGE_COMFYUI_DIR:-$ROOT/.comfyui/ComfyUI-0.28.0}"; DST=.device/comfy_src-0.28.0; WHL=.whl-0.28.0
           WHEELS=(torchsde==0.2.6 trampoline==0.1.2 comfy-aimdo==0.4.10 comfy-kitchen==0.2.22 simpleeval==1.0.8
                   blake3==1.0.11 SQLAlchemy==2.1.9 pydantic==2.14.4 pydantic_core==2.50.5 annotated_types==0.8.0
-                  typing_inspection==0.4.5) ;;
+                  typing_inspection==0.4.5 typing_extensions==4.16.0) ;;
   *) echo "prepare_device.sh: unknown ComfyUI version '$VERSION' (0.3.75 or 0.28.0)" >&2; exit 2 ;;
 esac
 [ -f "$SRC/execution.py" ] || { echo "no ComfyUI at $SRC: run scripts/setup.sh $VERSION first" >&2; exit 1; }
