@@ -56,7 +56,10 @@ const PAGE_HELPERS = `
 async function layoutReport(page, screenshotPath) {
   return page.evaluate(async () => {
     const canvas = window.app.canvas;
-    const frame = () => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
+    // Two animation frames (the frontend's DOM widgets follow the canvas in its own frame callbacks), but
+    // never longer than half a second: a page that renders no frames must not hang the check.
+    const frame = () => Promise.race([new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r))),
+      new Promise((r) => setTimeout(r, 500))]);
     const measured = new Map();
     const wrapped = [];
     for (const n of window.app.graph._nodes) {
