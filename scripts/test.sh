@@ -8,8 +8,8 @@
 #   3. and again under ComfyUI 0.28.0  (.venv-comfyui-0.28.0, .comfyui/ComfyUI-0.28.0)
 # Extra arguments go to every pytest run. Exits non-zero if any run fails or runs no test at all.
 # ZIMAGE_COMFYUI_VERSIONS="0.3.75 0.28.0" (any of the three) runs those only. CI (CI=true) runs CI_VERSIONS:
-# 0.3.75 and today's 0.28.0; 0.18.1 is left to local runs: a third ComfyUI run would take CI past its
-# 25 minutes on the 2-core machine (README, "Tests"). The summary at the end gives each run's time.
+# 0.3.75 and today's 0.28.0; 0.18.1 is left to local runs: a third ComfyUI run would take CI to an estimated
+# 24-30 minutes on the 2-core machine (README, "Tests"). The summary at the end gives each run's time.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CI_VERSIONS="0.3.75 0.28.0"
