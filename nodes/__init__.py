@@ -37,7 +37,7 @@ NODE_CLASS_MAPPINGS = {
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageModelLoader": "Z-Image Model Loader",
-    "ZImageTextEncoderLoader": "Z-Image Text Encoder Loader (Qwen3-4B)",
+    "ZImageTextEncoderLoader": "Z-Image Text Encoder Loader",  # Qwen3-4B: a longer title is cut off at 320 px
     "ZImageVAELoader": "Z-Image VAE Loader",
     "ZImageLoraLoader": "Z-Image LoRA Loader (any trainer's format)",
     "ZImageTextEncode": "Z-Image Text Encode",

@@ -85,6 +85,7 @@ class ZImageControlNetLoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "control_net_name": (controlnet_choices(), {
+                "display_name": "controlnet",
                 "tooltip": "Z-Image-Turbo-Fun-Controlnet-Union*.safetensors (or -Tile-2.1*) in models/model_patches "
                            "or models/controlnet, or a diffusers controlnet folder there."}),
         }}

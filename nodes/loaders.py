@@ -65,8 +65,9 @@ class ZImageModelLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
+            # display_name: the label the frontend shows (a short one leaves room for the file name).
             "model_name": (_choices("diffusion_models", "transformer"),
-                           {"tooltip": "The transformer file in models/diffusion_models "
+                           {"display_name": "model", "tooltip": "The transformer file in models/diffusion_models "
                                        "(z_image_turbo_bf16.safetensors), or <pipeline>/transformer of a "
                                        "diffusers download in models/diffusers."}),
             "weight_dtype": (list(WEIGHT_DTYPES), {
@@ -100,7 +101,7 @@ class ZImageTextEncoderLoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "text_encoder_name": (_choices("text_encoders", "text_encoder"),
-                                  {"tooltip": "The Qwen3-4B file in models/text_encoders (qwen_3_4b.safetensors), "
+                                  {"display_name": "text_encoder", "tooltip": "The Qwen3-4B file in models/text_encoders (qwen_3_4b.safetensors), "
                                               "or <pipeline>/text_encoder of a diffusers download in "
                                               "models/diffusers (its tokenizer/ is used)."}),
         }}

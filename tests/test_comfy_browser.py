@@ -1,8 +1,9 @@
 """The pack's web extension and the shipped workflows in ComfyUI's real frontend, in headless Chromium.
 
 ComfyUI's main.py serves its bundled frontend with this pack and the demo models; Debian's `chromium`,
-driven by puppeteer-core (both installed by scripts/setup.sh: `.node/`), does what a user does, in
-tests/frontend/browser_check.js: drop each shipped workflow onto the canvas, point the loaders at the
+driven by puppeteer-core (both installed by scripts/setup_browser.sh, which scripts/test.sh runs: `.node/`),
+does what a user does, in tests/frontend/browser_check.js: drop each shipped workflow onto the canvas (and
+measure, at 100 % zoom, whether every widget's label and value and every note fit), point the loaders at the
 demo files and shrink the image, press the Run (Queue) button, wait until the SaveImage node shows its
 image. On the way it exercises web/zimage.js: choosing a preset writes width and height; a connected
 negative prompt is labelled unused while guidance is 0 (and not at guidance > 0); a node that sends
@@ -11,10 +12,10 @@ test-artifacts/browser/<ComfyUI version>/ (gitignored; CI keeps them as artifact
 
 Without the browser tools the test is skipped locally and fails under CI=true.
 
-Time: about 2 minutes per ComfyUI version on the 2-core CI machine (server start, frontend load, four
-workflows), so scripts/test.sh runs them under one version only: ComfyUI 0.18.1, whose frontend (1.42.8)
-is the one current users have (its Run button and dialogs differ from 0.3.75's 1.32.9). Under 0.3.75
-they are skipped unless ZIMAGE_BROWSER_ALL_VERSIONS=1 (they pass there too).
+Time: about 2 minutes per ComfyUI version on the 2-core CI machine (server start, frontend load, nine
+workflows), so scripts/test.sh runs them under the versions with the frontends current users have:
+ComfyUI 0.28.0 (frontend 1.45) and 0.18.1 (1.42.8; its Run button and dialogs differ from 0.3.75's
+1.32.9). Under 0.3.75 they are skipped unless ZIMAGE_BROWSER_ALL_VERSIONS=1.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ ARTIFACTS = ROOT / "test-artifacts" / "browser"
 SIZE = 32
 TIMEOUT_S = 90  # per workflow
 ENHANCER = "ZImagePromptEnhancer"
-BROWSER_COMFYUI = "0.18.1"
+BROWSER_COMFYUI = ("0.18.1", "0.28.0")
 DEMO_WIDGETS = {
     "ZImageModelLoader": {"model_name": DEMO_FILES["diffusion_models"]},
     "ZImageTextEncoderLoader": {"text_encoder_name": DEMO_FILES["text_encoders"]},
@@ -61,7 +62,7 @@ def _browser_tools() -> tuple[dict[str, str], list[str]]:
     for name, path in (("node", node), ("chromium", chromium)):
         (found.__setitem__(name, path) if path else missing.append(f"`{name}` (apt-get install {name})"))
     if not (NODE_MODULES / "puppeteer-core" / "package.json").is_file():
-        missing.append(f"puppeteer-core in {NODE_MODULES} (scripts/setup.sh installs it)")
+        missing.append(f"puppeteer-core in {NODE_MODULES} (scripts/setup_browser.sh installs it)")
     return found, missing
 
 
@@ -79,12 +80,12 @@ def _comfyui_version() -> str:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     version = _comfyui_version()
-    if version != BROWSER_COMFYUI and not os.environ.get("ZIMAGE_BROWSER_ALL_VERSIONS"):
-        pytest.skip(f"browser tests run under ComfyUI {BROWSER_COMFYUI} only (time budget); "
+    if version not in BROWSER_COMFYUI and not os.environ.get("ZIMAGE_BROWSER_ALL_VERSIONS"):
+        pytest.skip(f"browser tests run under ComfyUI {' and '.join(BROWSER_COMFYUI)} only (time budget); "
                     "ZIMAGE_BROWSER_ALL_VERSIONS=1 runs them here too")
     tools, missing = _browser_tools()
     if missing:
-        message = "browser tests need " + ", ".join(missing) + "; run scripts/setup.sh"
+        message = "browser tests need " + ", ".join(missing) + "; run scripts/setup_browser.sh (scripts/test.sh does)"
         if os.environ.get("CI"):
             pytest.fail(message)  # CI must run them: a missing browser is a failure there
         pytest.skip(message)
@@ -157,6 +158,30 @@ def test_extension_labels_the_negative_unused_while_guidance_is_zero(report, nam
         assert record["unlinked"] == "negative", "an unconnected negative needs no label"
     if samplers:
         assert Path(entry["negative_screenshot"]).is_file()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in WORKFLOWS.glob("*.json")))
+def test_widget_labels_values_titles_and_notes_fit_their_nodes(report, name):
+    # What a newcomer sees on dropping the workflow, at 100 % zoom: no widget whose label or value the
+    # frontend cuts short ("mo… z_image_turbo_bf16"), no cut title, no note whose text runs past its edge
+    # (a table's "download" column). The frontend's own fit tests, measured in the page (browser_check.js).
+    layout = report["workflows"][name]["layout"]
+    nodes = _workflow(name)["nodes"]
+    measured = {(w["node"], w["name"]) for w in layout["widgets"]}
+    loaders = [n for n in nodes if n["type"].endswith("Loader")]
+    assert loaders and all(any(node == n["id"] for node, _ in measured) for n in loaders), \
+        "the loaders' widgets were not measured"
+    cut = [f"{w['type']} #{w['node']}: '{w['label']}' + '{w['value']}' need {w['needed']} px, "
+           f"{w['available']} px there" for w in layout["widgets"] if not w["fits"]]
+    assert not cut, "cut-off widget text:\n" + "\n".join(cut)
+    assert len(layout["titles"]) == len(nodes)
+    cut = [f"{t['type']} #{t['node']}: '{t['title']}' needs {t['needed']} px, {t['available']} px there"
+           for t in layout["titles"] if not t["fits"]]
+    assert not cut, "cut-off node titles:\n" + "\n".join(cut)
+    notes = [n for n in nodes if n["type"] in ("MarkdownNote", "Note")]
+    assert len(layout["notes"]) == len(notes) and all(n["found"] for n in layout["notes"])
+    wide = [n for n in layout["notes"] if n["overflow_px"] > 1]
+    assert not wide, f"note text runs past the note's right edge: {wide}"
 
 
 def test_extension_shows_the_prompt_enhancers_text(report):

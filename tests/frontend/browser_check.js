@@ -1,5 +1,5 @@
 // Drives ComfyUI's real frontend in headless Chromium (Debian's chromium, puppeteer-core from
-// scripts/setup.sh) the way a user does, for tests/test_comfy_browser.py:
+// scripts/setup_browser.sh) the way a user does, for tests/test_comfy_browser.py:
 //   for each workflow: drop the file onto the canvas, point the loaders at the demo models and make
 //   the image small, exercise this pack's web extension (web/zimage.js), press the Run/Queue button,
 //   wait until every SaveImage node shows its image, take a screenshot.
@@ -47,6 +47,108 @@ const PAGE_HELPERS = `
       return slot ? (slot.label || slot.localized_name || slot.name) : null;
     },
   };`;
+
+// What a newcomer sees right after dropping the workflow, at 100 % zoom: for every widget the frontend
+// draws as "label ... value" (drawTruncatingText, frontends >= 1.2x), whether both fit the node's width
+// (the frontend's own test, with the arguments of its own call: otherwise it cuts the label and/or the
+// value with an ellipsis), whether each node's title fits, and for every note whether its rendered text
+// runs past the note's right edge.
+async function layoutReport(page, screenshotPath) {
+  return page.evaluate(async () => {
+    const canvas = window.app.canvas;
+    // Two animation frames (the frontend's DOM widgets follow the canvas in its own frame callbacks), but
+    // never longer than half a second: a page that renders no frames must not hang the check.
+    const frame = () => Promise.race([new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r))),
+      new Promise((r) => setTimeout(r, 500))]);
+    const measured = new Map();
+    const wrapped = [];
+    for (const n of window.app.graph._nodes) {
+      for (const w of n.widgets || []) {
+        let p = Object.getPrototypeOf(w);
+        while (p && !Object.prototype.hasOwnProperty.call(p, 'drawTruncatingText')) p = Object.getPrototypeOf(p);
+        if (!p || wrapped.some(([q]) => q === p)) continue;
+        const original = p.drawTruncatingText;
+        const base = p.constructor;
+        wrapped.push([p, original]);
+        p.drawTruncatingText = function (args) {
+          const {ctx, width, leftPadding = 5, rightPadding = 20} = args;
+          const margin = base.margin ?? 15;
+          const gap = base.labelValueGap ?? 5;
+          const available = width - (margin * 2 + leftPadding) - 2 * margin - rightPadding;
+          const label = String(this.displayName ?? this.label ?? this.name);
+          const value = String(this._displayValue ?? this.value);
+          const needed = ctx.measureText(label).width + gap + ctx.measureText(value).width;
+          measured.set(this, {label, value, needed: Math.round(needed), available: Math.round(available),
+            fits: needed <= available});
+          return original.call(this, args);
+        };
+      }
+    }
+    const widgets = [];
+    const notes = [];
+    // Titles: the frontend cuts a title longer than the node's width less twice the title height
+    // (LGraphNode.drawTitleText).
+    const measure = document.createElement('canvas').getContext('2d');
+    const titleHeight = window.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
+    const titles = window.app.graph._nodes.filter((n) => n.titleFontStyle && n.getTitle).map((n) => {
+      measure.font = n.titleFontStyle;
+      const title = String(n.getTitle());
+      const width = (n.renderingSize ?? n.size)[0];
+      const needed = measure.measureText(title).width;
+      const available = width - titleHeight * 2;
+      return {node: n.id, type: n.type, title, needed: Math.round(needed), available: Math.round(available),
+        fits: needed <= available};
+    });
+    window.__ziView = {scale: canvas.ds.scale, offset: [...canvas.ds.offset]};
+    try {
+      for (const n of window.app.graph._nodes) {
+        canvas.ds.scale = 1;
+        canvas.centerOnNode(n);
+        canvas.setDirty(true, true);
+        canvas.draw(true, true);
+        await frame();
+        for (const w of n.widgets || []) {
+          const m = measured.get(w);
+          if (m) widgets.push({node: n.id, type: n.type, name: w.name, node_width: Math.round(n.size[0]), ...m});
+        }
+        if (n.type === 'MarkdownNote' || n.type === 'Note') {
+          const el = (n.widgets || []).map((w) => w.element || w.inputEl).find((e) => e);
+          if (!el) { notes.push({node: n.id, found: false}); continue; }
+          const box = el.getBoundingClientRect();
+          let right = box.right;
+          for (const d of el.querySelectorAll('*')) right = Math.max(right, d.getBoundingClientRect().right);
+          notes.push({node: n.id, found: true, width: Math.round(box.width), scroll_width: el.scrollWidth,
+            client_width: el.clientWidth, overflow_px: Math.round(right - box.right)});
+        }
+      }
+    } finally {
+      for (const [p, original] of wrapped) p.drawTruncatingText = original;
+    }
+    // The screenshot: the loaders and the note, at 100 %.
+    const shown = window.app.graph._nodes.filter((n) => n.type.endsWith('Loader') || /Note$/.test(n.type));
+    if (shown.length) {
+      const x0 = Math.min(...shown.map((n) => n.pos[0])), x1 = Math.max(...shown.map((n) => n.pos[0] + n.size[0]));
+      const y0 = Math.min(...shown.map((n) => n.pos[1])), y1 = Math.max(...shown.map((n) => n.pos[1] + n.size[1]));
+      canvas.ds.scale = 1;
+      canvas.ds.offset[0] = canvas.canvas.clientWidth / 2 - (x0 + x1) / 2;
+      canvas.ds.offset[1] = canvas.canvas.clientHeight / 2 - (y0 + y1) / 2;
+    }
+    canvas.setDirty(true, true);
+    await frame();
+    return {widgets, notes, titles};
+  }).then(async (report) => {
+    await sleep(200);
+    await page.screenshot({path: screenshotPath});
+    await page.evaluate(() => {  // back to the view the drop gave (the run below expects every node drawn)
+      const {scale, offset} = window.__ziView;
+      window.app.canvas.ds.scale = scale;
+      window.app.canvas.ds.offset[0] = offset[0];
+      window.app.canvas.ds.offset[1] = offset[1];
+      window.app.canvas.setDirty(true, true);
+    });
+    return {...report, screenshot: screenshotPath};
+  });
+}
 
 // Loaders → demo files; every ZImageEmptyLatent: pick a preset and read width/height back, then
 // preset custom at the test's small size.
@@ -239,6 +341,7 @@ async function shownTexts(page) {
       console.log(`${name}: dropping`);
       const entry = await dropWorkflow(page, file);
       const stem = name.replace(/\.json$/, '');
+      entry.layout = await layoutReport(page, path.join(config.artifacts, `${stem}.at-100-percent.png`));
       entry.presets = await prepare(page, config.demo, config.width, config.height);
       const negative = await checkNegative(page);
       if (negative.length) {
