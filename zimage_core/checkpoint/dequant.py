@@ -113,7 +113,9 @@ def stored_dtype(ckpt: Checkpoint, key: str, layers: dict[str, str], what: str, 
     else:
         require_float(ckpt.path, key, dtype, what, fix)
     if dtype in FP8_DTYPES and (scale := scale_key(ckpt, key)) is not None:
-        require_float(ckpt.path, scale, ckpt.dtype(scale), what, fix)
+        # Block-scaled fp8 (MXFP8: e8m0 scales in uint8) is read by the layers that keep its format.
+        if not (keep_formats and layer is not None and _comfy_quant_format(ckpt, layer) in keep_formats - {*FP8_FORMATS}):
+            require_float(ckpt.path, scale, ckpt.dtype(scale), what, fix)
     return dtype
 
 
