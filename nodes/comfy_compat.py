@@ -41,3 +41,38 @@ def is_dynamic_load_list(loading: list) -> bool:
 def loaded_models() -> list:
     """The models ComfyUI holds on the GPU for the current prompt (an empty list where it cannot tell)."""
     return mm.loaded_models(only_currently_used=True) if hasattr(mm, "loaded_models") else []
+
+
+def set_quant_config(model_config: Any, layers: dict[str, dict]) -> None:
+    """Mark `model_config` as ComfyUI's model detection does for a file with these comfy_quant layers (layer
+    name -> {"format": ...}), so pick_operations returns its mixed-precision layers: 0.18.1+ sets
+    `quant_config` (its layers then read each layer's `comfy_quant` tensor); 0.3.75 has `layer_quant_config`
+    (layer name -> config, which it reads only from a file's `_quantization_metadata` header)."""
+    import comfy.utils
+
+    if layers_read_comfy_quant():
+        model_config.quant_config = comfy.utils.detect_layer_quantization(
+            {f"{name}.comfy_quant": None for name in layers}, "")
+    else:
+        model_config.layer_quant_config = dict(layers)
+
+
+def layers_read_comfy_quant() -> bool:
+    """Whether the mixed-precision layers of this ComfyUI learn a layer's quantization from a `comfy_quant`
+    tensor beside its weight (0.18.1+) rather than from the config's `layer_quant_config` (0.3.75)."""
+    import comfy.utils
+
+    return hasattr(comfy.utils, "detect_layer_quantization")
+
+
+def is_mixed_precision_ops(operations: Any) -> bool:
+    """ComfyUI's mixed-precision operations (comfy.ops.mixed_precision_ops, all three versions): their
+    Linear creates its weight when it loads, from the tensors it is given."""
+    return getattr(operations, "__name__", "") == "MixedPrecisionOps"
+
+
+def quant_formats() -> frozenset[str]:
+    """The comfy_quant formats this ComfyUI's layers know (`comfy.quant_ops.QUANT_ALGOS`)."""
+    import comfy.quant_ops
+
+    return frozenset(getattr(comfy.quant_ops, "QUANT_ALGOS", {}))

@@ -22,17 +22,20 @@ import comfy.supported_models
 import torch
 
 from ..zimage_core.transformer import ZImageTransformer
-from .comfy_compat import CorePatcher, archive_model_dtypes
+from .comfy_compat import CorePatcher, archive_model_dtypes, set_quant_config
 from .errors import load_explained
 from .memory import ZImageBaseModel, make_patcher
 from .model_call import BLOCK_CALL_KEY, OMNI_REFERENCE_KEY, ZImageDiffusionModel
 from .precision import (
     COMPUTE_DTYPES,
     WEIGHT_DTYPES,
+    ComfyLayerLoader,
     compute_dtype_for,
     fp32_compute,
     manual_cast_for,
+    model_config_for,
     operations_for,
+    quantized_manual_cast,
 )
 
 __all__ = [
@@ -41,6 +44,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("ComfyUI-ZImage")
+WHAT = "a Z-Image-Turbo diffusion model (e.g. z_image_turbo_bf16.safetensors)"
+FIX = "Put the Z-Image transformer file in models/diffusion_models and select it."
 
 
 def load_options() -> dict:
@@ -70,7 +75,7 @@ def _unet_config(model: ZImageTransformer) -> dict:
 
 def load_zimage_model(path: str, weight_dtype: str) -> comfy.model_patcher.ModelPatcher:
     """A core MODEL (ModelPatcher over model_base.Lumina2) whose diffusion model is zimage_core's."""
-    from ..zimage_core.transformer import load_transformer
+    from ..zimage_core.transformer import load_transformer, transformer_quant_layers
 
     load_device = mm.get_torch_device()
     offload_device = mm.unet_offload_device()
@@ -83,15 +88,19 @@ def load_zimage_model(path: str, weight_dtype: str) -> comfy.model_patcher.Model
     if storage is None:
         # "default": what ComfyUI picks for this device (respects --bf16-unet, --fp8_e4m3fn-unet ...).
         storage = mm.unet_dtype(load_device, supported_dtypes=COMPUTE_DTYPES)
+    # A comfy_quant (mixed-precision) file runs through ComfyUI's own mixed-precision layers, which keep its
+    # quantized weights as they are, unless our own fp8 matmuls were asked for (those quantize bf16 weights).
+    quant_layers = {} if fp8_matmul else load_explained(lambda: transformer_quant_layers(path), path, WHAT, FIX)
+    model_config = model_config_for(quant_layers)
     # Compute as ComfyUI would for this storage on this device (e.g. bf16 weights computed in fp32 on the CPU).
-    manual_cast = manual_cast_for(storage, load_device)
+    manual_cast = quantized_manual_cast(load_device) if quant_layers else manual_cast_for(storage, load_device)
     compute = manual_cast or storage
-    ops = operations_for(comfy.supported_models.ZImage({"image_model": "lumina2"}), storage, manual_cast, load_device)
+    ops = operations_for(model_config, storage, manual_cast, load_device)
+    layer_loader = ComfyLayerLoader.for_operations(ops) if quant_layers else None
     diffusion_model = load_explained(
         lambda: load_transformer(path, dtype=storage, device=offload_device, operations=ops,
-                                 model_class=ZImageDiffusionModel, **load_options()), path,
-        "a Z-Image-Turbo diffusion model (e.g. z_image_turbo_bf16.safetensors)",
-        "Put the Z-Image transformer file in models/diffusion_models and select it.")
+                                 model_class=ZImageDiffusionModel, layer_loader=layer_loader,
+                                 **load_options()), path, WHAT, FIX)
     diffusion_model.eval().requires_grad_(False)
     if fp8_matmul:
         diffusion_model.quantize_fp8()
@@ -100,14 +109,19 @@ def load_zimage_model(path: str, weight_dtype: str) -> comfy.model_patcher.Model
     if manual_cast is not None:
         diffusion_model.compute_dtype = compute  # e.g. fp8/fp16 storage computed in bf16 (fp32 on the CPU)
 
-    log.info("Z-Image model %s: weights %s, compute %s, load device %s", path, storage, compute, load_device)
-    return as_core_model(diffusion_model, storage, manual_cast, load_device, offload_device)
+    log.info("Z-Image model %s: weights %s%s, compute %s, load device %s", path, storage,
+             f" ({len(quant_layers)} comfy_quant layers)" if quant_layers else "", compute, load_device)
+    return as_core_model(diffusion_model, storage, manual_cast, load_device, offload_device, quant_layers)
 
 
 def as_core_model(diffusion_model: ZImageDiffusionModel, weight_dtype: torch.dtype, manual_cast: torch.dtype | None,
-                  load_device: torch.device, offload_device: torch.device) -> comfy.model_patcher.ModelPatcher:
-    """Wrap a built ZImageDiffusionModel as a core MODEL: model_base.Lumina2 with supported_models.ZImage."""
+                  load_device: torch.device, offload_device: torch.device,
+                  quant_layers: dict[str, dict] | None = None) -> comfy.model_patcher.ModelPatcher:
+    """Wrap a built ZImageDiffusionModel as a core MODEL: model_base.Lumina2 with supported_models.ZImage
+    (marked mixed precision, as ComfyUI's detection marks it, for a comfy_quant file's layers)."""
     model_config = comfy.supported_models.ZImage(_unet_config(diffusion_model))
+    if quant_layers:
+        set_quant_config(model_config, quant_layers)
     model_config.set_inference_dtype(weight_dtype, manual_cast)
     model = ZImageBaseModel(model_config)
     model.diffusion_model = diffusion_model

@@ -36,7 +36,9 @@ def _fp8_note(model, targets) -> str | None:
            and sd[k].dtype in FP8]
     if not fp8:
         return None
-    rows = [k for k in fp8 if k.endswith(".weight") and (k[:-len("weight")] + "weight_scale") in sd]
+    # Per-row scales are our fp8_e4m3fn_fast layers; ComfyUI's (comfy_quant) fp8 layers have one per tensor.
+    rows = [k for k in fp8 if k.endswith(".weight") and (scale := sd.get(k[:-len("weight")] + "weight_scale")) is not None
+            and scale.numel() > 1]
     text = (f"fp8: {len(fp8)} patched weights are stored in float8_e4m3fn. Each is patched in float32 and stored "
             "back in fp8: ")
     if rows:

@@ -10,12 +10,15 @@ manual cast, its `--fast` fp8 matmuls, custom operations of other packs), so the
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import comfy.model_management as mm
 import comfy.ops
 import torch
+
+from .comfy_compat import is_mixed_precision_ops, layers_read_comfy_quant, quant_formats, set_quant_config
 
 COMPUTE_DTYPES = [torch.bfloat16, torch.float32]
 WEIGHT_DTYPES = {
@@ -42,6 +45,64 @@ def manual_cast_for(storage: torch.dtype, device: torch.device) -> torch.dtype |
     if manual_cast is None and storage not in COMPUTE_DTYPES:
         manual_cast = compute_dtype_for(device)
     return manual_cast
+
+
+def quantized_manual_cast(device: torch.device) -> torch.dtype | None:
+    """The compute dtype of a comfy_quant (mixed-precision) model: ComfyUI's rule for such files
+    (comfy.sd.load_diffusion_model_state_dict: unet_manual_cast with no weight dtype; bf16 on GPUs that have
+    it, fp32 on the CPU)."""
+    return mm.unet_manual_cast(None, device, COMPUTE_DTYPES)
+
+
+def model_config_for(quant_layers: dict[str, dict]) -> Any:
+    """ComfyUI's Z-Image model config as its model detection would make it for the file: with the file's
+    comfy_quant layers (mixed precision), ComfyUI's mixed-precision operations are picked for it."""
+    import comfy.supported_models
+
+    model_config = comfy.supported_models.ZImage({"image_model": "lumina2"})
+    if quant_layers:
+        set_quant_config(model_config, quant_layers)
+    return model_config
+
+
+class ComfyLayerLoader:
+    """zimage_core's LayerLoader for ComfyUI's mixed-precision operations: each Linear reads its tensors
+    through its own `_load_from_state_dict`, as in ComfyUI's BaseModel.load_model_weights, so quantized
+    weights stay ComfyUI QuantizedTensors (fp8 matmuls where the device has them, dequantized otherwise)
+    and the others are stored in the compute dtype, as ComfyUI stores them."""
+
+    def __init__(self, operations: Any) -> None:
+        self.linear = operations.Linear
+        self.comfy_quant_tensors = layers_read_comfy_quant()
+        self.formats = quant_formats()
+
+    @classmethod
+    def for_operations(cls, operations: Any) -> ComfyLayerLoader | None:
+        """The loader for these operations, or None where they are not ComfyUI's mixed-precision ones (e.g.
+        another pack's custom operations: the file's quantized weights are then dequantized)."""
+        return cls(operations) if is_mixed_precision_ops(operations) else None
+
+    def handles(self, module: torch.nn.Module) -> bool:
+        return isinstance(module, self.linear)
+
+    def load(self, module: torch.nn.Module, name: str, tensors: dict[str, torch.Tensor], quant: dict | None,
+             device: torch.device | str) -> None:
+        prefix = name + "."
+        sd = {prefix + k: v for k, v in tensors.items()}
+        bias = getattr(module, "bias", None)
+        if bias is not None and prefix + "bias" in sd:
+            sd[prefix + "bias"] = sd[prefix + "bias"].to(bias.dtype)  # assigned below: in the layer's dtype
+        if quant is not None and self.comfy_quant_tensors:
+            sd[prefix + "comfy_quant"] = torch.tensor(list(json.dumps(quant).encode("utf-8")), dtype=torch.uint8)
+        # Built on the meta device; the layer creates its weight where its factory_kwargs say.
+        module.factory_kwargs["device"] = device
+        missing: list[str] = []
+        unexpected: list[str] = []
+        errors: list[str] = []
+        module._load_from_state_dict(sd, prefix, {"assign_to_params_buffers": True}, True, missing, unexpected,
+                                     errors)
+        if errors or missing or getattr(module, "weight", None) is None:
+            raise ValueError("; ".join(errors) or f"missing {missing or ['weight']}")
 
 
 def operations_for(model_config: Any, storage: torch.dtype, manual_cast: torch.dtype | None,

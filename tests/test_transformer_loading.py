@@ -307,3 +307,78 @@ def test_load_calls_check_interrupt_per_tensor_and_frees_a_partial_model(ref, tm
     assert len(calls) == 5
     # Even while the caller holds the exception, the half-loaded model is gone.
     assert info.value is not None and sum(type(o) is ZImageTransformer for o in gc.get_objects()) == before
+
+
+class _RecordingLayers:
+    """A LayerLoader for plain torch.nn.Linear: records what it is given and dequantizes it itself."""
+
+    formats = frozenset({"float8_e4m3fn"})
+
+    def __init__(self, fail: str | None = None) -> None:
+        self.seen: dict[str, tuple[dict, dict | None]] = {}
+        self.fail = fail
+
+    def handles(self, module):
+        return isinstance(module, torch.nn.Linear)
+
+    def load(self, module, name, tensors, quant, device):
+        if name == self.fail:
+            raise ValueError("no kernel for this layout")
+        self.seen[name] = ({k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}, quant)
+        w = tensors["weight"].float()
+        if quant is not None:
+            w = w * tensors["weight_scale"].float()
+        module.weight = torch.nn.Parameter(w, requires_grad=False)
+        if "bias" in tensors:
+            module.bias = torch.nn.Parameter(tensors["bias"].float(), requires_grad=False)
+
+
+def _comfy_quant_file(ref, path, form):
+    """Block matmuls as ComfyUI's mixed files store them (fp8 + per-tensor weight_scale; one in a uint8
+    container), described per layer by comfy_quant tensors or by the _quantization_metadata header."""
+    sd = to_comfy(ref.state_dict())
+    out, layers = {}, {}
+    for k, v in sd.items():
+        layer = k[len("model.diffusion_model."):-len(".weight")]
+        if k.endswith(".weight") and layer.endswith(("attention.qkv", "feed_forward.w2")):
+            scale = v.abs().max().float() / 448.0
+            q = (v / scale).to(torch.float8_e4m3fn)
+            out[k] = q.view(torch.uint8) if layer == "layers.1.feed_forward.w2" else q
+            out[k[: -len("weight")] + "weight_scale"] = scale.reshape(())
+            layers[layer] = {"format": "float8_e4m3fn"}
+            if form == "tensors":
+                out[k[: -len("weight")] + "comfy_quant"] = torch.tensor(list(b'{"format": "float8_e4m3fn"}'),
+                                                                        dtype=torch.uint8)
+        else:
+            out[k] = v
+    meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
+    save_file(out, str(path), metadata=meta if form == "header" else None)
+    return path, layers
+
+
+@pytest.mark.parametrize("form", ["tensors", "header"])
+def test_layer_loader_gets_comfy_quant_layers_as_stored(ref, case, tmp_path, form):
+    from zimage_core.transformer import transformer_quant_layers
+
+    path, layers = _comfy_quant_file(ref, tmp_path / "mixed.safetensors", form)
+    assert transformer_quant_layers(path) == layers
+    loader = _RecordingLayers()
+    model = load_transformer(path, dtype=torch.float32, layer_loader=loader)
+    # Every Linear went to the loader; the quantized ones with fp8 bytes (not dequantized), their scale and
+    # config; the others as stored, without a config.
+    assert set(loader.seen) == {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    tensors, quant = loader.seen["layers.1.feed_forward.w2"]
+    assert quant == {"format": "float8_e4m3fn"}
+    assert tensors["weight"][0] == torch.float8_e4m3fn and tensors["weight_scale"] == (torch.float32, ())
+    assert loader.seen["x_embedder"] == ({"weight": (torch.float32, (64, 64)), "bias": (torch.float32, (64,))},
+                                         None)
+    # ... and the model is the one the dequantizing path builds from the same file.
+    x, sigma, caps, _ = case
+    plain = load_transformer(path, dtype=torch.float32)
+    assert torch.equal(_velocity(model, x, sigma, caps), _velocity(plain, x, sigma, caps))
+
+
+def test_layer_loader_errors_name_the_file_and_layer(ref, tmp_path):
+    path, _ = _comfy_quant_file(ref, tmp_path / "mixed.safetensors", "tensors")
+    with pytest.raises(CheckpointError, match=r"layer layers\.0\.attention\.qkv \(float8_e4m3fn\).*no kernel"):
+        load_transformer(path, dtype=torch.float32, layer_loader=_RecordingLayers(fail="layers.0.attention.qkv"))

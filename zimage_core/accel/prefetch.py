@@ -23,7 +23,9 @@ _ALIGN = 512  # bytes; every tensor view in a slot starts on this boundary (any 
 
 
 def _tensors(block: nn.Module) -> list[torch.Tensor]:
-    return [*block.parameters(), *block.buffers()]
+    # Plain tensors only: a tensor subclass (e.g. ComfyUI's QuantizedTensor, fp8 bytes plus scales) is not
+    # its bytes in one view of a slot; its layer copies it when it runs, as without prefetch.
+    return [t for t in (*block.parameters(), *block.buffers()) if type(t) in (torch.Tensor, nn.Parameter)]
 
 
 def _nbytes(t: torch.Tensor) -> int:

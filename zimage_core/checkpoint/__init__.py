@@ -4,7 +4,16 @@ formats (dequant: fp8 with scales, ComfyUI mixed quantization) and setting a mod
 
 from __future__ import annotations
 
-from .dequant import FP8_DTYPES, SCALE_SUFFIXES, dequantize, quant_layers, scale_key, stored_dtype
+from .dequant import (
+    FP8_DTYPES,
+    QUANT_SIDE_SUFFIXES,
+    SCALE_SUFFIXES,
+    dequantize,
+    quant_configs,
+    quant_layers,
+    scale_key,
+    stored_dtype,
+)
 from .io import (
     Checkpoint,
     TensorInfo,
@@ -16,12 +25,15 @@ from .io import (
     read_json,
     read_small_file,
 )
-from .materialise import read_joined, set_param
+from .materialise import LayerLoader, read_joined, set_param
 
 __all__ = [
     "FP8_DTYPES",
+    "LayerLoader",
+    "QUANT_SIDE_SUFFIXES",
     "SCALE_SUFFIXES",
     "dequantize",
+    "quant_configs",
     "quant_layers",
     "scale_key",
     "stored_dtype",

@@ -19,6 +19,8 @@ from .io import Checkpoint
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 SCALE_SUFFIXES = ("weight_scale", "scale_weight")
+# Side tensors of a ComfyUI mixed-precision ("comfy_quant") layer that its own layer class reads with the weight.
+QUANT_SIDE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale")
 
 
 def quant_layers(ckpt: Checkpoint) -> dict[str, str]:
@@ -33,7 +35,7 @@ def quant_layers(ckpt: Checkpoint) -> dict[str, str]:
         return {}
 
 
-def _comfy_quant_format(ckpt: Checkpoint, layer: str) -> str | None:
+def _comfy_quant_config(ckpt: Checkpoint, layer: str) -> dict | None:
     # Newer ComfyUI stores per-layer quantization info as a uint8 JSON tensor "<layer>.comfy_quant".
     key = f"{layer}.comfy_quant"
     if key not in ckpt.infos:
@@ -41,9 +43,40 @@ def _comfy_quant_format(ckpt: Checkpoint, layer: str) -> str | None:
     if ckpt.dtype(key) != torch.uint8 or len(ckpt.shape(key)) != 1 or ckpt.shape(key)[0] > 1 << 16:
         return None  # a small JSON text, or not ComfyUI's marker
     try:
-        return json.loads(bytes(ckpt[key].tolist()).decode("utf-8")).get("format")
-    except (ValueError, AttributeError, UnicodeDecodeError, RecursionError):
+        conf = json.loads(bytes(ckpt[key].tolist()).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
+    return conf if isinstance(conf, dict) and isinstance(conf.get("format"), str) else None
+
+
+def _comfy_quant_format(ckpt: Checkpoint, layer: str) -> str | None:
+    conf = _comfy_quant_config(ckpt, layer)
+    return None if conf is None else conf["format"]
+
+
+def quant_configs(ckpt: Checkpoint, prefix: str = "") -> dict[str, dict]:
+    """ComfyUI mixed-precision ("comfy_quant") layers of a file: layer name without `prefix` -> its config
+    (`{"format": "float8_e4m3fn", ...}`), from the `_quantization_metadata` header entry (names with or
+    without the prefix, as ComfyUI matches them) and the per-layer `<layer>.comfy_quant` tensors. Empty for
+    any other file (plain, fp8 or scaled_fp8)."""
+    out: dict[str, dict] = {}
+    raw = ckpt.metadata.get("_quantization_metadata")
+    if raw:
+        try:
+            layers = json.loads(raw).get("layers", {})
+        except (json.JSONDecodeError, AttributeError, RecursionError):
+            layers = {}
+        for name, conf in (layers.items() if isinstance(layers, dict) else ()):
+            conf = conf if isinstance(conf, dict) else {"format": conf}
+            if isinstance(name, str) and isinstance(conf.get("format"), str):
+                out[name[len(prefix):] if prefix and name.startswith(prefix) else name] = conf
+    for key in ckpt.infos:
+        if key.startswith(prefix) and key.endswith(".comfy_quant"):
+            layer = key[: -len(".comfy_quant")]
+            conf = _comfy_quant_config(ckpt, layer)
+            if conf is not None:
+                out[layer[len(prefix):]] = conf
+    return out
 
 
 def _layer(key: str) -> str | None:
@@ -58,14 +91,20 @@ def scale_key(ckpt: Checkpoint, key: str) -> str | None:
     return next((f"{layer}.{s}" for s in SCALE_SUFFIXES if f"{layer}.{s}" in ckpt.infos), None)
 
 
-def stored_dtype(ckpt: Checkpoint, key: str, layers: dict[str, str], what: str, fix: str) -> torch.dtype:
+def stored_dtype(ckpt: Checkpoint, key: str, layers: dict[str, str], what: str, fix: str,
+                 keep_formats: frozenset[str] = frozenset()) -> torch.dtype:
     """The dtype a tensor's bytes hold: its header dtype, or fp8 for a uint8/int8 container that the
     quantization metadata describes. Anything else that is not floating point is refused, as is a
-    non-float scale."""
+    non-float scale, except weights of a quantization format in `keep_formats` (layers that load their
+    own quantized weights, e.g. ComfyUI's INT8/NVFP4 ones), which keep their container dtype."""
     dtype = ckpt.dtype(key)
     layer = _layer(key)
     if dtype in (torch.uint8, torch.int8) and layer is not None:
-        fmt = layers.get(layer) or _comfy_quant_format(ckpt, layer)
+        # Header names may leave out the file's key prefix (e.g. model.diffusion_model.), as ComfyUI allows.
+        fmt = (layers.get(layer) or next((f for n, f in layers.items() if layer.endswith("." + n)), None)
+               or _comfy_quant_format(ckpt, layer))
+        if fmt in keep_formats and fmt not in FP8_FORMATS:
+            return dtype
         if fmt not in FP8_FORMATS:
             raise CheckpointError(ckpt.path, f"{what} in bf16/fp16/fp32 or fp8",
                                   f"tensor {key} stored as {dtype} with quantization format {str(fmt)[:40]!r}",
@@ -74,7 +113,9 @@ def stored_dtype(ckpt: Checkpoint, key: str, layers: dict[str, str], what: str, 
     else:
         require_float(ckpt.path, key, dtype, what, fix)
     if dtype in FP8_DTYPES and (scale := scale_key(ckpt, key)) is not None:
-        require_float(ckpt.path, scale, ckpt.dtype(scale), what, fix)
+        # Block-scaled fp8 (MXFP8: e8m0 scales in uint8) is read by the layers that keep its format.
+        if not (keep_formats and layer is not None and _comfy_quant_format(ckpt, layer) in keep_formats - {*FP8_FORMATS}):
+            require_float(ckpt.path, scale, ckpt.dtype(scale), what, fix)
     return dtype
 
 

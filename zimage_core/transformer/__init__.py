@@ -17,6 +17,7 @@ from .loading import (
     expected_shapes,
     infer_transformer_config,
     load_transformer,
+    transformer_quant_layers,
 )
 from .model import (
     ADALN_DIM,
@@ -89,4 +90,5 @@ __all__ = [
     "infer_transformer_config",
     "load_transformer",
     "rope_table",
+    "transformer_quant_layers",
 ]

@@ -18,10 +18,18 @@ from typing import Any
 
 import torch
 
-from ..checkpoint.dequant import FP8_DTYPES, SCALE_SUFFIXES, quant_layers, stored_dtype
+from ..checkpoint.dequant import (
+    FP8_DTYPES,
+    FP8_FORMATS,
+    QUANT_SIDE_SUFFIXES,
+    SCALE_SUFFIXES,
+    quant_configs,
+    quant_layers,
+    stored_dtype,
+)
 from ..checkpoint.io import Checkpoint, open_checkpoint
 from ..checkpoint.kinds import is_controlnet_checkpoint
-from ..checkpoint.materialise import read_joined, set_param
+from ..checkpoint.materialise import LayerLoader, read_joined, set_param
 from ..checks import (
     BoundsError,
     checkpoint_errors,
@@ -41,7 +49,7 @@ COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", 
 # Present in some ComfyUI exports, not used by the model.
 IGNORED_KEYS = frozenset({"norm_final.weight"})
 # Side tensors of scaled-fp8 exports: the weight scale is applied at load, the rest is not needed.
-_IGNORED_SUFFIXES = ("scale_input", "input_scale", "comfy_quant")
+_IGNORED_SUFFIXES = ("scale_input", "comfy_quant", *QUANT_SIDE_SUFFIXES)
 _IGNORED_MARKERS = frozenset({"scaled_fp8"})
 
 DIFFUSERS_QKV = ("to_q", "to_k", "to_v")
@@ -292,6 +300,15 @@ def infer_transformer_config(checkpoint: Checkpoint | Mapping[str, torch.Tensor]
     return _config_from_shapes(names, path)
 
 
+def transformer_quant_layers(path: str | os.PathLike) -> dict[str, dict]:
+    """The ComfyUI mixed-precision ("comfy_quant") layers of a transformer file, by model layer name (e.g.
+    "layers.0.attention.qkv" -> {"format": "float8_e4m3fn"}); empty for plain, fp8 and scaled_fp8 files
+    and diffusers folders. Reads the header only."""
+    with open_checkpoint(_transformer_folder(path), WHAT) as ckpt:
+        fmt = detect_transformer_format(ckpt.infos, ckpt.path)
+        return quant_configs(ckpt, fmt.prefix) if fmt.kind == "comfy" else {}
+
+
 def expected_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
     """ComfyUI key name -> shape for a config (built on the meta device, no memory used)."""
     model = ZImageTransformer(config, device="meta")
@@ -308,6 +325,41 @@ def _storage_dtype(dtypes: Mapping[str, torch.dtype], plan: Mapping[str, tuple[s
     return torch.bfloat16
 
 
+def _self_loading(model: torch.nn.Module, expected: Mapping[str, tuple[int, ...]],
+                  layer_loader: LayerLoader) -> dict[str, torch.nn.Module]:
+    """The layers (by name) whose tensors `layer_loader` reads itself."""
+    own = {}
+    for name in expected:
+        layer = name.rpartition(".")[0]
+        if layer and layer not in own and layer_loader.handles(module := model.get_submodule(layer)):
+            own[layer] = module
+    return own
+
+
+def _load_layer(ckpt: Checkpoint, prefix: str, layer: str, module: torch.nn.Module, layer_loader: LayerLoader,
+                quant: dict | None, stored: Mapping[str, torch.dtype], device: torch.device | str) -> None:
+    """Give one self-loading layer its tensors as stored (fp8 bytes viewed as fp8, scales as they are)."""
+    tensors = {}
+    for pname, _ in module.named_parameters(recurse=False):
+        key = f"{prefix}{layer}.{pname}"
+        t = ckpt.view(key)
+        tensors[pname] = ckpt.owned((t.view(stored[key]) if t.dtype != stored[key] else t).to(device))
+    if quant is not None:
+        for suffix in QUANT_SIDE_SUFFIXES:
+            if (key := f"{prefix}{layer}.{suffix}") in ckpt.infos:
+                tensors[suffix] = ckpt.load(key, device=device)
+    if "weight" not in tensors and (key := f"{prefix}{layer}.weight") in ckpt.infos:
+        t = ckpt.view(key)  # a layer that creates its weight only when loading (ComfyUI's mixed Linear)
+        tensors["weight"] = ckpt.owned((t.view(stored[key]) if t.dtype != stored[key] else t).to(device))
+    try:
+        layer_loader.load(module, layer, tensors, quant, device)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        fmt = (quant or {}).get("format", "unquantized")
+        raise CheckpointError(ckpt.path, f"{WHAT} whose quantized layers this ComfyUI can read",
+                              f"layer {layer} ({str(fmt)[:40]}): {str(e)[:200]}",
+                              "Update ComfyUI for this quantization format, or load the bf16 file.") from e
+
+
 def _transformer_folder(path: str | os.PathLike) -> Path:
     """A diffusers pipeline root (model_index.json, transformer/, vae/, ...) means its transformer/."""
     path = Path(path)
@@ -321,7 +373,8 @@ def load_transformer(path: str | os.PathLike, *, dtype: torch.dtype | None = Non
                      device: torch.device | str = "cpu", operations: Any = None,
                      quantize: str | None = None, mmap: bool = True,
                      check_interrupt: Callable[[], None] | None = None,
-                     model_class: type[ZImageTransformer] = ZImageTransformer) -> ZImageTransformer:
+                     model_class: type[ZImageTransformer] = ZImageTransformer,
+                     layer_loader: LayerLoader | None = None) -> ZImageTransformer:
     """Load a Z-Image transformer: ComfyUI single file (any prefix; bf16/fp16/fp32/fp8) or diffusers folder.
 
     `dtype` is the weight and compute dtype (default: the stored dtype; bf16 for fp8 files).
@@ -333,17 +386,20 @@ def load_transformer(path: str | os.PathLike, *, dtype: torch.dtype | None = Non
     `check_interrupt` is called before each tensor is read; whatever it raises propagates and the
     partly loaded model is freed.
     `model_class`: a ZImageTransformer subclass to build (e.g. one with another call convention).
+    `layer_loader`: layers of `operations` that read their own tensors (e.g. ComfyUI's mixed-precision
+    Linear, which keeps a comfy_quant file's weights quantized); the file's checks are the same. Without
+    it, quantized weights are dequantized into `dtype`.
     """
     if quantize not in (None, "fp8"):
         raise ValueError(f"load_transformer: quantize must be None or 'fp8', got {quantize!r}.")
     dtype = compute_dtype(dtype, "load_transformer: dtype", allow_fp8=True)
     with open_checkpoint(_transformer_folder(path), WHAT, mmap=mmap) as ckpt:
-        return _load(ckpt, dtype, device, operations, quantize, check_interrupt, model_class)
+        return _load(ckpt, dtype, device, operations, quantize, check_interrupt, model_class, layer_loader)
 
 
 def _load(ckpt: Checkpoint, dtype: torch.dtype | None, device: torch.device | str, operations: Any,
           quantize: str | None, check_interrupt: Callable[[], None] | None,
-          model_class: type[ZImageTransformer]) -> ZImageTransformer:
+          model_class: type[ZImageTransformer], layer_loader: LayerLoader | None = None) -> ZImageTransformer:
     shapes = _shapes_of(ckpt)
     fmt = detect_transformer_format(shapes, ckpt.path)
     plan = _plan(shapes, fmt)
@@ -368,7 +424,13 @@ def _load(ckpt: Checkpoint, dtype: torch.dtype | None, device: torch.device | st
         raise CheckpointError(ckpt.path, f"{WHAT} with only Z-Image-Turbo tensors",
                               f"{len(unexpected)} unknown tensor(s): {few}",
                               "This looks like a different model variant; load z_image_turbo_bf16.safetensors.")
-    wrong = [(k, expected[k], names[k]) for k in expected if tuple(names[k]) != expected[k]]
+    # Layers that read their own tensors (ComfyUI file layout only: one stored tensor per parameter).
+    keep = layer_loader.formats if layer_loader is not None and fmt.kind == "comfy" else frozenset()
+    quant = quant_configs(ckpt, fmt.prefix) if keep else {}
+    # Packed 4-bit weights (uint8, e.g. NVFP4) have their own shapes; their layers check them.
+    packed = {k for k in expected if k.endswith(".weight") and ckpt.dtype(plan[k][0]) == torch.uint8
+              and quant.get(k[: -len(".weight")], {}).get("format") in keep - set(FP8_FORMATS)}
+    wrong = [(k, expected[k], names[k]) for k in expected if tuple(names[k]) != expected[k] and k not in packed]
     if wrong:
         k, want, got = wrong[0]
         raise CheckpointError(ckpt.path, f"{WHAT} with consistent shapes ({k} {list(want)} for a model of "
@@ -377,7 +439,8 @@ def _load(ckpt: Checkpoint, dtype: torch.dtype | None, device: torch.device | st
                               "The file is damaged or belongs to another model (or its config.json does not match).")
     # Integer/bool tensors are not weights; refused here, not later as a confusing compute error.
     layers = quant_layers(ckpt)
-    stored = {src: stored_dtype(ckpt, src, layers, WHAT, _FIX_DOWNLOAD) for name in expected for src in plan[name]}
+    stored = {src: stored_dtype(ckpt, src, layers, WHAT, _FIX_DOWNLOAD, keep) for name in expected
+              for src in plan[name]}
 
     if dtype is None:
         dtype = _storage_dtype(stored, plan)
@@ -388,10 +451,16 @@ def _load(ckpt: Checkpoint, dtype: torch.dtype | None, device: torch.device | st
                          "comfy.ops.manual_cast); with plain torch.nn pass dtype=torch.bfloat16.")
 
     model = model_class(config, operations=operations, dtype=dtype, device="meta")
+    own = _self_loading(model, expected, layer_loader) if keep else {}
     for name in expected:
         if check_interrupt is not None:
             check_interrupt()
-        set_param(ckpt, model, name, read_joined(ckpt, plan[name], stored, device), dtype=dtype, device=device)
+        if name.rpartition(".")[0] not in own:
+            set_param(ckpt, model, name, read_joined(ckpt, plan[name], stored, device), dtype=dtype, device=device)
+    for layer, module in own.items():
+        if check_interrupt is not None:
+            check_interrupt()
+        _load_layer(ckpt, fmt.prefix, layer, module, layer_loader, quant.get(layer), stored, device)  # type: ignore[arg-type]
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:  # a layer class that creates parameters we do not know about
         raise CheckpointError(ckpt.path, WHAT, f"no tensors for parameters {left[:5]}",
