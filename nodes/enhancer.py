@@ -22,7 +22,7 @@ from ..zimage_core.text_encoder.generate import CausalLM, Sampling
 from ..zimage_core.text_encoder.lm_tail import load_lm_tail
 from .core_clip import ZImageClipModel, load_zimage_clip
 from .core_model import load_options
-from .errors import load_explained
+from .errors import check_widgets, load_explained
 from .loaders import _choices, _resolve
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ class ZImagePromptEnhancer:
 
     def enhance(self, text: str, mode: str, seed: int, max_new_tokens: int, temperature: float, clip=None,
                 text_encoder_name: str = USE_CLIP):
+        check_widgets(type(self), max_new_tokens=max_new_tokens, temperature=temperature)
         if not text or not text.strip():
             raise ValueError("ZImagePromptEnhancer: the idea is empty. Type a few words about the picture you want "
                              "into the text box.")

@@ -23,6 +23,7 @@ from ..zimage_core.errors import SamplingError
 from ..zimage_core.sampling import schedule
 from . import inpaint
 from .core_model import fp32_compute, is_zimage_model
+from .errors import check_widgets
 from .latent import LATENT_CHANNELS
 
 NODE_CATEGORY = "Z-Image/sampling"
@@ -208,6 +209,7 @@ class ZImageTurboSampler:
     def sample(self, model, positive, latent, seed: int, steps: int, shift: float, guidance: float,
                negative=None, mask=None, on_nan: str = ON_NAN_ERROR):
         node = "ZImageTurboSampler"
+        check_widgets(type(self), steps=steps, shift=shift, guidance=guidance)  # NaN passes ComfyUI's min/max
         if guidance > 0 and negative is None:
             raise ValueError(f"{node}: guidance {guidance} > 0 needs a negative conditioning. Connect a "
                              "ZImageTextEncode to 'negative', or set guidance to 0 (Turbo is made for 0).")
@@ -248,6 +250,7 @@ class ZImageImg2ImgSampler:
     def sample(self, model, positive, latent, strength: float, seed: int, steps: int, shift: float, mask=None,
                on_nan: str = ON_NAN_ERROR):
         node = "ZImageImg2ImgSampler"
+        check_widgets(type(self), strength=strength, steps=steps, shift=shift)
         sigmas = schedule.img2img_sigmas(steps, strength, shift)
         if len(sigmas) < 2:
             # Nothing to denoise: the source itself, bit for bit.
