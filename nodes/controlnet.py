@@ -31,6 +31,7 @@ from ..zimage_core.controlnet.conditioning import fit_image
 from ..zimage_core.transformer import ZImageTransformer
 from .core_model import CorePatcher, is_zimage_model, load_options
 from .errors import check_widgets, load_explained
+from .inpaint import mask_batch
 
 log = logging.getLogger("ComfyUI-ZImage")
 
@@ -258,6 +259,8 @@ class ZImageControlNetApply:
                              "file (Z-Image-Turbo-Fun-Controlnet-Union-2.1).")
         if image is None and not cfg.inpaint:
             raise ValueError("Z-Image ControlNet Apply: connect a control image.")
+        if mask is not None:  # the same check as ZImageInpaintMask's: NaN/inf refused, values clamped to 0..1
+            mask = mask_batch(mask, "Z-Image ControlNet Apply")
         if getattr(vae, "latent_channels", 16) != 16:
             raise ValueError("Z-Image ControlNet Apply: the VAE must be the 16-channel FLUX VAE (ae.safetensors).")
         unet = model.model.model_config.unet_config

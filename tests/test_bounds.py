@@ -60,3 +60,15 @@ def test_guidance_nan_or_negative_is_refused_before_sampling(guidance):
         sample_euler(model, [torch.zeros(3, 8)], torch.zeros(1, 16, 4, 4), [1.0, 0.0], guidance=guidance,
                      negative=[torch.zeros(3, 8)])
     assert not calls
+
+
+def test_control_latents_refuse_a_nan_mask():
+    from zimage_core.controlnet import control_latents
+
+    image = torch.full((1, 16, 16, 3), 0.5)
+    mask = torch.zeros(1, 16, 16)
+    mask[0, 2, 2] = math.nan
+    for style in ("diffusers", "comfyui"):
+        with pytest.raises(ValueError, match="mask has NaN/inf values"):
+            control_latents(lambda x: torch.zeros(x.shape[0], 16, 2, 2), 33, control_image=image, inpaint_image=image,
+                            mask=mask, style=style)
