@@ -72,3 +72,26 @@ def test_control_latents_refuse_a_nan_mask():
         with pytest.raises(ValueError, match="mask has NaN/inf values"):
             control_latents(lambda x: torch.zeros(x.shape[0], 16, 2, 2), 33, control_image=image, inpaint_image=image,
                             mask=mask, style=style)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_non_finite_latents_message_fits_the_compute_dtype(dtype):
+    from zimage_core.errors import SamplingError
+
+    class Model:
+        def __init__(self) -> None:
+            self.dtype, self.device = dtype, torch.device("cpu")
+
+        def __call__(self, x, t, caps):
+            return torch.full_like(x, math.nan)
+
+    with pytest.raises(SamplingError) as err:
+        sample_euler(Model(), [torch.zeros(3, 8)], torch.zeros(1, 16, 4, 4), [1.0, 0.5, 0.0])
+    message = str(err.value)
+    name = str(dtype).replace("torch.", "")
+    assert f"with the model in {name}" in message
+    if dtype == torch.float16:
+        assert "compute in bfloat16 instead" in message
+    else:
+        assert "float16 overflows" not in message and "in bfloat16 (bf16)" not in message
+        assert "NaN/inf weights" in message
