@@ -90,7 +90,9 @@ def _finite_callback(model, steps: int, node: str):
             dtype = model_compute_dtype(model)
             raise SamplingError(f"{node}: the latents became NaN/inf at step {step + 1} of {total_steps} with the "
                                 f"model computing in {str(dtype).replace('torch.', '')}. "
-                                + non_finite_advice(dtype, "set on_nan to recompute_fp32"))
+                                + non_finite_advice(dtype, "set on_nan to recompute_fp32")
+                                + (" Load the model with weight_dtype default or bf16 (both compute in bf16), or set "
+                                   "on_nan to recompute_fp32." if dtype == torch.float16 else ""))
         preview(step, x0, x, total_steps)
 
     return callback

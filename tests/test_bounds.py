@@ -91,7 +91,7 @@ def test_non_finite_latents_message_fits_the_compute_dtype(dtype):
     name = str(dtype).replace("torch.", "")
     assert f"with the model in {name}" in message
     if dtype == torch.float16:
-        assert "compute in bfloat16 instead" in message
+        assert "compute in bfloat16 (bf16) instead" in message
     else:
         assert "float16 overflows" not in message and "in bfloat16 (bf16)" not in message
         assert "NaN/inf weights" in message

@@ -156,7 +156,7 @@ def test_nan_message_says_what_to_change_for_the_dtype_in_use(parts, weight_dtyp
     computes = computes or str(model.model.diffusion_model.compute_dtype).replace("torch.", "")
     assert f"computing in {computes}" in message, message
     if computes == "float16":
-        assert "compute in bfloat16 instead" in message
+        assert "compute in bfloat16 (bf16) instead" in message and "weight_dtype default or bf16" in message
     else:
         assert "float16 overflows" not in message and "fp16" not in message
         assert "weight_dtype default or bf16" not in message  # the dtype already in use is not the fix

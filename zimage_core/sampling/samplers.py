@@ -229,8 +229,7 @@ def non_finite_advice(dtype: torch.dtype | None, fp32_retry: str = "compute the 
     culprits = ("the checkpoint, a LoRA or a ControlNet has NaN/inf weights, or a LoRA / ControlNet strength is "
                 "far too high: re-download the checkpoint, or remove (or lower) the LoRA / ControlNet")
     if dtype == torch.float16:
-        return ("float16 overflows in Z-Image's activations: compute in bfloat16 instead (load the model with "
-                "weight_dtype default or bf16, which compute in bf16).")
+        return "float16 overflows in Z-Image's activations: compute in bfloat16 (bf16) instead."
     if dtype == torch.bfloat16:
         return (f"bfloat16 rarely overflows on this model, so most likely {culprits}. To tell, {fp32_retry}: if it "
                 "fails in float32 too, the weights are the cause.")
