@@ -5,9 +5,11 @@ transformer a compiled block runner (regional torch.compile: one compiled graph 
 blocks plus one for the noise refiner) for the calls of that clone only. ZImageCompileVAE returns a fused
 copy of the VAE.
 
-Compiled artifacts persist in `<ComfyUI user directory>/zimage_compile_cache` (zimage_core CompileCache), so
-a restarted ComfyUI loads them instead of compiling from scratch. `ZIMAGE_COMPILE_CACHE` in the environment
-names another folder, or turns this off with `off`.
+Compiled artifacts persist in `<ComfyUI user directory>/__zimage/compile_cache` (zimage_core CompileCache), so
+a restarted ComfyUI loads them instead of compiling from scratch. Loading them runs code, so the folder is one
+ComfyUI serves to no one ("__" folders of the user directory are internal), each file must carry an HMAC under
+a key only this installation holds (`__zimage/compile_cache.key`, mode 0600), and `ZIMAGE_COMPILE_CACHE` (another
+folder, or `off`) is refused when it names a folder a web client can write to.
 """
 
 from __future__ import annotations
@@ -27,16 +29,60 @@ WRAPPER_KEY = "zimage_compile"
 log = logging.getLogger("ComfyUI-ZImage")
 
 
-CACHE_FOLDER = "zimage_compile_cache"
+PRIVATE_FOLDER = "zimage"  # ComfyUI's system-user folder <user dir>/__zimage: served by no endpoint
+CACHE_FOLDER = "compile_cache"
+KEY_FILE = "compile_cache.key"
+
+
+def _private_dir() -> str:
+    get = getattr(folder_paths, "get_system_user_directory", None)
+    if get is not None:
+        return get(PRIVATE_FOLDER)
+    return os.path.join(folder_paths.get_user_directory(), "__" + PRIVATE_FOLDER)  # ComfyUI before the helper
+
+
+def _inside(path: str, folder: str) -> bool:
+    folder = os.path.realpath(folder)
+    return os.path.commonpath((path, folder)) == folder
+
+
+def served_folder(path: str) -> str | None:
+    """Which ComfyUI folder that web clients can write to (or read) holds `path`, if any: input, output and
+    temp (/upload, /view) and every public user folder <user dir>/<user> (/userdata)."""
+    real = os.path.realpath(path)
+    for name in ("input", "output", "temp"):
+        folder = folder_paths.get_directory_by_type(name)
+        if folder and _inside(real, folder):
+            return f"ComfyUI's {name} folder ({folder})"
+    user = os.path.realpath(folder_paths.get_user_directory())
+    if _inside(real, user) and real != user:
+        top = os.path.relpath(real, user).split(os.sep)[0]
+        if not top.startswith("__"):
+            return f"ComfyUI's user folder {os.path.join(user, top)} (served by /userdata)"
+    return None
 
 
 def compile_cache_dir() -> str | None:
     """Where compiled artifacts persist: $ZIMAGE_COMPILE_CACHE (a folder, or off/0/false to disable), else
-    a folder in ComfyUI's user directory."""
+    <user dir>/__zimage/compile_cache. None (cache off, with a warning) for a folder web clients can reach."""
     env = os.environ.get("ZIMAGE_COMPILE_CACHE")
-    if env is not None:
-        return None if env.strip().lower() in ("", "0", "off", "false", "no") else env
-    return os.path.join(folder_paths.get_user_directory(), CACHE_FOLDER)
+    if env is None:
+        return os.path.join(_private_dir(), CACHE_FOLDER)
+    if env.strip().lower() in ("", "0", "off", "false", "no"):
+        return None
+    served = served_folder(env)
+    if served is not None:
+        log.warning("ZImageCompileModel: ZIMAGE_COMPILE_CACHE=%s is inside %s, where a web client can put files; "
+                    "loading compiled code from there would let it run code on this machine. The compile cache is "
+                    "off. Point ZIMAGE_COMPILE_CACHE at a private folder outside ComfyUI's input, output, temp and "
+                    "user/<user> folders, or unset it.", env, served)
+        return None
+    return env
+
+
+def compile_cache_key_file() -> str:
+    """The cache's signing key: in ComfyUI's internal user folder, never in the (maybe shared) cache folder."""
+    return os.path.join(_private_dir(), KEY_FILE)
 
 
 class CompiledBlocksWrapper:
@@ -44,7 +90,8 @@ class CompiledBlocksWrapper:
     compiler failure the transformer disables it and runs eagerly)."""
 
     def __init__(self, mode: str | None, cache_dir: str | None = None) -> None:
-        self.block_call = CompiledBlockCall(mode, cache=CompileCache(cache_dir) if cache_dir else None)
+        cache = CompileCache(cache_dir, key_file=compile_cache_key_file()) if cache_dir else None
+        self.block_call = CompiledBlockCall(mode, cache=cache)
 
     def __call__(self, executor, *args, **kwargs):
         if self.block_call.enabled:
@@ -56,7 +103,7 @@ class ZImageCompileModel:
     DESCRIPTION = ("Compiles the Z-Image transformer's blocks with torch.compile (regional: one block compiled "
                    "and reused by all 30). On an H100 a step at 1024² drops from ~112 ms to ~90 ms. The first "
                    "run at each new resolution compiles (~15 s); the compiled code is kept in ComfyUI's user "
-                   "folder (zimage_compile_cache), so after a restart it loads instead of compiling again. "
+                   "folder (__zimage/compile_cache, signed, served to no one), so after a restart it loads instead of compiling again. "
                    "Returns a new MODEL: the input model and other branches stay uncompiled. Falls back to the "
                    "normal path if compilation is not available.")
     CATEGORY = NODE_CATEGORY

@@ -20,12 +20,19 @@ import folder_paths
 import torch
 
 from ..zimage_core.checkpoint import model_fingerprint
-from ..zimage_core.controlnet import ControlRun, control_latents, load_controlnet
+from ..zimage_core.controlnet import (
+    STRENGTH_LIMIT,
+    ControlRun,
+    control_latents,
+    control_window,
+    load_controlnet,
+)
 from ..zimage_core.controlnet.conditioning import fit_image
 from ..zimage_core.transformer import ZImageTransformer
 from .comfy_compat import loaded_models
 from .core_model import CorePatcher, is_zimage_model, load_options
-from .errors import load_explained
+from .errors import check_widgets, load_explained
+from .inpaint import mask_batch
 
 log = logging.getLogger("ComfyUI-ZImage")
 
@@ -207,7 +214,7 @@ class ZImageControlNetApply:
                 "model": ("MODEL", {"tooltip": "A Z-Image MODEL (Z-Image Model Loader or UNETLoader)."}),
                 "controlnet": ("ZIMAGE_CONTROLNET", {"tooltip": "From Z-Image ControlNet Loader."}),
                 "vae": ("VAE", {"tooltip": "The FLUX VAE (ae.safetensors) that encodes the control image."}),
-                "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                "strength": ("FLOAT", {"default": 1.0, "min": -STRENGTH_LIMIT, "max": STRENGTH_LIMIT, "step": 0.01,
                                        "tooltip": "Scale of the control hints. alibaba-pai suggests 0.65-1.0."}),
                 "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
                                             "tooltip": "Fraction of the sampling where the control starts."}),
@@ -227,16 +234,14 @@ class ZImageControlNetApply:
             },
         }
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, strength=1.0, start_percent=0.0, end_percent=1.0, reference="diffusers"):
-        if start_percent > end_percent:
-            return f"start_percent ({start_percent}) is after end_percent ({end_percent}); swap them."
-        if reference not in STYLES:
-            return f"reference must be one of {list(STYLES)}, got {reference!r}."
-        return True
-
     def apply(self, model, controlnet, vae, strength, start_percent, end_percent, reference="diffusers",
               image=None, inpaint_image=None, mask=None):
+        # No VALIDATE_INPUTS naming these: ComfyUI then keeps its own min/max checks of them at queue time.
+        check_widgets(type(self), strength=strength, start_percent=start_percent, end_percent=end_percent)
+        try:
+            control_window(start_percent, end_percent)
+        except ValueError as e:
+            raise ValueError(f"Z-Image ControlNet Apply: {e}") from None
         if not is_zimage_model(model):
             raise ValueError("Z-Image ControlNet Apply: the MODEL is not Z-Image; load z_image_turbo_bf16.safetensors "
                              "with Z-Image Model Loader (or UNETLoader).")
@@ -256,6 +261,8 @@ class ZImageControlNetApply:
                              "file (Z-Image-Turbo-Fun-Controlnet-Union-2.1).")
         if image is None and not cfg.inpaint:
             raise ValueError("Z-Image ControlNet Apply: connect a control image.")
+        if mask is not None:  # the same check as ZImageInpaintMask's: NaN/inf refused, values clamped to 0..1
+            mask = mask_batch(mask, "Z-Image ControlNet Apply")
         if getattr(vae, "latent_channels", 16) != 16:
             raise ValueError("Z-Image ControlNet Apply: the VAE must be the 16-channel FLUX VAE (ae.safetensors).")
         unet = model.model.model_config.unet_config

@@ -17,12 +17,12 @@ import comfy.ops
 import comfy.utils
 
 from ..zimage_core.checkpoint import model_fingerprint
-from ..zimage_core.prompt_enhancer import MODES, enhance_prompt
+from ..zimage_core.prompt_enhancer import MODES, enhance_prompt, prompt_ids
 from ..zimage_core.text_encoder.generate import CausalLM, Sampling
 from ..zimage_core.text_encoder.lm_tail import load_lm_tail
 from .core_clip import ZImageClipModel, load_zimage_clip, text_encoder_compute_dtype
 from .core_model import load_options
-from .errors import load_explained
+from .errors import check_widgets, load_explained
 from .loaders import _choices, _resolve
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ class ZImagePromptEnhancer:
 
     def enhance(self, text: str, mode: str, seed: int, max_new_tokens: int, temperature: float, clip=None,
                 text_encoder_name: str = USE_CLIP):
+        check_widgets(type(self), max_new_tokens=max_new_tokens, temperature=temperature)
         if not text or not text.strip():
             raise ValueError("ZImagePromptEnhancer: the idea is empty. Type a few words about the picture you want "
                              "into the text box.")
@@ -117,8 +118,8 @@ class ZImagePromptEnhancer:
         patcher = clip.patcher
         lm = CausalLM.from_encoder(encoder, tail.model, compute_dtype=text_encoder_compute_dtype(
             patcher.load_device, generating_from=encoder.dtype))
-        ids_estimate = 1024 + max_new_tokens  # instruction (~300-400 tokens) + idea + answer
-        mm.load_models_gpu([patcher, tail], memory_required=lm.memory_required(ids_estimate))
+        prompt = prompt_ids(encoder.tokenizer, text, mode)  # instruction + idea: sized before loading
+        mm.load_models_gpu([patcher, tail], memory_required=lm.memory_required(len(prompt[0]) + int(max_new_tokens)))
         pbar = comfy.utils.ProgressBar(max_new_tokens)
 
         def on_token(i: int, _token: int) -> None:
@@ -127,7 +128,7 @@ class ZImagePromptEnhancer:
 
         sampling = Sampling(temperature=float(temperature), top_k=TOP_K, top_p=TOP_P, seed=int(seed))
         result = enhance_prompt(lm, encoder.tokenizer, text, mode, max_new_tokens=int(max_new_tokens),
-                                sampling=sampling, device=patcher.load_device, callback=on_token)
+                                sampling=sampling, device=patcher.load_device, callback=on_token, prompt=prompt)
         g = result.generation
         log.info("ZImagePromptEnhancer: %d tokens in %.2f s (%.1f tokens/s%s), prompt %d tokens.",
                  len(g.token_ids), g.prefill_s + g.decode_s, g.tokens_per_s, ", CUDA graph" if g.cuda_graph else "",

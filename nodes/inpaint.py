@@ -9,10 +9,13 @@ is 0, i.e. where the mask editor painted).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
+import comfy.model_management as mm
 import torch
 from torch.nn import functional as F
 
+from .errors import check_widgets
 from .latent import crop_box
 
 NODE_CATEGORY = "Z-Image/inpaint"
@@ -61,20 +64,47 @@ def warn_if_empty(mask: torch.Tensor, node: str) -> bool:
     return True
 
 
-def grow_mask(mask: torch.Tensor, pixels: int) -> torch.Tensor:
-    """Dilate (pixels > 0) or erode (pixels < 0) by |pixels| with a square window; (B, H, W)."""
+# Grow and feather work on chunks of rows, then of columns, written back in place: a temporary is about
+# this many float32 values (512 KB) plus the window's margin, so a mask costs about one copy of itself
+# however large it and the window are (a whole-image pad + pool/convolution held several full copies).
+# Small enough that the allocator reuses the chunks' memory instead of growing (larger chunks are ~1.3x faster).
+CHUNK_ELEMENTS = 1 << 17
+
+
+def _in_chunks(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], halo: int, dim: int,
+               check: Callable[[], None] | None) -> None:
+    """x (B, H, W) ← fn(chunk) along `dim` (-1: rows, -2: columns), each chunk replicate-padded by `halo` on
+    that axis (fn shortens it by 2·halo again). `check()` runs before every chunk (Cancel)."""
+    _, h, w = x.shape
+    length, across = (w, h) if dim == -1 else (h, w)
+    step = max(1, CHUNK_ELEMENTS // (length + 2 * halo))
+    pad = (halo, halo, 0, 0) if dim == -1 else (0, 0, halo, halo)
+    for image in x:
+        for start in range(0, across, step):
+            if check is not None:
+                check()
+            part = image[start:start + step] if dim == -1 else image[:, start:start + step]
+            result = fn(F.pad(part[None, None], pad, mode="replicate"))[0, 0]
+            part.copy_(result)
+
+
+def grow_mask_(mask: torch.Tensor, pixels: int, check: Callable[[], None] | None = None) -> torch.Tensor:
+    """In place: dilate (pixels > 0) or erode (pixels < 0) by |pixels| with a square window; (B, H, W)."""
     if pixels == 0:
         return mask
     r = abs(pixels)
-    x = mask[:, None] if pixels > 0 else -mask[:, None]
+    if pixels < 0:
+        mask.neg_()  # erosion = −dilation(−mask)
     # A square window is separable: a row pass then a column pass (O(k) per pixel, not O(k²)).
-    x = F.max_pool2d(F.pad(x, (r, r, 0, 0), mode="replicate"), kernel_size=(1, 2 * r + 1), stride=1)
-    x = F.max_pool2d(F.pad(x, (0, 0, r, r), mode="replicate"), kernel_size=(2 * r + 1, 1), stride=1)
-    return x[:, 0] if pixels > 0 else -x[:, 0]
+    _in_chunks(mask, lambda c: F.max_pool2d(c, kernel_size=(1, 2 * r + 1), stride=1), r, -1, check)
+    _in_chunks(mask, lambda c: F.max_pool2d(c, kernel_size=(2 * r + 1, 1), stride=1), r, -2, check)
+    if pixels < 0:
+        mask.neg_()
+    return mask
 
 
-def feather_mask(mask: torch.Tensor, pixels: int) -> torch.Tensor:
-    """Soften the edge over ±pixels: a separable Gaussian (σ = pixels/2) cut off at `pixels`.
+def feather_mask_(mask: torch.Tensor, pixels: int, check: Callable[[], None] | None = None) -> torch.Tensor:
+    """In place: soften the edge over ±pixels: a separable Gaussian (σ = pixels/2) cut off at `pixels`.
 
     The cut-off is exact: a pixel farther than `pixels` from every nonzero pixel stays exactly 0, so
     the composite leaves it untouched.
@@ -84,10 +114,19 @@ def feather_mask(mask: torch.Tensor, pixels: int) -> torch.Tensor:
     t = torch.arange(-pixels, pixels + 1, dtype=torch.float32)
     k = torch.exp(-0.5 * (t / (pixels / 2)) ** 2)
     k = k / k.sum()
-    x = mask[:, None]
-    x = F.conv2d(F.pad(x, (pixels, pixels, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, pixels, pixels), mode="replicate"), k.view(1, 1, -1, 1))
-    return x[:, 0].clamp(0.0, 1.0)
+    _in_chunks(mask, lambda c: F.conv2d(c, k.view(1, 1, 1, -1)), pixels, -1, check)
+    _in_chunks(mask, lambda c: F.conv2d(c, k.view(1, 1, -1, 1)), pixels, -2, check)
+    return mask.clamp_(0.0, 1.0)
+
+
+def grow_mask(mask: torch.Tensor, pixels: int, check: Callable[[], None] | None = None) -> torch.Tensor:
+    """`grow_mask_` on a copy (the given mask is unchanged)."""
+    return grow_mask_(mask.clone(), pixels, check) if pixels else mask
+
+
+def feather_mask(mask: torch.Tensor, pixels: int, check: Callable[[], None] | None = None) -> torch.Tensor:
+    """`feather_mask_` on a copy (the given mask is unchanged)."""
+    return feather_mask_(mask.clone(), pixels, check) if pixels > 0 else mask
 
 
 def latent_with_mask(latent: dict, mask: torch.Tensor | None, node: str) -> dict:
@@ -137,11 +176,13 @@ class ZImageInpaintMask:
 
     def prepare(self, mask, grow: int, feather: int, image=None):
         node = "ZImageInpaintMask"
-        m = mask_batch(mask, node)
+        check_widgets(type(self), grow=grow, feather=feather)  # a linked value skips ComfyUI's min/max
+        m = mask_batch(mask, node)  # a new float32 tensor: grown and feathered in place
         if image is not None:
             m = fit_mask(m, image.shape[1], image.shape[2], node, "image")
         warn_if_empty(m, node)
-        return (feather_mask(grow_mask(m, grow), feather),)
+        check = mm.throw_exception_if_processing_interrupted  # Cancel between chunks
+        return (feather_mask_(grow_mask_(m, grow, check), feather, check),)
 
 
 class ZImageInpaintComposite:

@@ -18,8 +18,9 @@ import folder_paths
 import torch
 
 from ..zimage_core.checkpoint import model_fingerprint
-from ..zimage_core.lora import NotZImageLoraError, plan_lora
+from ..zimage_core.lora import STRENGTH_LIMIT, NotZImageLoraError, plan_lora
 from .core_model import is_zimage_model
+from .errors import check_widgets
 
 log = logging.getLogger("ComfyUI-ZImage")
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -77,20 +78,21 @@ class ZImageLoraLoader:
                                                "already be applied."}),
                 "lora_name": (folder_paths.get_filename_list("loras"),
                               {"tooltip": "A Z-Image LoRA (.safetensors) in models/loras, of any trainer."}),
-                "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
+                "strength_model": ("FLOAT", {"default": 1.0, "min": -STRENGTH_LIMIT, "max": STRENGTH_LIMIT, "step": 0.01,
                                              "tooltip": "How strongly the LoRA changes the diffusion model "
                                                         "(multiplies alpha/rank; 0 = no change; may be negative)."}),
             },
             "optional": {
                 "clip": ("CLIP", {"tooltip": "The Z-Image text encoder, for LoRAs that also train it (Qwen3)."}),
-                "strength_clip": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
+                "strength_clip": ("FLOAT", {"default": 1.0, "min": -STRENGTH_LIMIT, "max": STRENGTH_LIMIT, "step": 0.01,
                                             "tooltip": "How strongly the LoRA changes the text encoder."}),
             },
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, lora_name: str, **_):
-        # Checked when the prompt is queued (ComfyUI skips its own list check for an input validated here).
+    def VALIDATE_INPUTS(cls, lora_name: str):
+        # Checked when the prompt is queued. Only lora_name is named here: ComfyUI skips its own checks (list,
+        # min/max) for every input this signature names, so the strengths keep ComfyUI's bounds checks.
         if not lora_name.lower().endswith(".safetensors"):
             return (f"ZImageLoraLoader: {lora_name} is not a .safetensors file. Only safetensors LoRAs are read "
                     "(pickle files can run code); convert it or pick a .safetensors LoRA.")
@@ -119,6 +121,7 @@ class ZImageLoraLoader:
         return lora, metadata or {}
 
     def load(self, model, lora_name: str, strength_model: float = 1.0, clip=None, strength_clip: float = 1.0):
+        check_widgets(type(self), strength_model=strength_model, strength_clip=strength_clip)
         if not is_zimage_model(model):
             name = type(getattr(model, "model", model)).__name__
             raise ValueError(f"ZImageLoraLoader: this MODEL ({name}) is not a Z-Image model. Use ComfyUI's "

@@ -20,9 +20,10 @@ import latent_preview
 import torch
 
 from ..zimage_core.errors import SamplingError
-from ..zimage_core.sampling import schedule
+from ..zimage_core.sampling import non_finite_advice, schedule
 from . import inpaint
 from .core_model import fp32_compute, is_zimage_model
+from .errors import check_widgets
 from .latent import LATENT_CHANNELS
 
 NODE_CATEGORY = "Z-Image/sampling"
@@ -69,6 +70,15 @@ def _check_conditioning(model, conditioning, name: str, node: str) -> None:
                 "or CLIPLoader type 'lumina2' + CLIPTextEncode).")
 
 
+def model_compute_dtype(model) -> torch.dtype:
+    """The dtype the MODEL's transformer computes in: ours says so (compute_dtype; fp8/fp16 storage computes in
+    bf16, CPU in fp32), ComfyUI's native one through its manual cast dtype or weight dtype."""
+    dtype = getattr(model.model.diffusion_model, "compute_dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return model.model.manual_cast_dtype or model.model.get_dtype()
+
+
 def _finite_callback(model, steps: int, node: str):
     """ComfyUI's preview/progress callback, plus a stop with a clear message when latents become NaN/inf."""
     preview = latent_preview.prepare_callback(model, steps)
@@ -77,9 +87,12 @@ def _finite_callback(model, steps: int, node: str):
         # ComfyUI calls back before applying step `step`: its denoised x0 comes from this step's model
         # output (x only shows it one step later, and never for the last step).
         if not (torch.isfinite(x0).all() and torch.isfinite(x).all()):
-            raise SamplingError(f"{node}: the latents became NaN/inf at step {step + 1} of {total_steps}. This "
-                                "happens with fp16 compute; load the model with weight_dtype default or bf16, or set "
-                                "on_nan to recompute_fp32 to compute such steps again in float32.")
+            dtype = model_compute_dtype(model)
+            raise SamplingError(f"{node}: the latents became NaN/inf at step {step + 1} of {total_steps} with the "
+                                f"model computing in {str(dtype).replace('torch.', '')}. "
+                                + non_finite_advice(dtype, "set on_nan to recompute_fp32")
+                                + (" Load the model with weight_dtype default or bf16 (both compute in bf16), or set "
+                                   "on_nan to recompute_fp32." if dtype == torch.float16 else ""))
         preview(step, x0, x, total_steps)
 
     return callback
@@ -104,15 +117,15 @@ class _RecomputeInFp32:
                  else f"sigma {sigma:.4g}")
         dtype = str(x.dtype).replace("torch.", "")
         if x.dtype == torch.float32:
-            raise SamplingError(f"{self.node}: the model gave NaN/inf at {where} in float32 already. The checkpoint "
-                                "or a LoRA has NaN/inf weights; re-download it or remove the LoRA.")
+            raise SamplingError(f"{self.node}: the model gave NaN/inf at {where} in float32 already. "
+                                + non_finite_advice(torch.float32))
         log.warning("%s: %s gave NaN/inf in %s; recomputing that step in float32 and continuing.",
                     self.node, where, dtype)
         with fp32_compute(executor.class_obj):
             out = executor(x.float(), timesteps, context.float() if context is not None else None, *args, **kwargs)
         if not bool(torch.isfinite(out).all()):
             raise SamplingError(f"{self.node}: the model gave NaN/inf at {where}, also when recomputed in float32. "
-                                "The checkpoint or a LoRA has NaN/inf weights; re-download it or remove the LoRA.")
+                                + non_finite_advice(torch.float32))
         return out
 
 
@@ -208,6 +221,7 @@ class ZImageTurboSampler:
     def sample(self, model, positive, latent, seed: int, steps: int, shift: float, guidance: float,
                negative=None, mask=None, on_nan: str = ON_NAN_ERROR):
         node = "ZImageTurboSampler"
+        check_widgets(type(self), steps=steps, shift=shift, guidance=guidance)  # NaN passes ComfyUI's min/max
         if guidance > 0 and negative is None:
             raise ValueError(f"{node}: guidance {guidance} > 0 needs a negative conditioning. Connect a "
                              "ZImageTextEncode to 'negative', or set guidance to 0 (Turbo is made for 0).")
@@ -248,6 +262,7 @@ class ZImageImg2ImgSampler:
     def sample(self, model, positive, latent, strength: float, seed: int, steps: int, shift: float, mask=None,
                on_nan: str = ON_NAN_ERROR):
         node = "ZImageImg2ImgSampler"
+        check_widgets(type(self), strength=strength, steps=steps, shift=shift)
         sigmas = schedule.img2img_sigmas(steps, strength, shift)
         if len(sigmas) < 2:
             # Nothing to denoise: the source itself, bit for bit.

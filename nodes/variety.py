@@ -19,6 +19,7 @@ import comfy.patcher_extension
 import torch
 
 from ..zimage_core.sampling import SeedVariety, caption_noise, step_of, vary_caption
+from .errors import check_widgets
 
 log = logging.getLogger("ComfyUI-ZImage")
 
@@ -79,6 +80,7 @@ class ZImageSeedVariety:
         }}
 
     def patch(self, model, strength: float, end: float):
+        check_widgets(type(self), strength=strength, end=end)
         variety = SeedVariety(float(strength), float(end))
         patched = model.clone()
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY,

@@ -16,7 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,9 +48,11 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(name: str, input_files: dict[str, bytes] | None = None) -> Iterator[Server]:
+def running_server(name: str, input_files: dict[str, bytes] | None = None,
+                   env: Callable[[Path], dict[str, str]] | None = None) -> Iterator[Server]:
     """Start ComfyUI's main.py (CPU) with the pack and the demo models; `input_files` go into its input
-    folder first (the frontend lists them when it loads). Yields once /system_stats answers."""
+    folder first (the frontend lists them when it loads); `env(work folder)` adds environment variables.
+    Yields once /system_stats answers."""
     require_comfyui()
     work = session_dir(name)
     yaml = write_extra_paths_yaml(work / "extra_model_paths.yaml", demo_models(), link_pack(work / "custom_nodes"))
@@ -66,7 +68,7 @@ def running_server(name: str, input_files: dict[str, bytes] | None = None) -> It
            "--database-url", "sqlite:///:memory:"]
     with open(work / "server.log", "wb") as log:
         process = subprocess.Popen(cmd, cwd=default_comfyui_dir(), stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, env={**os.environ, **(env(work) if env else {})})
         server = Server(f"http://127.0.0.1:{port}", work, process)
         try:
             deadline = time.monotonic() + STARTUP_TIMEOUT

@@ -79,9 +79,48 @@ def test_compile_node_returns_a_compiled_clone_and_leaves_the_other_branch_eager
 
     # The compiled artifacts were saved in ComfyUI's user directory (loaded again after a restart).
     import folder_paths
-    cache = Path(folder_paths.get_user_directory()) / "zimage_compile_cache"
+    cache = Path(folder_paths.get_user_directory()) / "__zimage" / "compile_cache"  # a folder no endpoint serves
     assert wrapper.block_call.cache is not None and wrapper.block_call.cache.folder == cache
     assert list(cache.glob("*.bin")), "no compile artifacts saved"
+
+
+def test_compile_node_never_loads_a_planted_cache_file(tmp_path, monkeypatch, caplog):
+    """A crafted cache file (a pickle that creates a marker; an entry keyed by an absolute path) planted on the
+    file system where the cache looks (its folder, the one it used before, a ZIMAGE_COMPILE_CACHE folder, one
+    inside <user>/default): compiling and sampling never runs it. (Over HTTP: test_comfy_hostile_inputs.py.)"""
+    import logging
+
+    nodes = _nodes()  # ComfyUI first: folder_paths is its module
+    import folder_paths
+
+    from tests.hostile_cache import crafted_cache
+    from zimage_core.accel.compile_cache import environment_key
+
+    user = Path(folder_paths.get_user_directory())
+    pickled, written = tmp_path / "pickle-ran", tmp_path / "abs-key-written"
+    data = crafted_cache(pickled, written)
+    env_folder, served = tmp_path / "private_cache", user / "default" / "zimage_compile_cache"
+    planted = []
+    for folder in (user / "__zimage" / "compile_cache", user / "zimage_compile_cache", env_folder, served):
+        folder.mkdir(parents=True, exist_ok=True)
+        for digest in ("0" * 64, "planted"):
+            planted.append(folder / f"{environment_key()}-{digest}.bin")
+            planted[-1].write_bytes(data)
+    model = _load("default")
+    try:
+        for env in (None, str(env_folder), str(served)):
+            if env is None:
+                monkeypatch.delenv("ZIMAGE_COMPILE_CACHE", raising=False)
+            else:
+                monkeypatch.setenv("ZIMAGE_COMPILE_CACHE", env)
+            with caplog.at_level(logging.WARNING):
+                (compiled,) = nodes["ZImageCompileModel"]().compile(model)
+                _sample(compiled, steps=1)
+            assert not pickled.exists() and not written.exists(), f"a planted cache file ran (cache: {env})"
+        assert "compile cache is off" in caplog.text and str(served) in caplog.text
+    finally:
+        for path in planted:
+            path.unlink(missing_ok=True)
 
 
 def test_compile_vae_node_returns_a_fused_copy_and_keeps_the_image():

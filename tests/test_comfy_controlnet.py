@@ -162,7 +162,24 @@ def test_bad_input_names_both_files(tiny):
     with pytest.raises(ValueError, match="no inpaint channels"):
         apply.apply(tiny[1], _ours(nodes, FILES["1.0"]), tiny[2], 1.0, 0.0, 1.0, "diffusers", image=tiny[5],
                     mask=torch.zeros(1, 64, 48))
-    assert "swap" in apply.VALIDATE_INPUTS(start_percent=0.8, end_percent=0.2)
+    net = _ours(nodes, FILES["2.1"])
+    with pytest.raises(ValueError, match="start_percent .0.8. is after end_percent .0.2.; swap them"):
+        apply.apply(tiny[1], net, tiny[2], 1.0, 0.8, 0.2, "diffusers", image=tiny[5])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nan_inpaint_mask_is_refused_as_zimageinpaintmask_refuses_it(tiny, bad):
+    """NaN compares false, so the mask channel would silently say "keep everything"."""
+    nodes, model, vae, _, _, image = tiny
+    mask = torch.zeros(1, 64, 48)
+    mask[0, 10:20, 10:20] = bad
+    with pytest.raises(ValueError, match="has NaN/inf values") as ours:
+        nodes.NODE_CLASS_MAPPINGS["ZImageControlNetApply"]().apply(
+            model, _ours(nodes, FILES["2.1"]), vae, 1.0, 0.0, 1.0, "diffusers", image=image, inpaint_image=image,
+            mask=mask)
+    with pytest.raises(ValueError, match="has NaN/inf values") as reference:
+        nodes.NODE_CLASS_MAPPINGS["ZImageInpaintMask"]().prepare(mask, 0, 0)
+    assert str(ours.value).split(": ", 1)[1] == str(reference.value).split(": ", 1)[1]
 
 
 def _copy_to_patches(name: str) -> str:

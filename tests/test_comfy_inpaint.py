@@ -4,6 +4,7 @@ MASK input) handled as KSampler handles them, and the composite that leaves ever
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -250,3 +251,88 @@ def test_grow_feather_and_composite_nodes(images):
     assert torch.equal(out[0, 4:36, 4:36][inside[4:36, 4:36]], generated[0][inside[4:36, 4:36]])
     with pytest.raises(ValueError, match="MASK"):
         ours["ZImageInpaintComposite"]().composite(source, generated, torch.zeros(2, 3, 4, 5))
+
+
+def _mask_module(nodes):
+    import sys
+
+    return sys.modules[type(nodes["ZImageInpaintMask"]()).__module__]
+
+
+@pytest.mark.parametrize("grow, feather", [(3, 0), (-4, 0), (0, 5), (7, 7), (-3, 12), (40, 40)])
+def test_inpaint_mask_is_a_square_dilation_then_a_cut_off_gaussian(monkeypatch, grow, feather):
+    """The node's definition, written with scipy on the whole image in float64: a max (min) over the
+    (2|grow|+1)² window, edges replicated, then a Gaussian of σ = feather/2 cut off at ±feather along rows then
+    columns. Small chunks here, so every chunk seam is crossed; pixels out of reach stay exactly 0."""
+    from scipy import ndimage
+
+    nodes = comfy_module("nodes").NODE_CLASS_MAPPINGS
+    monkeypatch.setattr(_mask_module(nodes), "CHUNK_ELEMENTS", 700)
+    g = torch.Generator().manual_seed(grow * 31 + feather)
+    mask = (torch.rand(2, 61, 97, generator=g) > 0.97).float()
+    mask[0, 20:35, 30:60] = 1.0
+    mask[1, 5:9, 80:95] = 0.5
+    given = mask.clone()
+    (out,) = nodes["ZImageInpaintMask"]().prepare(mask, grow, feather)
+    assert torch.equal(mask, given)  # the input MASK is not changed
+    ref = mask.double().numpy()
+    if grow:
+        op = ndimage.grey_dilation if grow > 0 else ndimage.grey_erosion
+        ref = np.stack([op(m, size=(2 * abs(grow) + 1,) * 2, mode="nearest") for m in ref])
+    if feather:
+        t = np.arange(-feather, feather + 1)
+        k = np.exp(-0.5 * (t / (feather / 2)) ** 2)
+        k /= k.sum()
+        ref = ndimage.correlate1d(ndimage.correlate1d(ref, k, axis=2, mode="nearest"), k, axis=1, mode="nearest")
+        reach = np.stack([ndimage.grey_dilation(m, size=(2 * feather + 1,) * 2, mode="nearest") for m in
+                          (ref > 1e-12) | (mask.numpy() > 0)])
+        assert (out.numpy()[~reach] == 0).all()
+    np.testing.assert_allclose(out.numpy(), np.clip(ref, 0, 1), atol=2e-6)
+
+
+def test_inpaint_mask_stops_on_cancel():
+    import comfy.model_management as mm
+
+    nodes = comfy_module("nodes").NODE_CLASS_MAPPINGS
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            nodes["ZImageInpaintMask"]().prepare(torch.ones(1, 64, 64), 4, 4)
+    finally:
+        mm.interrupt_current_processing(False)
+
+
+def test_inpaint_mask_needs_about_one_copy_of_the_mask():
+    """Peak memory above the process's size before the call, at 3072² with grow and feather 64 (its input is
+    36 MiB): about one float32 copy plus small chunks (the whole-image version needed 447 MiB, 12 copies)."""
+    from scripts.comfy_headless import default_comfyui_dir
+    from tests.limited_child import run_limited
+
+    result = run_limited("""
+        import types
+        from pathlib import Path
+        sys.path.insert(0, {comfyui!r})
+        from comfy.cli_args import args
+        args.cpu = True
+        import comfy.model_management  # noqa: F401
+        for name, path in (("zpack", Path({root!r})), ("zpack.nodes", Path({root!r}) / "nodes")):
+            module = types.ModuleType(name)
+            module.__path__ = [str(path)]
+            sys.modules[name] = module
+        import importlib
+        inpaint = importlib.import_module("zpack.nodes.inpaint")
+        n = 3072
+        mask = torch.zeros(1, n, n)
+        mask[:, n // 4:n // 2, n // 3:n // 2] = 1.0
+        def status(field):
+            return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+        before = status("VmRSS")
+        open("/proc/self/clear_refs", "w").write("5")
+        out = inpaint.ZImageInpaintMask().prepare(mask, 64, 64)[0]
+        report(peak=status("VmHWM") - before, mask=mask.numel() * 4, ok=bool(out[0, n // 3, 5 * n // 12] > 0.999 and out[0, 0, 0] == 0))
+    """.replace("{root!r}", repr(str(Path(__file__).resolve().parents[1])))
+       .replace("{comfyui!r}", repr(str(default_comfyui_dir()))), timeout=600, extra_bytes=8 << 30)
+    assert result["status"] == "ok", result
+    assert result["ok"], result
+    assert result["peak"] < 2 * result["mask"], f"peak {result['peak'] / 2**20:.0f} MiB for a " \
+        f"{result['mask'] / 2**20:.0f} MiB mask"

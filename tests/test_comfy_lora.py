@@ -272,6 +272,85 @@ def test_other_models_lora_is_refused_with_a_clear_error(lora_setup):
         path.unlink(missing_ok=True)
 
 
+def _broken_lora(name: str, edit, *, dialect: str = "comfyui", every: bool = False, metadata=None) -> Path:
+    """A LoRA file whose first module (or every module) is changed by `edit(sd, module)`."""
+    sd = random_lora_state_dict(CONFIG, dialect=dialect, rank=RANK, alpha=ALPHA, scale=SCALE, seed=9)
+    downs = sorted(k[: -len(".lora_down.weight")] for k in sd if k.endswith(".lora_down.weight"))
+    downs += sorted(k[: -len(".lora_A.weight")] for k in sd if k.endswith(".lora_A.weight"))
+    for module in downs if every else downs[:1]:
+        edit(sd, module)
+    return write_lora(comfy().models_dir / "loras" / name, sd, metadata=metadata)
+
+
+def test_report_counts_only_what_comfyui_patches_when_a_module_is_skipped(lora_setup):
+    """One module's up/down ranks differ: ComfyUI's adapter skips it at load time (a log line). The report says
+    so, and its "N weights patched" is the number of weights that actually change, as with LoraLoaderModelOnly."""
+    nodes, base, *_ = lora_setup
+
+    def mismatch(sd, module):
+        sd[module + ".lora_up.weight"] = torch.randn(sd[module + ".lora_up.weight"].shape[0], RANK + 1)
+
+    path = _broken_lora("zimage_test_rank_mismatch.safetensors", mismatch)
+    try:
+        plain = _weights(base)
+        out = nodes.NODE_CLASS_MAPPINGS["ZImageLoraLoader"]().load(base, path.name, 1.0)
+        model, report = out["result"][0], out["result"][2]
+        changed = _changed(_weights(model), plain)
+        comfy_changed = _changed(_weights(nodes.LoraLoaderModelOnly().load_lora_model_only(base, path.name, 1.0)[0]),
+                                 plain)
+        assert changed == comfy_changed and changed
+        patched = int(re.search(r"transformer: (\d+) weights patched", report).group(1))
+        assert patched == len(changed), report
+        assert "damaged: up has rank 5 but down has rank 4" in report and "not matched: 3" in report, report
+    finally:
+        path.unlink(missing_ok=True)
+
+
+HUGE = "9" * 5000
+UNUSABLE = {
+    "rank 0": (lambda sd, m: sd.update({m + ".lora_up.weight": torch.zeros(sd[m + ".lora_up.weight"].shape[0], 0),
+                                        m + ".lora_down.weight": torch.zeros(0, sd[m + ".lora_down.weight"].shape[1])}),
+               {}, "cannot be applied: module .*: rank 0"),
+    "alpha of shape [3]": (lambda sd, m: sd.__setitem__(m + ".alpha", torch.ones(3)), {},
+                           "cannot be applied: module .*: its alpha holds 3 values"),
+    "PEFT lora_alpha 'x'": (lambda sd, m: None, {"dialect": "peft", "metadata": "x"},
+                            r"PEFT metadata \(lora_adapter_metadata\) has lora_alpha = 'x'"),
+    "rsLoRA r = -4": (lambda sd, m: None, {"dialect": "peft", "metadata": -4},
+                      r"PEFT metadata \(lora_adapter_metadata\) has r = -4"),
+    # Qwen3-style names (the text encoder's layer index was parsed with int()), the CLIP connected.
+    "5000-digit layer index": (lambda sd, m: sd.update({f"text_encoder.model.layers.{HUGE}.self_attn.q_proj"
+                                                        + k[len(m):]: sd.pop(k) for k in list(sd) if k.startswith(m)}),
+                               {"clip": True}, "is not a Z-Image LoRA"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNUSABLE))
+def test_unusable_lora_files_give_a_clear_error_naming_the_file(lora_setup, case):
+    """Each of these raised a raw ZeroDivisionError / RuntimeError / TypeError / math domain error / integer-size
+    error before; now a ValueError naming the file, what is wrong and what to do."""
+    nodes, base, *_ = lora_setup
+    edit, options, message = UNUSABLE[case]
+    metadata = None
+    if "metadata" in options:
+        value = options["metadata"]
+        config = {"lora_alpha": value, "r": RANK} if value == "x" else {"lora_alpha": ALPHA, "r": value,
+                                                                          "use_rslora": True}
+        metadata = {"lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in config.items()})}
+    path = _broken_lora("zimage_test_unusable.safetensors", edit, dialect=options.get("dialect", "comfyui"),
+                        every=True, metadata=metadata)
+    clip = None
+    if options.get("clip"):
+        from zimage_core.demo_weights import DEMO_FILES
+
+        clip = nodes.NODE_CLASS_MAPPINGS["ZImageTextEncoderLoader"]().load(DEMO_FILES["text_encoders"])[0]
+    try:
+        with pytest.raises(ValueError, match=f"ZImageLoraLoader: LoRA {path.name}.*{message}") as e:
+            nodes.NODE_CLASS_MAPPINGS["ZImageLoraLoader"]().load(base, path.name, 1.0, clip)
+        assert type(e.value) is ValueError and len(str(e.value)) < 1500
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def test_pickle_lora_is_refused_when_queued(lora_setup):
     nodes, *_ = lora_setup
     check = nodes.NODE_CLASS_MAPPINGS["ZImageLoraLoader"].VALIDATE_INPUTS(lora_name="old_style.ckpt")

@@ -131,3 +131,37 @@ def test_decode_clamps_wild_latents_with_a_warning(parts, caplog):
     messages = [r.getMessage() for r in caplog.records if r.name == "ComfyUI-ZImage"]
     assert any("ZImageVAEDecode" in m and "1 NaN/inf" not in m and "2 NaN/inf" in m and "clamped" in m
                for m in messages), messages
+
+
+def _poisoned_always(model):
+    """A clone whose first main block outputs NaN at every step, in any dtype (NaN weights stand-in)."""
+
+    def inject(args):
+        return {"img": torch.full_like(args["img"], float("nan"))} if args["block_index"] == 0 else {}
+
+    patched = model.clone()
+    patched.set_model_double_block_patch(inject)
+    return patched
+
+
+@pytest.mark.parametrize("weight_dtype, computes", [("bf16", "bfloat16"), ("default", "float32"), ("fp16", None)])
+def test_nan_message_says_what_to_change_for_the_dtype_in_use(parts, weight_dtype, computes):
+    """Only float16 overflows on this model: the message blames fp16 (and suggests bf16) only when the model
+    computes in fp16; in bf16 it points at the weights and the fp32 check; in fp32 at the weights alone."""
+    _, cond, latent = parts
+    model = _nodes()["ZImageModelLoader"]().load(DEMO_FILES["diffusion_models"], weight_dtype)[0]
+    with pytest.raises(Exception, match="NaN/inf") as err:
+        _sample(_poisoned_always(model), cond, latent)
+    message = str(err.value)
+    computes = computes or str(model.model.diffusion_model.compute_dtype).replace("torch.", "")
+    assert f"computing in {computes}" in message, message
+    if computes == "float16":
+        assert "compute in bfloat16 (bf16) instead" in message and "weight_dtype default or bf16" in message
+    else:
+        assert "float16 overflows" not in message and "fp16" not in message
+        assert "weight_dtype default or bf16" not in message  # the dtype already in use is not the fix
+        assert "LoRA" in message and "NaN/inf weights" in message
+    if computes == "bfloat16":
+        assert "set on_nan to recompute_fp32" in message
+    if computes == "float32":
+        assert "already computes in float32" in message and "recompute_fp32" not in message

@@ -173,6 +173,47 @@ def test_modes(generations, mode, idea, language):
         assert "negative_prompt" not in outputs
 
 
+def test_a_vanishing_temperature_is_greedy_not_an_error(generations):
+    """temperature 1e-300 (in the widget's range) divided the logits to ±inf: "invalid multinomial distribution".
+    In the limit sampling is greedy: every token is transformers' fp32 argmax (bf16 near-ties allowed)."""
+    idea = "a lighthouse at dusk"
+    prompt = enhancer_prompt(ZImagePromptEnhancer__text=idea, ZImagePromptEnhancer__temperature=1e-300,
+                             ZImagePromptEnhancer__seed=11)
+    (shown,) = run_ok(prompt).outputs[enhancer_id(prompt)]["text"]
+    check_generation(generations, idea, "enhance", "en", shown)
+
+
+def test_memory_estimate_counts_the_ideas_length(monkeypatch):
+    """The device memory asked of ComfyUI covers the whole chat (instruction + idea) plus the answer: a long idea
+    asks for more, at least what the LM's own estimate says for the tokens it actually processed."""
+    mm = comfy_module("comfy.model_management")
+    asked = []
+    real = mm.load_models_gpu
+
+    def spy(models, memory_required=0, *args, **kwargs):
+        asked.append(memory_required)
+        return real(models, memory_required, *args, **kwargs)
+
+    module = enhancer_module()
+    monkeypatch.setattr(module.mm, "load_models_gpu", spy)
+    nodes = comfy_module("nodes").NODE_CLASS_MAPPINGS
+    clip = nodes["ZImageTextEncoderLoader"]().load(TE_FILE)[0]
+    sizes = {}
+    for label, idea in (("short", "a red fox"), ("long", "a red fox in the snow at dawn, " * 500)):
+        asked.clear()
+        out = nodes["ZImagePromptEnhancer"]().enhance(idea, "enhance", 0, NEW, 0.0, clip=clip)
+        assert out["result"][0]
+        sizes[label] = asked[0]
+    encoder = module._encoder_of(clip)
+    lm = CausalLM.from_encoder(encoder, module._tail_of(clip, encoder).model)
+    from zimage_core.prompt_enhancer import prompt_ids
+
+    long_tokens = len(prompt_ids(encoder.tokenizer, "a red fox in the snow at dawn, " * 500, "enhance")[0])
+    assert long_tokens > 4000
+    assert sizes["long"] > sizes["short"]
+    assert sizes["long"] >= lm.memory_required(long_tokens + NEW)
+
+
 def test_text_encoder_file_by_name_instead_of_clip():
     prompt = enhancer_prompt()
     node = enhancer_id(prompt)

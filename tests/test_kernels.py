@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.hostile_cache import crafted_cache
 from zimage_core.accel import fp8_attention as fa
 from zimage_core.accel import kernels
 from zimage_core.accel.compile_cache import CompileCache, environment_key
@@ -221,7 +222,8 @@ def test_triton_kernels_in_the_whole_transformer(interpreted):
 # ---------------------------------------------------------------------------------------------
 
 def test_compile_cache_saves_loads_and_survives_bad_files(tmp_path, caplog):
-    cache = CompileCache(tmp_path / "cc", keep=2)
+    key = tmp_path / "private" / "cc.key"
+    cache = CompileCache(tmp_path / "cc", keep=2, key_file=key)
     assert cache.files() == [] and cache.load() == 0
     # Three foreign/damaged files: loading warns and goes on; keep=2 prunes the oldest on the next save.
     cache.folder.mkdir()
@@ -243,10 +245,61 @@ def test_compile_cache_saves_loads_and_survives_bad_files(tmp_path, caplog):
     assert saved.exists() and saved.name.startswith(environment_key())
     assert len(cache.files()) == 2 and saved in cache.files()
     assert cache.save_if_new() is None  # no new shape since
-    assert CompileCache(tmp_path / "cc").load() == 0  # this process wrote (so already holds) it
+    assert CompileCache(tmp_path / "cc", key_file=key).load() == 0  # this process wrote (so already holds) it
+    assert key.stat().st_mode & 0o777 == 0o600 and key.parent.stat().st_mode & 0o777 == 0o700
     # A new process loads it (the damaged file left is skipped with a warning).
     code = ("import sys; sys.path.insert(0, sys.argv[2]); from zimage_core.accel.compile_cache import CompileCache;"
-            "print('LOADED', CompileCache(sys.argv[1]).load())")
-    proc = subprocess.run([sys.executable, "-c", code, str(cache.folder), str(REPO)], capture_output=True, text=True,
-                          timeout=300)
+            "print('LOADED', CompileCache(sys.argv[1], key_file=sys.argv[3]).load())")
+    proc = subprocess.run([sys.executable, "-c", code, str(cache.folder), str(REPO), str(key)], capture_output=True,
+                          text=True, timeout=300)
     assert "LOADED 1" in proc.stdout, proc.stderr[-2000:]
+    # With another key (another installation or user sharing the folder) the same file is refused unread.
+    proc = subprocess.run([sys.executable, "-c", code, str(cache.folder), str(REPO), str(tmp_path / "other.key")],
+                          capture_output=True, text=True, timeout=300)
+    assert "LOADED 0" in proc.stdout and "not signed by this installation" in proc.stderr, proc.stderr[-2000:]
+
+
+def _load_in_child(folder: Path, key: Path) -> subprocess.CompletedProcess:
+    code = ("import sys; sys.path.insert(0, sys.argv[2]); from zimage_core.accel.compile_cache import CompileCache;"
+            "print('LOADED', CompileCache(sys.argv[1], key_file=sys.argv[3]).load())")
+    return subprocess.run([sys.executable, "-c", code, str(folder), str(REPO), str(key)], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_compile_cache_never_loads_a_planted_file(tmp_path):
+    """A crafted cache file (its pickle writes a marker, its autotune key is an absolute path) under the name
+    the cache looks for: the loader refuses it without handing it to torch, so neither marker appears."""
+    folder, key = tmp_path / "cc", tmp_path / "private" / "cc.key"
+    pickled, written = tmp_path / "pickle-ran", tmp_path / "abs-key-written"
+    data = crafted_cache(pickled, written)
+    folder.mkdir()
+    (folder / f"{environment_key()}-{'0' * 64}.bin").write_bytes(data)  # a guessed signature
+    (folder / f"{environment_key()}-planted.bin").write_bytes(data)
+    proc = _load_in_child(folder, key)
+    assert "LOADED 0" in proc.stdout and proc.stderr.count("not signed by this installation") == 2, proc.stderr
+    assert not pickled.exists() and not written.exists()
+
+    # Signed with the right key (e.g. the key leaked, or torch itself wrote a bad key): the entry whose key is an
+    # absolute path is still refused before torch sees the file.
+    import hashlib
+    import hmac
+
+    signed = hmac.new(key.read_bytes(), environment_key().encode() + b"\0" + data, hashlib.sha256).hexdigest()
+    (folder / f"{environment_key()}-{signed}.bin").write_bytes(data)
+    proc = _load_in_child(folder, key)
+    assert "LOADED 0" in proc.stdout and "key leaves the cache folder" in proc.stderr, proc.stderr
+    assert not pickled.exists() and not written.exists()
+
+
+def test_compile_cache_is_off_when_its_key_is_not_private(tmp_path, caplog):
+    key = tmp_path / "cc.key"
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o644)  # readable by others: anyone could sign files
+    cache = CompileCache(tmp_path / "cc", key_file=key)
+    with caplog.at_level(logging.WARNING):
+        assert cache.load() == 0 and cache.save() is None
+    assert not cache.enabled and "not a private file" in caplog.text and str(key) in caplog.text
+    inside = CompileCache(tmp_path / "cc2", key_file=tmp_path / "cc2" / "k")
+    with caplog.at_level(logging.WARNING):
+        assert inside.load() == 0
+    assert not inside.enabled and "inside the cache folder" in caplog.text

@@ -229,3 +229,89 @@ def test_peft_metadata_alpha_scales_modules_without_alpha_tensors(config, scale)
         assert {s for m, s in scales.items() if not m.endswith("qkvq")} == {0.5}
     assert "PEFT metadata" in plan.report.text()
     assert len(plan.extra_alphas) == len(plan.model_map)
+
+
+def _plan_as_node(sd: dict, metadata=None, name="bad.safetensors", clip=None):
+    """As ZImageLoraLoader calls plan_lora: alphas from the one-number `.alpha` tensors only."""
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    alphas = {k: float(v.item()) for k, v in sd.items() if k.endswith(".alpha") and v.numel() == 1}
+    return plan_lora(shapes, alphas, name=name, model_shapes=MODEL, metadata=metadata, clip_shapes=clip)
+
+
+def _one_module_broken(edit) -> tuple[dict, str]:
+    """A kohya LoRA (with alphas) whose first layers.0 qkv-split module is changed by `edit(sd, module)`."""
+    sd = random_lora_state_dict(DEMO_TRANSFORMER, dialect="kohya", rank=4, alpha=2.0)
+    module = sorted(k[: -len(".lora_down.weight")] for k in sd if k.endswith(".lora_down.weight"))[0]
+    edit(sd, module)
+    return sd, module
+
+
+BROKEN = {
+    "up/down rank mismatch": (lambda sd, m: sd.__setitem__(m + ".lora_up.weight", torch.zeros(
+        sd[m + ".lora_up.weight"].shape[0], 3)), "up has rank 3 but down has rank 4"),
+    "rank 0": (lambda sd, m: sd.update({m + ".lora_up.weight": torch.zeros(sd[m + ".lora_up.weight"].shape[0], 0),
+                                        m + ".lora_down.weight": torch.zeros(0, DIM)}), "rank 0"),
+    "alpha of shape [3]": (lambda sd, m: sd.__setitem__(m + ".alpha", torch.ones(3)),
+                           "its alpha holds 3 values (shape (3,)), not one number"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_a_damaged_module_is_reported_not_applied(case):
+    """A module ComfyUI's adapter could not build (it would skip it with a log line) is not counted as patched:
+    the report lists it with the reason; every other module is applied."""
+    edit, reason = BROKEN[case]
+    sd, module = _one_module_broken(edit)
+    plan = _plan_as_node(sd)
+    assert module not in plan.model_map and len(plan.model_map) == len(_one_module_broken(lambda *_: None)[0]) // 3 - 1
+    text = plan.report.text(1.0)
+    assert "damaged: " in text and reason in text, text
+    keys = [k for k in sd if k.startswith(module + ".")]
+    assert f"not matched: {len(keys)}" in text
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_a_lora_with_only_damaged_modules_is_refused_naming_file_key_and_fix(case):
+    edit, reason = BROKEN[case]
+    sd = random_lora_state_dict(DEMO_TRANSFORMER, dialect="kohya", rank=4, alpha=2.0)
+    for m in {k[: -len(".lora_down.weight")] for k in sd if k.endswith(".lora_down.weight")}:
+        edit(sd, m)
+    with pytest.raises(NotZImageLoraError, match=r"LoRA bad.safetensors cannot be applied: module 'lora_unet_") as e:
+        _plan_as_node(sd)
+    assert "download it again" in str(e.value) and "damaged" in str(e.value)
+
+
+@pytest.mark.parametrize(("config", "field"), [
+    ({"lora_alpha": "x", "r": 4}, "lora_alpha = 'x'"),
+    ({"lora_alpha": 4, "r": -4, "use_rslora": True}, "r = -4"),
+    ({"lora_alpha": 4, "r": 0}, "r = 0"),
+    ({"lora_alpha": float("nan"), "r": 4}, "lora_alpha = nan"),
+    ({"lora_alpha": 4, "r": 4, "rank_pattern": {"layers.0.attention.to_q": "8"}}, "rank_pattern['layers.0.attention.to_q'] = '8'"),
+    ({"lora_alpha": 4, "r": 4, "alpha_pattern": [1, 2]}, "alpha_pattern = [1, 2]"),
+])
+def test_unusable_peft_metadata_is_refused_naming_the_field(config, field):
+    import json
+
+    sd = random_lora_state_dict(DEMO_TRANSFORMER, dialect="peft", rank=4)
+    metadata = {"lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in config.items()})}
+    with pytest.raises(NotZImageLoraError) as e:
+        _plan_as_node(sd, metadata)
+    message = str(e.value)
+    assert message.startswith("LoRA bad.safetensors: its PEFT metadata (lora_adapter_metadata) has " + field), message
+    assert "Re-save the LoRA" in message
+
+
+def test_a_5000_digit_layer_index_is_unmatched_not_an_integer_error():
+    sd = random_lora_state_dict(DEMO_TRANSFORMER, dialect="kohya", rank=4, alpha=2.0)
+    huge = "9" * 5000
+    for kind in ("lora_unet_layers_", "lora_te_model_layers_"):
+        for suffix, shape in ((".lora_down.weight", (4, DIM)), (".lora_up.weight", (DIM, 4))):
+            sd[f"{kind}{huge}_self_attn_q_proj{suffix}"] = torch.zeros(shape)
+    plan = _plan_as_node(sd, clip=CLIP)
+    text = plan.report.text(1.0)
+    assert "not matched: 4" in text and huge not in text
+    # Only such keys: refused with a short message (the index is cut, not printed 5000 digits long).
+    only = {k: v for k, v in sd.items() if huge in k}
+    with pytest.raises(NotZImageLoraError) as e:
+        _plan_as_node(only, clip=CLIP)
+    assert len(str(e.value)) < 1000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -396,10 +397,12 @@ def test_check_interrupt_runs_before_each_tile_and_image(ours, direction):
     calls, check = _interrupt_after(10**6)
     plain = run(x, tiled=True, **tiles)
     assert torch.equal(run(x, tiled=True, check_interrupt=check, **tiles), plain)  # no change in the result
-    assert len(calls) == 8
+    # Encode: once per tile. Decode: also per decoder block and row band (Cancel inside one tile's decode).
+    blocks = len(ours.decoder.up) * len(ours.decoder.up[0].block)
+    assert len(calls) == 8 if direction == "encode" else len(calls) >= 8 * (1 + blocks)
     calls, check = _interrupt_after(10**6)
     run(x, tiled=False, check_interrupt=check)
-    assert len(calls) == 1  # one pass over the whole batch
+    assert len(calls) == 1 if direction == "encode" else len(calls) >= 1 + blocks  # one pass over the batch
 
 
 def test_interrupted_tiled_decode_stops_and_frees_its_tiles(ours):
@@ -446,3 +449,54 @@ def test_config_json_group_count_is_checked(files, tmp_path, value):
     with pytest.raises(CheckpointError, match="norm_num_groups|ch_mult") as info:
         load_vae(folder)
     assert str(folder / "config.json") in str(info.value)
+
+
+def test_decode_stops_within_two_seconds_of_cancel_at_2048_on_the_cpu():
+    """One 2048² image on the CPU: the decode checks Cancel between decoder blocks and between row bands of
+    its convolutions (one convolution there takes seconds), so it stops within 2 s of the request (it ran the
+    whole decode before: minutes). A child process: the old behaviour would only time out."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, threading, time, torch
+sys.path.insert(0, sys.argv[1])
+from zimage_core.demo_weights import DEMO_VAE
+from zimage_core.vae import FluxVAE
+torch.manual_seed(0)
+vae = FluxVAE(DEMO_VAE).eval()
+z = torch.randn(1, 16, 256, 256)
+asked = []
+class Cancelled(Exception):
+    pass
+def check():
+    if asked:
+        raise Cancelled
+threading.Timer(3.0, lambda: asked.append(time.perf_counter())).start()
+try:
+    vae.decode(z, check_interrupt=check)
+    print("FINISHED")
+except Cancelled:
+    print("STOPPED", time.perf_counter() - asked[0])
+"""
+    proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parents[1])],
+                          capture_output=True, text=True, timeout=120)
+    assert "STOPPED" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert float(proc.stdout.split()[-1]) < 2.0, proc.stdout
+
+
+def test_banded_decode_equals_the_whole_decode(monkeypatch):
+    """The row bands that make Cancel responsive carry their halo rows: the image equals the unbanded one."""
+    from zimage_core.demo_weights import DEMO_VAE
+    from zimage_core.vae import FluxVAE
+    from zimage_core.vae import model as vae_model
+
+    torch.manual_seed(0)
+    vae = FluxVAE(DEMO_VAE).eval()
+    z = torch.randn(1, 16, 12, 20)
+    whole = vae.decode(z)
+    monkeypatch.setattr(vae_model, "BAND_ELEMENTS", 500)
+    checks = []
+    banded = vae.decode(z, check_interrupt=lambda: checks.append(1))
+    assert len(checks) > 100
+    torch.testing.assert_close(banded, whole, rtol=0, atol=1e-5)

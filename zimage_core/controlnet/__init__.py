@@ -12,15 +12,17 @@ from .loading import (
     random_controlnet_state_dict,
     write_random_controlnet,
 )
-from .model import ControlNetConfig, ControlRun, ZImageControlNet
+from .model import STRENGTH_LIMIT, ControlNetConfig, ControlRun, ZImageControlNet, control_window
 
 __all__ = [
     "LAYOUTS",
+    "STRENGTH_LIMIT",
     "ControlNetConfig",
     "ControlNetLayout",
     "ControlRun",
     "ZImageControlNet",
     "control_latents",
+    "control_window",
     "detect_layout",
     "is_controlnet_checkpoint",
     "load_controlnet",

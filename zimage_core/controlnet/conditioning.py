@@ -44,8 +44,11 @@ def fit_image(image: torch.Tensor, height: int, width: int, mode: str = "area") 
 
 
 def _mask(mask: torch.Tensor) -> torch.Tensor:
-    """(H, W) / (B, H, W) / (B, 1, H, W) → (B, 1, H, W) float."""
+    """(H, W) / (B, H, W) / (B, 1, H, W) → (B, 1, H, W) float; NaN/inf refused (a NaN compares false, so it would
+    silently mean "keep everything")."""
     m = mask.float()
+    if not bool(torch.isfinite(m).all()):
+        raise ValueError("control_latents: the mask has NaN/inf values; a mask holds 0..1 (1 = repaint).")
     if m.ndim == 2:
         m = m[None]
     if m.ndim == 3:

@@ -21,11 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checks import whole_number, whole_numbers
+from ..checks import real_number, whole_number, whole_numbers
 from ..constants import LATENT_CHANNELS
 from ..transformer.model import TransformerBlock, TransformerConfig
 from ..transformer.sequence import SequenceLayout, caption_ids, rope_table
 
+# |strength| beyond this only ruins the image (alibaba-pai suggests 0.65-1.0).
+STRENGTH_LIMIT = 10.0
 # 2.x files take 16 control + 1 mask + 16 masked-image latent channels.
 INPAINT_CHANNELS = 2 * LATENT_CHANNELS + 1
 # How the noise refiner is controlled, per layout:
@@ -156,6 +158,16 @@ RefinerBlock = Callable[[int, torch.Tensor], torch.Tensor]
 """`(j, x) -> x`: runs the main model's noise-refiner block j (same RoPE and timestep) on x."""
 
 
+def control_window(start: float, end: float) -> tuple[float, float]:
+    """The fractions of the sampling (0 = first step, 1 = last) between which the control acts; both finite in
+    [0, 1] and start <= end. Raises ValueError naming the value and what to set."""
+    start = real_number(start, "start_percent", 0.0, 1.0)
+    end = real_number(end, "end_percent", 0.0, 1.0)
+    if start > end:
+        raise ValueError(f"start_percent ({start:g}) is after end_percent ({end:g}); swap them.")
+    return start, end
+
+
 class ControlRun:
     """The control stream during one forward of the main transformer.
 
@@ -180,7 +192,7 @@ class ControlRun:
             raise ValueError(f"ControlRun: style must be one of {STYLES}, got {style!r}.")
         self.net = net
         self.control = control
-        self.strength = float(strength)
+        self.strength = real_number(strength, "strength", -STRENGTH_LIMIT, STRENGTH_LIMIT)
         self.diffusers = style == "diffusers"
         self.axes_dims = tuple(axes_dims)
         self.rope_theta = float(rope_theta)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from .forms import ModuleWeights, group_modules, split_key
 from .plan import LoraPlan, NotZImageLoraError, describe_foreign, plan_lora
-from .report import LoraReport, ModuleHit
+from .report import STRENGTH_LIMIT, LoraReport, ModuleHit, lora_strength
 from .targets import Target, text_encoder_targets, transformer_targets
 
 __all__ = [
+    "STRENGTH_LIMIT",
     "LoraPlan",
     "LoraReport",
     "ModuleHit",
@@ -16,6 +17,7 @@ __all__ = [
     "Target",
     "describe_foreign",
     "group_modules",
+    "lora_strength",
     "plan_lora",
     "split_key",
     "text_encoder_targets",

@@ -6,6 +6,7 @@ form applies (as ComfyUI's weight adapters apply it) and the shape of the weight
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -62,10 +63,33 @@ class ModuleWeights:
             return s["w2_b"][0]
         return None
 
+    def problem(self) -> str:
+        """Why ComfyUI's weight adapter could not build this module's change (mismatched or empty factors, an
+        alpha that is not one finite number), or "" when it can. ComfyUI would skip such a module with a log
+        line at load time, so it must not count as applied."""
+        s = self.shapes
+        if "alpha" in s and math.prod(s["alpha"]) != 1:
+            return f"damaged: its alpha holds {math.prod(s['alpha'])} values (shape {tuple(s['alpha'])}), not one number"
+        if self.alpha is not None and not math.isfinite(self.alpha):
+            return f"damaged: its alpha is {self.alpha}"
+        pairs = {"LoRA": (("up", "down"),), "LoHa": (("w1_a", "w1_b"), ("w2_a", "w2_b")),
+                 "LoKr": (("w1_a", "w1_b"), ("w2_a", "w2_b"))}.get(self.form.split("+")[0], ())
+        for a, b in pairs:
+            if a not in s or b not in s or len(s[a]) < 2 or len(s[b]) < 1:
+                continue
+            inner_a, inner_b = s[a][1], s[b][0]
+            if min(inner_a, inner_b) < 1:
+                return f"damaged: rank 0 ({a} {tuple(s[a])}, {b} {tuple(s[b])}): an empty LoRA module"
+            if inner_a != inner_b:
+                return f"damaged: {a} has rank {inner_a} but {b} has rank {inner_b} (shapes {tuple(s[a])} and {tuple(s[b])})"
+        if any(d < 1 for role, shape in s.items() if role != "alpha" for d in shape):
+            return "damaged: a tensor with a dimension of size 0"
+        return ""
+
     @property
     def scale(self) -> float:
         """The alpha/rank factor ComfyUI's adapter multiplies the change by (1 where the form has none)."""
-        if self.alpha is None:
+        if self.alpha is None or self.problem():
             return 1.0
         s = self.shapes
         if self.form.startswith("LoRA") and "down" in s:

@@ -8,6 +8,7 @@ import json
 import math
 from collections.abc import Mapping
 
+from ..checks import short_repr
 from .forms import ModuleWeights
 
 METADATA_KEY = "lora_adapter_metadata"
@@ -42,9 +43,10 @@ def metadata_alphas(metadata: Mapping[str, str] | None, modules: Mapping[str, Mo
     cfg = _config(metadata, component)
     if cfg is None or "lora_alpha" not in cfg:
         return {}
+    _check_config(cfg)
     out: dict[str, float] = {}
     for name, weights in modules.items():
-        if weights.alpha is not None or not weights.form.startswith("LoRA") or weights.rank is None:
+        if weights.alpha is not None or not weights.form.startswith("LoRA") or not weights.rank:
             continue
         plain = name.split(".", 1)[1] if name.startswith(component + ".") else name
         r = _pattern_value(cfg.get("rank_pattern"), plain) or cfg.get("r") or weights.rank
@@ -52,3 +54,33 @@ def metadata_alphas(metadata: Mapping[str, str] | None, modules: Mapping[str, Mo
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         out[name + ".alpha"] = float(scale * weights.rank)
     return out
+
+
+def _check_config(cfg: Mapping) -> None:
+    """The PEFT values used above are numbers PEFT itself would accept: ValueError naming the field if not."""
+
+    def bad(field: str, value: object, expected: str) -> ValueError:
+        return ValueError(f"its PEFT metadata ({METADATA_KEY}) has {field} = {short_repr(value)}, but PEFT needs "
+                          f"{expected}. Re-save the LoRA (diffusers save_lora_weights), or remove that metadata.")
+
+    def number(field: str, value: object) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value == 0:
+            raise bad(field, value, "a finite nonzero number")
+
+    def rank(field: str, value: object) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 20:
+            raise bad(field, value, "a whole number >= 1")
+
+    number("lora_alpha", cfg["lora_alpha"])
+    if cfg.get("r") is not None:
+        rank("r", cfg["r"])
+    for field, check in (("rank_pattern", rank), ("alpha_pattern", number)):
+        patterns = cfg.get(field)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, Mapping):
+            raise bad(field, patterns, "a mapping of module names to values")
+        for key, value in patterns.items():
+            check(f"{field}[{short_repr(key, 40)}]", value)
+    if not isinstance(cfg.get("use_rslora", False), bool):
+        raise bad("use_rslora", cfg["use_rslora"], "true or false")

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ..checks import short_repr
 from .forms import ModuleWeights, group_modules
 from .metadata import METADATA_KEY, metadata_alphas
 from .report import LoraReport, ModuleHit
@@ -28,7 +29,8 @@ from .targets import (
 
 
 class NotZImageLoraError(ValueError):
-    """The file is not a LoRA for Z-Image (another model's, or no LoRA at all)."""
+    """The file is not a LoRA for Z-Image (another model's, or no LoRA at all), or none of it can be applied
+    (damaged weights, unusable metadata); the message names the file, the key or value, and the fix."""
 
 
 # How each trainer spells module names; the first that fits a module names its dialect in the report.
@@ -113,7 +115,10 @@ def plan_lora(shapes: Mapping[str, Sequence[int]], alphas: Mapping[str, float], 
     when it holds no LoRA weights at all.
     """
     modules, unknown = group_modules(shapes, alphas)
-    extra = metadata_alphas(metadata, modules)
+    try:
+        extra = metadata_alphas(metadata, modules)
+    except ValueError as e:
+        raise NotZImageLoraError(f"LoRA {name}: {e}") from None
     if extra:
         modules, unknown = group_modules(shapes, {**alphas, **extra})
     dit = transformer_targets(model_shapes) if model_shapes is not None else None
@@ -172,6 +177,9 @@ def _why_unmatched(module: str, no_model: bool, no_clip: bool, te_layers: int) -
 
 
 def _shape_problem(weights: ModuleWeights, target: Target) -> str:
+    damaged = weights.problem()
+    if damaged:
+        return damaged
     delta = weights.delta_shape()
     if delta is None:
         return f"incomplete {weights.form} (parts present: {', '.join(sorted(weights.shapes))})"
@@ -187,6 +195,14 @@ def _refuse_foreign(plan: LoraPlan, shapes: Mapping[str, Sequence[int]], name: s
     applied = report.matched_keys
     if applied and applied >= 0.5 * report.total_keys:
         return
+    damaged = [r for r in report.unmatched_reasons() if r.startswith("damaged: ")]
+    if applied == 0 and damaged:
+        key = short_repr(report.unmatched[damaged[0]][0])
+        raise NotZImageLoraError(
+            f"LoRA {name} cannot be applied: module {key}: {damaged[0][len('damaged: '):]}"
+            + (f" (and {len(damaged) - 1} more kinds of damage)" if len(damaged) > 1 else "")
+            + ". The file is damaged or was written by a broken exporter: download it again, or export it again "
+            "from the trainer.")
     keys = list(shapes)
     foreign = describe_foreign(keys)
     if applied == 0 or foreign is not None:
@@ -207,7 +223,7 @@ def _refuse_foreign(plan: LoraPlan, shapes: Mapping[str, Sequence[int]], name: s
                 "(ZImageTextEncoderLoader) to apply it.")
         if applied == 0 and reasons and all("no MODEL connected" in r for r in reasons):
             raise NotZImageLoraError(f"LoRA {name}: it holds transformer weights; connect the MODEL input.")
-        examples = ", ".join(sorted(keys)[:3])
+        examples = ", ".join(short_repr(k) for k in sorted(keys)[:3])
         raise NotZImageLoraError(
             f"LoRA {name} is not a Z-Image LoRA: it looks like {what}; {applied} of {len(keys)} keys fit "
             f"Z-Image (e.g. {examples}). Nothing was applied. Pick a LoRA trained for Z-Image / "

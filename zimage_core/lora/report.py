@@ -6,9 +6,18 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
+from ..checks import real_number
+
 _INDEX = re.compile(r"(?<=[._])\d+(?=[._]|$)")
 _BLOCK = re.compile(r"^(layers|noise_refiner|context_refiner)\.(\d+)\.(.+)$")
 MAX_GROUPS = 12  # unmatched-key groups listed in the text; the rest are counted
+# |strength| a LoRA is applied with; beyond it the weights are ruined (a garbage image, or inf).
+STRENGTH_LIMIT = 100.0
+
+
+def lora_strength(value: object, name: str = "strength") -> float:
+    """A LoRA strength: a finite number in [-STRENGTH_LIMIT, STRENGTH_LIMIT] (0 = not applied)."""
+    return real_number(value, name, -STRENGTH_LIMIT, STRENGTH_LIMIT)
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,8 @@ class LoraReport:
         return lines
 
     def text(self, strength_model: float = 1.0, strength_clip: float = 1.0) -> str:
+        strength_model = lora_strength(strength_model, "strength_model")
+        strength_clip = lora_strength(strength_clip, "strength_clip")
         lines = [f"LoRA {self.name}"]
         dialects = Counter(h.dialect for h in self.hits)
         forms = Counter(h.form for h in self.hits)

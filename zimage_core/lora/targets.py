@@ -115,5 +115,5 @@ def text_encoder_targets(clip_shapes: Mapping[str, Sequence[int]]) -> tuple[Targ
 
 def text_encoder_layer(name: str) -> int | None:
     """The Qwen3 layer index a (dotted or underscored) text-encoder module name refers to."""
-    m = re.search(r"(?:^|[._])layers[._](\d+)[._]", name)
+    m = re.search(r"(?:^|[._])layers[._](\d{1,6})[._]", name)  # no int() of a 5000-digit index
     return int(m.group(1)) if m else None

@@ -84,9 +84,11 @@ def _clean(text: str) -> str:
 
 def enhance_prompt(lm: CausalLM, tokenizer: QwenTokenizer, idea: str, mode: str, *, max_new_tokens: int = 512,
                    sampling: Sampling = GREEDY, device: torch.device | str | None = None,
-                   callback: Callable[[int, int], None] | None = None) -> Enhanced:
-    """Enhance `idea` in `mode` (see `instructions.MODES`) with `lm` (`CausalLM.from_encoder`)."""
-    ids, language = prompt_ids(tokenizer, idea, mode)
+                   callback: Callable[[int, int], None] | None = None,
+                   prompt: tuple[list[int], str] | None = None) -> Enhanced:
+    """Enhance `idea` in `mode` (see `instructions.MODES`) with `lm` (`CausalLM.from_encoder`). `prompt`: what
+    `prompt_ids(tokenizer, idea, mode)` returned, when the caller already tokenized (e.g. to size memory)."""
+    ids, language = prompt if prompt is not None else prompt_ids(tokenizer, idea, mode)
     gen = lm.generate(ids, max_new_tokens, sampling, device=device, callback=callback)
     tokens = gen.token_ids[:-1] if gen.stopped else gen.token_ids
     raw = tokenizer.decode(tokens)

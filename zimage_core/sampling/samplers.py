@@ -221,17 +221,26 @@ def _check_each_step(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def non_finite_advice(dtype: torch.dtype | None, fp32_retry: str = "compute the model in float32") -> str:
+    """What to change when the model gave NaN/inf, given the dtype it actually computed in: only float16
+    overflows in Z-Image's activations; in bfloat16 or float32 the weights (checkpoint, LoRA, ControlNet) or a
+    huge strength are the cause. `fp32_retry`: how the caller computes a step again in float32."""
+    name = str(dtype).replace("torch.", "") if dtype is not None else "an unknown dtype"
+    culprits = ("the checkpoint, a LoRA or a ControlNet has NaN/inf weights, or a LoRA / ControlNet strength is "
+                "far too high: re-download the checkpoint, or remove (or lower) the LoRA / ControlNet")
+    if dtype == torch.float16:
+        return "float16 overflows in Z-Image's activations: compute in bfloat16 (bf16) instead."
+    if dtype == torch.bfloat16:
+        return (f"bfloat16 rarely overflows on this model, so most likely {culprits}. To tell, {fp32_retry}: if it "
+                "fails in float32 too, the weights are the cause.")
+    return f"The model already computes in {name}, so this is not an overflow: {culprits}."
+
+
 def _non_finite_error(step: int, total: int, dtype: torch.dtype) -> SamplingError:
     name = str(dtype).replace("torch.", "")
-    advice = (
-        "float16 overflows in Z-Image's activations; load the model in bfloat16 (bf16) instead."
-        if dtype == torch.float16
-        else "Run the model in bfloat16 (bf16) - float16 overflows on this model - and check the checkpoint "
-        "and any LoRA for NaN/inf weights."
-    )
     return SamplingError(
         f"Sampling produced non-finite latents (NaN/inf) at step {step + 1} of {total} with the model in {name}. "
-        f"{advice}"
+        f"{non_finite_advice(dtype)}"
     )
 
 

@@ -379,7 +379,11 @@ def _choose(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | Non
     """The next token from (1, vocab) float32 logits: argmax, or a draw on the CPU with `gen`."""
     if sampling.greedy:
         return int(torch.argmax(logits[0]))
-    scores = logits[0] / sampling.temperature
+    # In float64 with the best logit shifted to 0 before dividing: a tiny temperature (1e-300, which float32
+    # rounds to 0) then sends the other scores to -inf (greedy in the limit, as it should) instead of every
+    # score to ±inf or NaN ("invalid multinomial distribution").
+    scores = logits[0].double()
+    scores = (scores - scores.max()) / sampling.temperature
     if sampling.top_k:
         values, index = torch.topk(scores, min(sampling.top_k, scores.numel()))
     else:

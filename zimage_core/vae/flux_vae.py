@@ -349,8 +349,8 @@ class FluxVAE(nn.Module):
 
         `tiled`: None = automatic (by memory estimate, with a tiled retry after a CUDA out-of-memory
         error); `tile_size`/`overlap` are in LATENT cells (64 latents = 512 pixels).
-        `check_interrupt` is called before each image and each tile; whatever it raises propagates
-        and the intermediate results are freed.
+        `check_interrupt` is called before each image, tile and decoder block and, on the CPU, before each band
+        of rows of a large convolution; whatever it raises propagates and the intermediate results are freed.
         """
         zc, f = self.config.z_channels, self.config.downscale
         if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[1] != zc:
@@ -363,11 +363,14 @@ class FluxVAE(nn.Module):
         _check_tiling(tile_size, overlap, "latent cells")
         z = self._prepare(denormalize_latents(latents.to(self.device, torch.float32)).to(self.dtype))
 
+        def decode_checked(t: torch.Tensor) -> torch.Tensor:  # Cancel also between blocks and row bands
+            return self.decoder(t, check_interrupt)
+
         def run_tiled(t: torch.Tensor) -> torch.Tensor:
-            return _tiled(self._decode_pixels, t, tile=tile_size, overlap=overlap, in_per_cell=1,
+            return _tiled(decode_checked, t, tile=tile_size, overlap=overlap, in_per_cell=1,
                           out_per_cell=f, out_channels=self.config.out_channels, check_interrupt=check_interrupt)
 
-        pixels = self._run(z, self._decode_pixels, run_tiled, tiled, self.memory_used_decode, "decode",
+        pixels = self._run(z, decode_checked, run_tiled, tiled, self.memory_used_decode, "decode",
                            check_interrupt)
         images = (pixels.float() + 1.0).mul_(0.5).clamp_(0.0, 1.0)
         return images.permute(0, 2, 3, 1).contiguous()

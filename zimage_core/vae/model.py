@@ -12,6 +12,7 @@ bf16: no op forces a contiguous NCHW copy or an fp32 upcast.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -63,6 +64,39 @@ class FluxAEConfig:
 def _ops(operations: Any) -> Any:
     return operations if operations is not None else SimpleNamespace(
         Conv2d=nn.Conv2d, GroupNorm=nn.GroupNorm, Linear=nn.Linear)
+
+
+Check = Callable[[], None]
+# On the CPU one 3x3 convolution at 2048² pixels takes seconds, so a Cancel check between blocks comes too late:
+# with a check, convolutions run in bands of rows of about this many input values, with a check before each.
+BAND_ELEMENTS = 1 << 22
+
+
+def _conv(conv: nn.Module, x: torch.Tensor, check: Check | None) -> torch.Tensor:
+    """conv(x), or (with `check`, on the CPU, for a large x) the same in bands of rows: each band carries the
+    kernel's halo of real neighbour rows, so every output row is computed from the same inputs as the whole
+    convolution (stride 1, padding = kernel // 2, as every convolution here that `_conv` runs)."""
+    b, c, h, w = x.shape
+    rows = max(1, BAND_ELEMENTS // max(1, b * c * w))
+    if check is None or x.device.type != "cpu" or rows >= h:
+        return conv(x)
+    halo = conv.kernel_size[0] // 2
+    out = None
+    for start in range(0, h, rows):
+        check()
+        stop = min(h, start + rows)
+        lo, hi = max(0, start - halo), min(h, stop + halo)
+        y = conv(x[:, :, lo:hi])[:, :, start - lo:start - lo + stop - start]
+        if out is None:
+            out = torch.empty((b, y.shape[1], h, y.shape[3]), dtype=y.dtype, device=y.device,
+                              memory_format=_layout(x))
+        out[:, :, start:stop] = y
+    return out
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+        else torch.contiguous_format
 
 
 def _norm_act(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -132,11 +166,11 @@ class ResnetBlock(nn.Module):
         self.conv2 = ops.Conv2d(cout, cout, 3, padding=1, **kw)
         self.nin_shortcut = ops.Conv2d(cin, cout, 1, **kw) if cin != cout else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(_norm_act(self.norm1, x))
-        h = self.conv2(_norm_act(self.norm2, h))
+    def forward(self, x: torch.Tensor, check: Check | None = None) -> torch.Tensor:
+        h = _conv(self.conv1, _norm_act(self.norm1, x), check)
+        h = _conv(self.conv2, _norm_act(self.norm2, h), check)
         if self.nin_shortcut is not None:
-            x = self.nin_shortcut(x)
+            x = _conv(self.nin_shortcut, x, check)
         return h.add_(x)  # h is this block's own tensor: add in place, one activation buffer fewer
 
 
@@ -151,7 +185,7 @@ class AttnBlock(nn.Module):
         self.v = ops.Conv2d(c, c, 1, **kw)
         self.proj_out = ops.Conv2d(c, c, 1, **kw)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, check: Check | None = None) -> torch.Tensor:
         b, c, h, w = x.shape
         n = self.norm(x)
 
@@ -166,11 +200,17 @@ class AttnBlock(nn.Module):
         # queries in chunks (exact: every chunk still attends to all keys).
         tokens_n = h * w
         chunk = max(1, ATTN_CHUNK_BYTES // (tokens_n * q.element_size()))
+        if check is not None and x.device.type == "cpu":  # Cancel between chunks of ~BAND_ELEMENTS scores
+            chunk = min(chunk, max(1, BAND_ELEMENTS // tokens_n))
         if chunk >= tokens_n:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
-            out = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + chunk], k, v)
-                             for i in range(0, tokens_n, chunk)], dim=2)
+            parts = []
+            for i in range(0, tokens_n, chunk):
+                if check is not None:
+                    check()
+                parts.append(F.scaled_dot_product_attention(q[:, :, i:i + chunk], k, v))
+            out = torch.cat(parts, dim=2)
         out = out.reshape(b, h, w, c).permute(0, 3, 1, 2)  # a channels_last NCHW view
         return self.proj_out(out).add_(x)
 
@@ -190,8 +230,8 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = ops.Conv2d(c, c, 3, padding=1, **kw)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, check: Check | None = None) -> torch.Tensor:
+        return _conv(self.conv, F.interpolate(x, scale_factor=2.0, mode="nearest"), check)
 
 
 class _Mid(nn.Module):
@@ -201,8 +241,8 @@ class _Mid(nn.Module):
         self.attn_1 = AttnBlock(c, cfg, ops, **kw)
         self.block_2 = ResnetBlock(c, c, cfg, ops, **kw)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
+    def forward(self, x: torch.Tensor, check: Check | None = None) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x, check), check), check)
 
 
 class Encoder(nn.Module):
@@ -266,11 +306,15 @@ class Decoder(nn.Module):
         self.norm_out = ops.GroupNorm(cfg.num_groups, cin, eps=cfg.eps, affine=True, **kw)
         self.conv_out = ops.Conv2d(cin, cfg.out_channels, 3, padding=1, **kw)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
+    def forward(self, z: torch.Tensor, check: Check | None = None) -> torch.Tensor:
+        """`check` (e.g. a host's Cancel check, which raises) runs before each block and, on the CPU, before each
+        band of rows of the large convolutions (see `_conv`)."""
+        h = self.mid(_conv(self.conv_in, z, check), check)
         for level in reversed(self.up):
             for block in level.block:
-                h = block(h)
+                if check is not None:
+                    check()
+                h = block(h, check)
             if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return self.conv_out(_norm_act(self.norm_out, h))
+                h = level.upsample(h, check)
+        return _conv(self.conv_out, _norm_act(self.norm_out, h), check)
