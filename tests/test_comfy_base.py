@@ -1,0 +1,163 @@
+"""Z-Image (Base) sampling in the real ComfyUI: our sampler nodes with guidance, cfg_normalization and
+cfg_truncation against diffusers 0.42.1's ZImagePipeline (fp32, CPU, a tiny random model written as a
+ComfyUI file), the Base preset, and CFG's negative pass batched with the positive one as in KSampler.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+from tests.comfy_harness import comfy, comfy_module
+from tests.transformer_fixtures import make_diffusers_model, write_comfy_file
+
+FILE = "zimage_base_cfg_tiny.safetensors"
+SEED, PIXELS = 17, 64
+POS_LENGTHS, NEG_LENGTHS = (7, 12), (5, 9)  # a batch of 2, prompts of different lengths
+BASE_PRESET = "Z-Image Base (30 steps, shift 6, CFG 4)"
+TOL = 1e-5
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _features(lengths, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 32, generator=g) for n in lengths]
+
+
+def _conditioning(features: list[torch.Tensor]):
+    """One CONDITIONING entry for the batch, as a text encoder gives prompts of different lengths: padded
+    to the longest, with the attention mask marking each prompt's tokens."""
+    longest = max(f.shape[0] for f in features)
+    cond = torch.zeros(len(features), longest, features[0].shape[1])
+    mask = torch.zeros(len(features), longest, dtype=torch.long)
+    for i, f in enumerate(features):
+        cond[i, :f.shape[0]] = f
+        mask[i, :f.shape[0]] = 1
+    return [[cond, {"pooled_output": None, "attention_mask": mask}]]
+
+
+@pytest.fixture(scope="module")
+def base_setup():
+    c = comfy()
+    path = c.models_dir / "diffusion_models" / FILE
+    reference = make_diffusers_model(seed=6)
+    write_comfy_file(reference, path)
+    nodes = comfy_module("nodes")
+    model = nodes.NODE_CLASS_MAPPINGS["ZImageModelLoader"]().load(FILE, "default")[0]
+    pos, neg = _features(POS_LENGTHS, 1), _features(NEG_LENGTHS, 2)
+    yield nodes, model, reference, pos, neg
+    comfy_module("comfy.model_management").unload_all_models()
+    gc.collect()
+    path.unlink(missing_ok=True)
+
+
+def _diffusers(reference, pos, neg, *, steps: int, shift: float, guidance: float, **options) -> torch.Tensor:
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift, use_dynamic_shifting=False)
+    pipe = ZImagePipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, transformer=reference)
+    pipe.set_progress_bar_config(disable=True)
+    noise = comfy_module("comfy.sample").prepare_noise(torch.zeros(len(pos), 16, PIXELS // 8, PIXELS // 8), SEED)
+    with torch.no_grad():
+        return pipe(prompt_embeds=pos, negative_prompt_embeds=neg, latents=noise, height=PIXELS, width=PIXELS,
+                    num_inference_steps=steps, guidance_scale=guidance, output_type="latent", **options).images
+
+
+def _ours(nodes, model, pos, neg, **inputs) -> torch.Tensor:
+    latent = nodes.NODE_CLASS_MAPPINGS["ZImageEmptyLatent"]().generate(PIXELS, PIXELS, "custom", len(pos))[0]
+    defaults = {"seed": SEED, "steps": 30, "shift": 6.0, "guidance": 0.0}
+    out = nodes.NODE_CLASS_MAPPINGS["ZImageTurboSampler"]().sample(
+        model, _conditioning(pos), latent, negative=_conditioning(neg), **{**defaults, **inputs})[0]
+    # As diffusers returns it: the model's latent space.
+    return comfy_module("comfy.latent_formats").Flux().process_in(out["samples"])
+
+
+_CACHE: dict = {}
+# The tiny random model barely listens to its prompts: a large guidance makes the norm cap bite.
+GRID_GUIDANCE = 40.0
+GRID_STEPS = 10  # Base's shift 6; with truncation 0.5 the last step runs unguided
+
+
+@pytest.mark.parametrize("normalization", [0.0, 1.0], ids=["norm-off", "norm-on"])
+@pytest.mark.parametrize("truncation", [1.0, 0.5], ids=["trunc-1.0", "trunc-0.5"])
+def test_cfg_options_match_zimage_pipeline(base_setup, normalization, truncation):
+    """Each combination of the two options, on Base's schedule (shift 6): the latents of diffusers'
+    ZImagePipeline (scheduler shift 6, as Z-Image's scheduler config) within 1e-5."""
+    nodes, model, reference, pos, neg = base_setup
+    options = {"cfg_normalization": normalization, "cfg_truncation": truncation}
+    expected = _diffusers(reference, pos, neg, steps=GRID_STEPS, shift=6.0, guidance=GRID_GUIDANCE, **options)
+    got = _ours(nodes, model, pos, neg, steps=GRID_STEPS, shift=6.0, guidance=GRID_GUIDANCE, **options)
+    err = _rel(got, expected)
+    print(f"norm {normalization} trunc {truncation}: ours vs ZImagePipeline {err:.2e}")
+    assert got.shape == expected.shape == (2, 16, PIXELS // 8, PIXELS // 8)
+    assert err <= TOL
+    _CACHE[normalization, truncation] = got
+    # Each option changes the result (so the comparison covers it doing something).
+    if (0.0, 1.0) in _CACHE and (normalization, truncation) != (0.0, 1.0):
+        assert _rel(got, _CACHE[0.0, 1.0]) > 1e-3
+
+
+def test_base_preset_matches_zimage_pipeline_at_30_steps_shift_6_guidance_4(base_setup):
+    nodes, model, reference, pos, neg = base_setup
+    expected = _diffusers(reference, pos, neg, steps=30, shift=6.0, guidance=4.0)
+    # Widgets left at Turbo's values: the preset overrides steps, shift and guidance.
+    got = _ours(nodes, model, pos, neg, steps=8, shift=3.0, guidance=0.0, preset=BASE_PRESET)
+    assert _rel(got, expected) <= TOL
+    assert _rel(got, _diffusers(reference, pos, neg, steps=30, shift=6.0, guidance=0.0)) > 1e-3  # guided
+
+
+def test_guidance_without_options_and_its_batch_of_two_per_step(base_setup):
+    """Plain CFG: ZImagePipeline's result; and, as with KSampler, the negative prompt is computed in the same
+    model call as the positive one (a batch of 2 per image) when both prompts have the same length, while
+    a truncated step runs the positive prompt alone."""
+    nodes, model, reference, _, _ = base_setup
+    pos, neg = _features([9], 3), _features([9], 4)
+    expected = _diffusers(reference, pos, neg, steps=8, shift=3.0, guidance=2.5)
+    assert _rel(_ours(nodes, model, pos, neg, steps=8, shift=3.0, guidance=2.5), expected) <= TOL
+
+    batches: list[int] = []
+
+    def record(executor, x, *args, **kwargs):
+        batches.append(x.shape[0])
+        return executor(x, *args, **kwargs)
+
+    counted = model.clone()
+    counted.add_wrapper_with_key(comfy_module("comfy.patcher_extension").WrappersMP.DIFFUSION_MODEL, "count", record)
+    _ours(nodes, counted, pos, neg, steps=8, shift=3.0, guidance=2.5, cfg_truncation=0.5)
+    # 8 steps at shift 3: sigma 0.3 (1 - sigma = 0.7 > 0.5) is the only truncated step.
+    assert batches == [2] * 7 + [1]
+
+
+def test_img2img_sampler_takes_guidance_and_the_options(base_setup):
+    """ZImageImg2ImgSampler at strength 1 is text-to-image from the source's noise: with guidance and both
+    options it gives the text-to-image sampler's latent."""
+    nodes, model, _, pos, neg = base_setup
+    latent = nodes.NODE_CLASS_MAPPINGS["ZImageEmptyLatent"]().generate(PIXELS, PIXELS, "custom", 2)[0]
+    options = {"guidance": 3.0, "cfg_normalization": 1.0, "cfg_truncation": 0.6}
+    img2img = nodes.NODE_CLASS_MAPPINGS["ZImageImg2ImgSampler"]().sample(
+        model, _conditioning(pos), latent, 1.0, SEED, 8, 3.0, negative=_conditioning(neg), **options)[0]
+    t2i = nodes.NODE_CLASS_MAPPINGS["ZImageTurboSampler"]().sample(
+        model, _conditioning(pos), latent, SEED, 8, 3.0, negative=_conditioning(neg), **options)[0]
+    torch.testing.assert_close(img2img["samples"], t2i["samples"], rtol=0, atol=0)
+    unguided = nodes.NODE_CLASS_MAPPINGS["ZImageImg2ImgSampler"]().sample(
+        model, _conditioning(pos), latent, 1.0, SEED, 8, 3.0)[0]
+    assert _rel(img2img["samples"], unguided["samples"]) > 1e-3
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ({"guidance": 4.0, "negative": None}, "needs a negative conditioning"),
+    ({"guidance": 4.0, "cfg_truncation": 1.5}, "cfg_truncation must be between 0.0 and 1.0"),
+    ({"guidance": 4.0, "cfg_normalization": -1.0}, "cfg_normalization must be a finite number >= 0"),
+    ({"preset": "Z-Image Ultra"}, "unknown preset 'Z-Image Ultra'"),
+])
+def test_bad_guidance_inputs_are_refused_with_a_clear_message(base_setup, inputs, message):
+    nodes, model, _, pos, neg = base_setup
+    latent = nodes.NODE_CLASS_MAPPINGS["ZImageEmptyLatent"]().generate(PIXELS, PIXELS, "custom", 1)[0]
+    kwargs = {"negative": _conditioning(neg[:1]), **inputs}
+    with pytest.raises(ValueError, match=message):
+        nodes.NODE_CLASS_MAPPINGS["ZImageTurboSampler"]().sample(model, _conditioning(pos[:1]), latent, SEED, 2,
+                                                                 3.0, **{"guidance": 0.0, **kwargs})
