@@ -161,3 +161,124 @@ def test_bad_guidance_inputs_are_refused_with_a_clear_message(base_setup, inputs
     with pytest.raises(ValueError, match=message):
         nodes.NODE_CLASS_MAPPINGS["ZImageTurboSampler"]().sample(model, _conditioning(pos[:1]), latent, SEED, 2,
                                                                  3.0, **{"guidance": 0.0, **kwargs})
+
+
+# --- Fun-Distill LoRAs (alibaba-pai Z-Image-Fun-Lora-Distill: 2/4/8 steps, no CFG, for Z-Image Base) -----------
+#
+# Key names read from alibaba-pai's training code (VideoX-Fun scripts/z_image/train_distill_lora.py and
+# videox_fun/utils/lora_utils.py): PEFT LoRA on the modules matching to_q, to_k, to_v, feed_forward.w1/w2/w3 of
+# every block (layers, noise_refiner, context_refiner), lora_alpha = rank (scale 1), saved through
+# convert_peft_lora_to_kohya_lora: `lora_unet__layers_0_attention_to_q.lora_down.weight` (a double underscore),
+# no alpha tensors. The "-ComfyUI" files are the same weights in names ComfyUI reads: written here both ways
+# ComfyUI reads them, diffusers names under `diffusion_model.` (split q/k/v) and ComfyUI's own fused qkv
+# (the q/k/v downs stacked, the ups block-diagonal).
+DISTILL_LAYOUTS = ("original", "comfyui", "comfyui-fused")
+DISTILL_RANK = 4
+
+
+def _distill_blocks(n_layers: int = 2, n_refiner: int = 1) -> list[str]:
+    return ([f"layers.{i}" for i in range(n_layers)]
+            + [f"{kind}.{i}" for kind in ("noise_refiner", "context_refiner") for i in range(n_refiner)])
+
+
+def fun_distill_lora(layout: str, dim: int = 64, ffn: int = 170, seed: int = 5) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"attention.to_q": (dim, dim), "attention.to_k": (dim, dim), "attention.to_v": (dim, dim),
+              "feed_forward.w1": (ffn, dim), "feed_forward.w2": (dim, ffn), "feed_forward.w3": (ffn, dim)}
+    out: dict[str, torch.Tensor] = {}
+    for block in _distill_blocks():
+        parts = {}
+        for module, (rows, cols) in shapes.items():
+            down = torch.randn(DISTILL_RANK, cols, generator=g) * 0.3 / cols ** 0.5
+            up = torch.randn(rows, DISTILL_RANK, generator=g) * 0.3
+            parts[module] = (down, up)
+        for module, (down, up) in parts.items():
+            if layout == "original":
+                name = f"lora_unet__{block}.{module}".replace(".", "_")
+                out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = down, up
+            elif layout == "comfyui" or not module.startswith("attention."):
+                prefix = f"diffusion_model.{block}.{module}"
+                out[f"{prefix}.lora_A.weight"], out[f"{prefix}.lora_B.weight"] = down, up
+        if layout == "comfyui-fused":
+            downs = [parts[f"attention.to_{p}"][0] for p in "qkv"]
+            ups = [parts[f"attention.to_{p}"][1] for p in "qkv"]
+            out[f"diffusion_model.{block}.attention.qkv.lora_down.weight"] = torch.cat(downs)
+            out[f"diffusion_model.{block}.attention.qkv.lora_up.weight"] = torch.block_diag(*ups)
+    return out
+
+
+def _expected_distill_weights(base: dict[str, torch.Tensor], lora: dict[str, torch.Tensor]) -> dict:
+    """The model's weights plus up @ down (scale 1) per module, the q/k/v changes on the fused qkv's rows."""
+    out = {k: v.clone() for k, v in base.items()}
+    for key in lora:
+        if not key.endswith(".lora_down.weight"):
+            continue
+        flat = key[len("lora_unet__"):-len(".lora_down.weight")]
+        delta = lora[key.replace("lora_down", "lora_up")] @ lora[key]
+        block = next(b for b in _distill_blocks() if flat.startswith(b.replace(".", "_") + "_"))
+        module = flat[len(block) + 1:]
+        if module.startswith("attention_to_"):
+            row = "qkv".index(module[-1]) * delta.shape[0]
+            out[f"{block}.attention.qkv.weight"][row:row + delta.shape[0]] += delta
+        else:
+            out[f"{block}.feed_forward.{module[-2:]}.weight"] += delta
+    return out
+
+
+def _patched_weights(patcher) -> dict[str, torch.Tensor]:
+    mm = comfy_module("comfy.model_management")
+    mm.load_models_gpu([patcher], force_full_load=True)
+    try:
+        return {k: v.detach().clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
+    finally:
+        mm.unload_all_models()
+
+
+@pytest.fixture(scope="module")
+def distill_loras(base_setup):
+    from zimage_core.demo_weights import write_lora
+
+    folder = comfy().models_dir / "loras"
+    paths = {layout: write_lora(folder / f"zimage_fun_distill_{layout}.safetensors", fun_distill_lora(layout))
+             for layout in DISTILL_LAYOUTS}
+    yield {layout: p.name for layout, p in paths.items()}
+    for p in paths.values():
+        p.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("layout", DISTILL_LAYOUTS)
+def test_fun_distill_lora_loads_in_full_with_its_report(base_setup, distill_loras, layout):
+    nodes, model, _, _, _ = base_setup
+    plain = _patched_weights(model)
+    out = nodes.NODE_CLASS_MAPPINGS["ZImageLoraLoader"]().load(model, distill_loras[layout], 1.0)
+    patched, report = out["result"][0], out["result"][2]
+    print(report)
+    n_keys = len(fun_distill_lora(layout))
+    assert f"keys matched: {n_keys} of {n_keys}" in report and "not matched: none" in report
+    if layout == "original":
+        assert "VideoX-Fun (lora_unet__)" in report
+    expected = _expected_distill_weights(plain, fun_distill_lora("original"))
+    got = _patched_weights(patched)
+    changed = {k for k in plain if not torch.equal(got[k], plain[k])}
+    # q/k/v and the feed-forward of all 4 blocks, nothing else
+    assert changed == {f"{b}.{m}.weight" for b in _distill_blocks()
+                       for m in ("attention.qkv", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")}
+    for k in plain:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6, msg=f"{layout}: {k}")
+    if layout != "original":
+        # ComfyUI's own LoraLoaderModelOnly reads the ComfyUI layouts (0.3.75: the fused one only) the same way.
+        theirs = _patched_weights(nodes.LoraLoaderModelOnly().load_lora_model_only(model, distill_loras[layout],
+                                                                                   1.0)[0])
+        if any(not torch.equal(theirs[k], plain[k]) for k in plain):
+            for k in plain:
+                torch.testing.assert_close(theirs[k], got[k], rtol=1e-5, atol=1e-6, msg=f"{layout}: {k}")
+        else:
+            assert layout == "comfyui" and _comfy_version() < (0, 18), "ComfyUI did not read the -ComfyUI layout"
+
+
+def _comfy_version() -> tuple[int, ...]:
+    import re
+
+    import comfyui_version
+
+    return tuple(int(x) for x in re.findall(r"\d+", comfyui_version.__version__)[:3])

@@ -136,3 +136,58 @@ def test_zimage_fun_controlnet_patches_act_on_our_model_as_on_native(parity_setu
         gc.collect()
     assert _rel(results["native"], plain["samples"]) > 1e-3  # the control patch changes the result ...
     assert _rel(results["ours"], results["native"]) < 1e-4  # ... and does the same on our model
+
+
+def _zimage_cfg_function(guidance: float, normalization: float, truncation: float):
+    """Z-Image's CFG as a ComfyUI sampler_cfg_function, written here from diffusers' ZImagePipeline (not from
+    our code): pred = pos + g·(pos − neg); no guidance where 1 − σ > truncation; the guided prediction's norm
+    per image capped at normalization × the positive's. ComfyUI hands it x − denoised = σ·velocity."""
+
+    def cfg(args):
+        pos, neg = args["cond"], args["uncond"]
+        sigma = float(args["sigma"].reshape(-1)[0])
+        if 1.0 - sigma > truncation:
+            return pos
+        pred = pos + guidance * (pos - neg)
+        if normalization > 0:
+            out = []
+            for p, q in zip(pred, pos, strict=True):
+                limit = normalization * torch.linalg.vector_norm(q)
+                norm = torch.linalg.vector_norm(p)
+                out.append(p * (limit / norm) if norm > limit else p)
+            pred = torch.stack(out)
+        return pred
+
+    return cfg
+
+
+def test_guided_sampler_on_our_model_matches_ksampler_with_zimage_cfg_on_native(parity_setup):
+    """ZImageTurboSampler with guidance g, cfg_normalization and cfg_truncation on our MODEL = KSampler (euler,
+    simple, cfg 1 + g) on UNETLoader's model with Z-Image's CFG given to ComfyUI as a sampler_cfg_function."""
+    nodes, cond, latent = parity_setup
+    mm = comfy_module("comfy.model_management")
+    g = torch.Generator().manual_seed(3)
+    negative = [[torch.randn(1, 20, 2560, generator=g), {"pooled_output": None,
+                                                          "attention_mask": torch.ones(1, 20, dtype=torch.long)}]]
+    # 2 steps: sigmas 1, 0.75, 0 (KSampler's simple schedule hits ours exactly); the 2nd step is unguided.
+    guidance, normalization, truncation, steps = 4.0, 1.0, 0.2, STEPS
+    native = _base(nodes, "native").clone()
+    native.set_model_sampler_cfg_function(_zimage_cfg_function(guidance, normalization, truncation))
+    expected = nodes.KSampler().sample(native, 77, steps, 1.0 + guidance, "euler", "simple", cond, negative,
+                                       latent, 1.0)[0]["samples"]
+    native = None
+    mm.unload_all_models()
+    gc.collect()
+    ours = _base(nodes, "ours")
+    turbo = nodes.NODE_CLASS_MAPPINGS["ZImageTurboSampler"]()
+    got = turbo.sample(ours, cond, latent, 77, steps, 3.0, guidance, negative=negative,
+                       cfg_normalization=normalization, cfg_truncation=truncation)[0]["samples"]
+    uncapped = turbo.sample(ours, cond, latent, 77, steps, 3.0, guidance, negative=negative,
+                            cfg_truncation=truncation)[0]["samples"]
+    ours = None
+    mm.unload_all_models()
+    gc.collect()
+    print(f"ours vs KSampler + Z-Image CFG on native: {_rel(got, expected):.2e}; the norm cap changes the latent "
+          f"by {_rel(uncapped, got):.2e}")
+    assert _rel(got, expected) < 1e-5
+    assert _rel(uncapped, got) > 1e-3  # the normalisation acted
