@@ -266,8 +266,8 @@ _CFG_OPTIONS = {
 _MASK_INPUT = ("MASK", {"tooltip": "Inpainting: where to repaint (1 = repaint, 0 = keep), e.g. LoadImage's painted "
                                    "mask through ZImageInpaintMask. Replaces the latent's noise_mask; a mask of "
                                    "another size is fitted to the image (noted in the log)."})
-_NEGATIVE_INPUT = ("CONDITIONING", {"tooltip": "Negative prompt (ZImageTextEncode; an empty prompt is the usual "
-                                               "default); used only when guidance > 0."})
+_NEGATIVE_INPUT = ("CONDITIONING", {"tooltip": "Negative prompt (ZImageTextEncode: what to avoid, e.g. 'low "
+                                               "quality, blurry'); used only when guidance > 0."})
 
 
 def _preset(preset: str, steps: int, shift: float, guidance: float, node: str) -> tuple[int, float, float]:
@@ -284,7 +284,7 @@ def _guided_negative(positive, negative, guidance: float, node: str):
     stands in when guidance is 0."""
     if guidance > 0 and negative is None:
         raise ValueError(f"{node}: guidance {guidance} > 0 needs a negative conditioning. Connect a "
-                         "ZImageTextEncode (an empty prompt will do) to 'negative', or set guidance to 0 "
+                         "ZImageTextEncode to 'negative' (what to avoid, e.g. 'low quality, blurry'), or set guidance to 0 "
                          "(Z-Image-Turbo is made for 0).")
     return negative if guidance > 0 else positive
 

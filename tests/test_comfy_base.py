@@ -282,3 +282,43 @@ def _comfy_version() -> tuple[int, ...]:
     import comfyui_version
 
     return tuple(int(x) for x in re.findall(r"\d+", comfyui_version.__version__)[:3])
+
+
+# --- the shipped Base workflows, on the demo checkpoints ---------------------------------------------------------
+
+def test_base_text_to_image_workflow_runs_with_its_negative_prompt():
+    from tests.comfy_harness import WORKFLOWS, demo_prompt, fresh_run, nodes_of, saved_images
+
+    prompt = demo_prompt(WORKFLOWS / "z_image_base_text_to_image.json", width=64, height=48, seed=5)
+    (sampler,) = nodes_of(prompt, "ZImageTurboSampler")
+    inputs = prompt[sampler]["inputs"]
+    assert (inputs["steps"], inputs["shift"], inputs["guidance"]) == (30, 6.0, 4.0)
+    negative_node = inputs["negative"][0]
+    assert prompt[negative_node]["class_type"] == "ZImageTextEncode" and prompt[negative_node]["inputs"]["text"]
+    (image,) = saved_images(fresh_run(prompt))  # as shipped: 30 guided steps
+    assert image.shape == (48, 64, 3)
+
+
+def test_base_distill_lora_workflow_runs_with_a_fun_distill_file():
+    from tests.comfy_harness import WORKFLOWS, demo_prompt, fresh_run, nodes_of, run_ok, saved_images
+    from zimage_core.demo_weights import write_lora
+
+    path = write_lora(comfy().models_dir / "loras" / "zimage_demo_fun_distill.safetensors",
+                      fun_distill_lora("original"))  # the demo transformer's shapes (dim 64, 2 layers)
+    try:
+        prompt = demo_prompt(WORKFLOWS / "z_image_base_distill_lora.json", width=64, height=48, seed=5)
+        (lora,) = nodes_of(prompt, "ZImageLoraLoader")
+        prompt[lora]["inputs"]["lora_name"] = path.name
+        (sampler,) = nodes_of(prompt, "ZImageTurboSampler")
+        inputs = prompt[sampler]["inputs"]
+        assert (inputs["steps"], inputs["guidance"]) == (8, 0.0) and "negative" not in inputs
+        result = fresh_run(prompt)
+        (image,) = saved_images(result)
+        assert image.shape == (48, 64, 3)
+        (report,) = result.outputs[lora]["text"]
+        assert "VideoX-Fun (lora_unet__)" in report and "not matched: none" in report
+        prompt[lora]["inputs"]["strength_model"] = 0.0
+        (plain,) = saved_images(run_ok(prompt))
+        assert (image.astype(int) - plain.astype(int)).__abs__().mean() > 0.5, "the LoRA changes the image"
+    finally:
+        path.unlink(missing_ok=True)
