@@ -322,3 +322,92 @@ def test_base_distill_lora_workflow_runs_with_a_fun_distill_file():
         assert (image.astype(int) - plain.astype(int)).__abs__().mean() > 0.5, "the LoRA changes the image"
     finally:
         path.unlink(missing_ok=True)
+
+
+# --- ComfyUI's official Base template (image_z_image, comfyui-workflow-templates of 0.18.1 and later) -------------
+
+def _template() -> dict | None:
+    """The installed image_z_image.json (None where this ComfyUI's templates predate Z-Image Base)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    for package in ("comfyui_workflow_templates_media_image", "comfyui_workflow_templates_media_other",
+                    "comfyui_workflow_templates"):
+        spec = importlib.util.find_spec(package)
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            path = Path(folder) / "templates" / "image_z_image.json"
+            if path.is_file():
+                return json.loads(path.read_text())
+    return None
+
+
+SWAPS = {  # the template's native loaders → ours (input renames)
+    "UNETLoader": ("ZImageModelLoader", {"unet_name": "model_name"}),
+    "CLIPLoader": ("ZImageTextEncoderLoader", {"clip_name": "text_encoder_name"}),
+    "VAELoader": ("ZImageVAELoader", {}),
+}
+
+
+def _template_prompt(template: dict, *, swap: set[str], files: dict[str, str], steps: int, size: tuple[int, int],
+                     seed: int) -> dict:
+    """The template's subgraph flattened into an API prompt (node ids "<instance>:<inner>", as the frontend
+    names them), its proxied widgets (prompt, size, steps, cfg, file names) set from the instance node, and
+    the loaders in `swap` replaced by ours."""
+    from scripts.comfy_headless import _widget_slots
+
+    classes = comfy_module("nodes").NODE_CLASS_MAPPINGS
+    (instance,) = [n for n in template["nodes"] if n["type"] not in ("MarkdownNote", "Note", "SaveImage")]
+    (graph,) = [g for g in template["definitions"]["subgraphs"] if g["id"] == instance["type"]]
+    proxied = dict(zip([name for owner, name in instance["properties"]["proxyWidgets"]],
+                       instance["widgets_values"], strict=True))
+    proxied.update({"width": size[0], "height": size[1], "steps": steps, **files})
+    links = {link["id"]: link for link in graph["links"]}
+    prompt: dict[str, dict] = {}
+    for node in graph["nodes"]:
+        if node["type"] in ("MarkdownNote", "Note"):
+            continue
+        inputs = {name: node["widgets_values"][i]
+                  for name, i in _widget_slots(classes[node["type"]], node.get("widgets_values") or [])}
+        for entry in node.get("inputs", []):
+            link = links.get(entry.get("link"))
+            if link is None:
+                continue
+            if link["origin_id"] == -10:  # the subgraph's input: the instance's widget
+                inputs[entry["name"]] = proxied[graph["inputs"][link["origin_slot"]]["name"]]
+            else:
+                inputs[entry["name"]] = [f"{instance['id']}:{link['origin_id']}", link["origin_slot"]]
+        kind = node["type"]
+        if kind == "KSampler":
+            inputs["seed"] = seed
+        if kind in swap:
+            kind, renames = SWAPS[kind]
+            accepted = classes[kind].INPUT_TYPES()["required"]
+            inputs = {renames.get(k, k): v for k, v in inputs.items() if renames.get(k, k) in accepted}
+        prompt[f"{instance['id']}:{node['id']}"] = {"class_type": kind, "inputs": inputs}
+    (out_link,) = [links[i] for i in graph["outputs"][0]["linkIds"]]
+    prompt["save"] = {"class_type": "SaveImage", "inputs": {
+        "images": [f"{instance['id']}:{out_link['origin_id']}", out_link["origin_slot"]], "filename_prefix": "tpl"}}
+    return prompt
+
+
+def test_official_base_template_runs_with_our_three_loaders():
+    """image_z_image as ComfyUI ships it (CLIPTextEncode, EmptySD3LatentImage, ModelSamplingAuraFlow, KSampler
+    res_multistep/simple with cfg 4 and an empty negative prompt, VAEDecode) with ZImageModelLoader,
+    ZImageTextEncoderLoader and ZImageVAELoader in place of UNETLoader, CLIPLoader and VAELoader, on the demo
+    checkpoints (4 steps instead of its 25: CPU time)."""
+    from tests.comfy_harness import fresh_run, saved_images
+    from zimage_core.demo_weights import DEMO_FILES
+
+    template = _template()
+    if template is None:
+        pytest.skip("this ComfyUI's workflow templates have no image_z_image (added with Z-Image Base, 2026-01)")
+    files = {"unet_name": DEMO_FILES["diffusion_models"], "clip_name": DEMO_FILES["text_encoders"],
+             "vae_name": DEMO_FILES["vae"]}
+    prompt = _template_prompt(template, swap=set(SWAPS), files=files, steps=4, size=(64, 48), seed=3)
+    kinds = sorted(n["class_type"] for n in prompt.values())
+    assert kinds == sorted(["ZImageModelLoader", "ZImageTextEncoderLoader", "ZImageVAELoader", "CLIPTextEncode",
+                            "CLIPTextEncode", "EmptySD3LatentImage", "ModelSamplingAuraFlow", "KSampler",
+                            "VAEDecode", "SaveImage"])
+    (image,) = saved_images(fresh_run(prompt))
+    assert image.shape == (48, 64, 3)

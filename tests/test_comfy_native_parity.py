@@ -191,3 +191,61 @@ def test_guided_sampler_on_our_model_matches_ksampler_with_zimage_cfg_on_native(
           f"by {_rel(uncapped, got):.2e}")
     assert _rel(got, expected) < 1e-5
     assert _rel(uncapped, got) > 1e-3  # the normalisation acted
+
+
+FULL_AE = "zimage_parity_full_ae.safetensors"
+
+
+def test_official_base_template_nodes_give_natives_latents_and_images_with_our_loaders(parity_setup):
+    """ComfyUI's Base template (image_z_image) with our loaders in place of UNETLoader and VAELoader gives the
+    latents and images of the template with ComfyUI's own: ModelSamplingAuraFlow, KSampler and VAEDecode with
+    the template's settings (sampler, scheduler, cfg, shift; 2 steps instead of 25: CPU time), the same
+    CONDITIONING. (ComfyUI's CLIPLoader builds Qwen3-4B at full size only, so the text encoder is compared
+    with ComfyUI's own in tests/test_text_encoder.py instead.)"""
+    import math
+
+    from safetensors.torch import save_file
+
+    from tests.test_comfy_base import SWAPS, _template, _template_prompt
+    from zimage_core.demo_weights import _randomize
+    from zimage_core.vae.flux_vae import FluxAEConfig, FluxVAE
+
+    template = _template()
+    if template is None:
+        pytest.skip("this ComfyUI's workflow templates have no image_z_image (added with Z-Image Base, 2026-01)")
+    nodes, cond, _ = parity_setup
+    mm = comfy_module("comfy.model_management")
+    flat = _template_prompt(template, swap=set(), files={"unet_name": FILE}, steps=STEPS, size=(32, 16), seed=77)
+    settings = {n["class_type"]: n["inputs"] for n in flat.values()}
+    ks, shift = settings["KSampler"], settings["ModelSamplingAuraFlow"]["shift"]
+    assert (ks["sampler_name"], ks["scheduler"], ks["cfg"]) == ("res_multistep", "simple", 4)
+    ae_path = comfy().models_dir / "vae" / FULL_AE
+    with torch.device("meta"):
+        ae = FluxVAE(FluxAEConfig())
+    save_file(_randomize(ae.state_dict(), 8), str(ae_path))  # FLUX.1's ae.safetensors shapes, random
+    g = torch.Generator().manual_seed(5)
+    negative = [[torch.randn(1, 20, 2560, generator=g) * 0.1, {"pooled_output": None,
+                                                                "attention_mask": torch.ones(1, 20, dtype=torch.long)}]]
+    try:
+        results = {}
+        for which in ("native", "ours"):
+            model = _base(nodes, which)
+            model = nodes.NODE_CLASS_MAPPINGS["ModelSamplingAuraFlow"]().patch_aura(model, shift)[0]
+            latent = nodes.NODE_CLASS_MAPPINGS["EmptySD3LatentImage"]().generate(32, 16, 1)
+            latent = latent[0] if isinstance(latent, tuple) else latent.result[0]
+            samples = nodes.KSampler().sample(model, ks["seed"], STEPS, ks["cfg"], ks["sampler_name"], ks["scheduler"],
+                                              cond, negative, latent, ks["denoise"])[0]
+            vae = (nodes.VAELoader().load_vae(FULL_AE)[0] if which == "native"
+                   else nodes.NODE_CLASS_MAPPINGS[SWAPS["VAELoader"][0]]().load(FULL_AE)[0])
+            results[which] = samples["samples"], nodes.VAEDecode().decode(vae, samples)[0]
+            model = vae = None
+            mm.unload_all_models()
+            gc.collect()
+    finally:
+        ae_path.unlink(missing_ok=True)
+    (lat_n, img_n), (lat_o, img_o) = results["native"], results["ours"]
+    print(f"template latents ours vs native {_rel(lat_o, lat_n):.2e}; images max diff "
+          f"{(img_o - img_n).abs().max():.2e}")
+    assert _rel(lat_o, lat_n) < 1e-5
+    assert img_o.shape == img_n.shape == (1, 16, 32, 3) and float((img_o - img_n).abs().max()) < 1e-4
+    assert not math.isclose(float(img_n.std()), 0.0)
