@@ -27,7 +27,7 @@ NODE_IDS = ["ZImageModelLoader", "ZImageTextEncoderLoader", "ZImageVAELoader", "
             "ZImageEmptyLatent", "ZImageTurboSampler", "ZImageImg2ImgSampler", "ZImageVAEEncode",
             "ZImageVAEDecode", "ZImageCompileModel", "ZImageCompileVAE", "ZImageInpaintMask",
             "ZImageInpaintComposite", "ZImagePromptEnhancer", "ZImageControlNetLoader", "ZImageControlNetApply",
-            "ZImageSeedVariety", "ZImageLoraLoader"]
+            "ZImageSeedVariety", "ZImageLoraLoader", "ZImageCFGOptions"]
 EXPECTED_INPUTS = {
     "ZImageModelLoader": {"model_name", "weight_dtype"},
     "ZImageTextEncoderLoader": {"text_encoder_name"},
@@ -35,8 +35,10 @@ EXPECTED_INPUTS = {
     "ZImageTextEncode": {"text_encoder", "text"},
     "ZImageEmptyLatent": {"width", "height", "preset", "batch_size"},
     "ZImageTurboSampler": {"model", "positive", "latent", "seed", "steps", "shift", "guidance", "negative", "mask",
-                           "on_nan"},
-    "ZImageImg2ImgSampler": {"model", "positive", "latent", "strength", "seed", "steps", "shift", "mask", "on_nan"},
+                           "on_nan", "cfg_normalization", "cfg_truncation", "preset"},
+    "ZImageImg2ImgSampler": {"model", "positive", "latent", "strength", "seed", "steps", "shift", "mask", "on_nan",
+                             "negative", "guidance", "cfg_normalization", "cfg_truncation", "preset"},
+    "ZImageCFGOptions": {"model", "cfg_normalization", "cfg_truncation"},
     "ZImageSeedVariety": {"model", "strength", "end"},
     "ZImageVAEEncode": {"vae", "image"},
     "ZImageVAEDecode": {"vae", "latent"},
