@@ -287,9 +287,9 @@ def _comfy_version() -> tuple[int, ...]:
 # --- the shipped Base workflows, on the demo checkpoints ---------------------------------------------------------
 
 def test_base_text_to_image_workflow_runs_with_its_negative_prompt():
-    from tests.comfy_harness import WORKFLOWS, demo_prompt, fresh_run, nodes_of, saved_images
+    from tests.comfy_harness import BASE_T2I, demo_prompt, fresh_run, nodes_of, saved_images
 
-    prompt = demo_prompt(WORKFLOWS / "z_image_base_text_to_image.json", width=64, height=48, seed=5)
+    prompt = demo_prompt(BASE_T2I, width=64, height=48, seed=5)
     (sampler,) = nodes_of(prompt, "ZImageTurboSampler")
     inputs = prompt[sampler]["inputs"]
     assert (inputs["steps"], inputs["shift"], inputs["guidance"]) == (30, 6.0, 4.0)
@@ -300,13 +300,13 @@ def test_base_text_to_image_workflow_runs_with_its_negative_prompt():
 
 
 def test_base_distill_lora_workflow_runs_with_a_fun_distill_file():
-    from tests.comfy_harness import WORKFLOWS, demo_prompt, fresh_run, nodes_of, run_ok, saved_images
+    from tests.comfy_harness import BASE_DISTILL_LORA, demo_prompt, fresh_run, nodes_of, run_ok, saved_images
     from zimage_core.demo_weights import write_lora
 
     path = write_lora(comfy().models_dir / "loras" / "zimage_demo_fun_distill.safetensors",
                       fun_distill_lora("original"))  # the demo transformer's shapes (dim 64, 2 layers)
     try:
-        prompt = demo_prompt(WORKFLOWS / "z_image_base_distill_lora.json", width=64, height=48, seed=5)
+        prompt = demo_prompt(BASE_DISTILL_LORA, width=64, height=48, seed=5)
         (lora,) = nodes_of(prompt, "ZImageLoraLoader")
         prompt[lora]["inputs"]["lora_name"] = path.name
         (sampler,) = nodes_of(prompt, "ZImageTurboSampler")

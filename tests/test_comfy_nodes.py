@@ -9,6 +9,8 @@ import json
 import pytest
 
 from tests.comfy_harness import (
+    BASE_DISTILL_LORA,
+    BASE_T2I,
     BATCH,
     CONTROLNET_CANNY,
     CONTROLNET_INPAINT,
@@ -135,4 +137,5 @@ def test_workflows_are_in_the_folder_comfyui_template_browser_reads():
     names = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
     assert WORKFLOWS.name == "workflows"
     assert names == sorted([T2I.stem, IMG2IMG.stem, INPAINT.stem, BATCH.stem, LORA_CORE.stem, ENHANCED_PROMPT.stem,
-                            CONTROLNET_CANNY.stem, CONTROLNET_INPAINT.stem, TWO_LORAS.stem])
+                            CONTROLNET_CANNY.stem, CONTROLNET_INPAINT.stem, TWO_LORAS.stem, BASE_T2I.stem,
+                            BASE_DISTILL_LORA.stem])
