@@ -625,6 +625,20 @@ def euler_denoise(fn, x0: torch.Tensor, caps, sigmas) -> torch.Tensor:
     return x
 
 
+def cfg_denoise(fn, x0: torch.Tensor, caps, neg_caps, sigmas, guidance: float) -> torch.Tensor:
+    """The reference loop with Z-Image's CFG, as ZImagePipeline runs it: positive and negative in one batch of 2B,
+    pred = pos + g·(pos − neg) in fp32."""
+    x = x0.float()
+    B = x.shape[0]
+    for i in range(len(sigmas) - 1):
+        s = torch.full((2 * B,), float(sigmas[i]), device=DEV, dtype=torch.float32)
+        xin = x.to(DT)
+        out = fn(torch.cat([xin, xin]), s, list(caps) + list(neg_caps)).float()
+        pos, neg = out[:B], out[B:]
+        x = x + (float(sigmas[i + 1]) - float(sigmas[i])) * (pos + guidance * (pos - neg))
+    return x
+
+
 def dit_impls(args) -> list[str]:
     out = []
     for impl in args.impls:
@@ -844,6 +858,27 @@ def stage_e2e(args, zi: Impls) -> None:
                     torch.cuda.empty_cache()
 
 
+# Z-Image (Base): 30 steps, guidance 4 with a negative prompt, shift 6 (its scheduler config).
+BASE_STEPS, BASE_GUIDANCE, BASE_SHIFT = 30, 4.0, 6.0
+NEGATIVE = "low resolution, low quality, deformed limbs, blurry"
+
+
+def stage_e2e_base(args, zi: Impls) -> None:
+    """Z-Image Base end to end: prompt + negative prompt -> 30 CFG steps (a batch of 2 per step) -> image."""
+    for impl in dit_impls(args):
+        base = impl.split("+")[0]
+        for size in args.sizes:
+            for batch in args.batch:
+                try:
+                    _e2e_one(args, zi, impl, base, size, batch, what="e2e_base", steps=BASE_STEPS,
+                             shift=BASE_SHIFT, guidance=BASE_GUIDANCE)
+                except Exception as e:  # noqa: BLE001
+                    note(f"e2e_base {impl} {size} b{batch} failed: {e!r}"[:400])
+                    traceback.print_exc()
+                    gc.collect()
+                    torch.cuda.empty_cache()
+
+
 def _own_weights_gib(base: str) -> float:
     dit = sum(math.prod(s) for s in dit_comfy_shapes().values()) * 2
     te = sum(math.prod(s) for k, s in qwen_hf_shapes().items()
@@ -853,7 +888,8 @@ def _own_weights_gib(base: str) -> float:
     return (dit + te + vae) / GiB
 
 
-def _e2e_one(args, zi: Impls, impl: str, base: str, size: int, batch: int) -> None:
+def _e2e_one(args, zi: Impls, impl: str, base: str, size: int, batch: int, *, what: str = "e2e", steps: int = 8,
+             shift: float = 3.0, guidance: float = 0.0) -> None:
     dit = zi.get_dit(impl)
     if base == "ours":
         vae_impl = "ours+" + args.e2e_vae if args.e2e_vae else "ours"
@@ -861,8 +897,10 @@ def _e2e_one(args, zi: Impls, impl: str, base: str, size: int, batch: int) -> No
         vae_impl = base + ("+compile" if base == "diffusers" and base in args.compile and args.vae_compile else "")
     vae = zi.get_vae(vae_impl)
     te = zi.get_te(base)
-    ids = zi.prompt_ids([PROMPT] * batch)
+    ids = zi.prompt_ids([PROMPT] * batch + ([NEGATIVE] * batch if guidance > 0 else []))
     noise = torch.randn(F.latent_shape(size, batch), generator=torch.Generator().manual_seed(7))
+    from zimage_core.sampling import flow_sigmas
+    sigmas = TURBO_SIGMAS_8 if (steps, shift) == (8, 3.0) else flow_sigmas(steps, shift).tolist()
 
     if base == "ours":
         from zimage_core.sampling import sample_text_to_image
@@ -870,19 +908,23 @@ def _e2e_one(args, zi: Impls, impl: str, base: str, size: int, batch: int) -> No
         model = dit.model
 
         def run():
-            caps = enc.encode([PROMPT] * batch)
-            lat = sample_text_to_image(model, caps, noise, steps=8)
+            caps = enc.encode([PROMPT] * batch + ([NEGATIVE] * batch if guidance > 0 else []))
+            lat = sample_text_to_image(model, caps[:batch], noise, steps=steps, shift=shift, guidance=guidance,
+                                       negative=caps[batch:] if guidance > 0 else None)
             return vae(lat)
     else:
         def run():
             caps = te(ids)
-            lat = euler_denoise(dit, noise.to(DEV), caps, TURBO_SIGMAS_8)
+            if guidance > 0:
+                lat = cfg_denoise(dit, noise.to(DEV), caps[:batch], caps[batch:], sigmas, guidance)
+            else:
+                lat = euler_denoise(dit, noise.to(DEV), caps, sigmas)
             return vae(lat.to(DT))
     with peak_mem() as pm:
         warm, img = first_call(run)
         times = time_ms(run, max(2, args.reps // 3), warmup=0)
     act = pm.get("peak_alloc_gib", 0) - pm.get("base_alloc_gib", 0)
-    record(impl, "e2e", size, batch, times, first_call_ms=warm, activ_peak_gib=act,
+    record(impl, what, size, batch, times, first_call_ms=warm, activ_peak_gib=act,
            resident_est_gib=_own_weights_gib(base) + act, finite=bool(torch.isfinite(img).all()), **pm)
 
 
@@ -1288,7 +1330,7 @@ def stage_kernels(args, zi: Impls) -> None:
     record("kernel", "fp8_attention", size, 1, None, **rec)
 
 
-STAGES = {"kernels": stage_kernels, "warmup": stage_warmup, "env": stage_env, "dit": stage_dit, "te": stage_te, "vae": stage_vae, "parity": stage_parity,
+STAGES = {"e2e_base": stage_e2e_base, "kernels": stage_kernels, "warmup": stage_warmup, "env": stage_env, "dit": stage_dit, "te": stage_te, "vae": stage_vae, "parity": stage_parity,
           "e2e": stage_e2e, "profile": stage_profile, "vaetiled": stage_vaetiled, "mem": stage_mem}
 
 

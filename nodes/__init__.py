@@ -9,7 +9,7 @@ from .latent import ZImageEmptyLatent
 from .loaders import ZImageModelLoader, ZImageTextEncoderLoader, ZImageVAELoader
 from .lora import ZImageLoraLoader
 from .omni import ZImageOmniReference
-from .sampling import ZImageImg2ImgSampler, ZImageTurboSampler
+from .sampling import ZImageCFGOptions, ZImageImg2ImgSampler, ZImageTurboSampler
 from .vae import ZImageVAEDecode, ZImageVAEEncode
 from .variety import ZImageSeedVariety
 
@@ -23,6 +23,7 @@ NODE_CLASS_MAPPINGS = {
     "ZImageEmptyLatent": ZImageEmptyLatent,
     "ZImageTurboSampler": ZImageTurboSampler,
     "ZImageImg2ImgSampler": ZImageImg2ImgSampler,
+    "ZImageCFGOptions": ZImageCFGOptions,
     "ZImageSeedVariety": ZImageSeedVariety,
     "ZImageVAEEncode": ZImageVAEEncode,
     "ZImageVAEDecode": ZImageVAEDecode,
@@ -45,6 +46,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageEmptyLatent": "Z-Image Empty Latent",
     "ZImageTurboSampler": "Z-Image Turbo Sampler",
     "ZImageImg2ImgSampler": "Z-Image Img2Img Sampler",
+    "ZImageCFGOptions": "Z-Image CFG Options (normalization, truncation)",
     "ZImageSeedVariety": "Z-Image Seed Variety",
     "ZImageVAEEncode": "Z-Image VAE Encode",
     "ZImageVAEDecode": "Z-Image VAE Decode",

@@ -4,13 +4,15 @@ They take any Z-Image MODEL (ZImageModelLoader's, or UNETLoader's native one, wi
 and sample with ComfyUI's own machinery (`comfy.sample.sample_custom`, Euler): conditioning semantics
 (ConditioningCombine, timestep ranges, area/mask), the LATENT's `noise_mask` (inpainting), model
 patches, previews, the progress bar and Cancel are exactly KSampler's. What they add is the schedule
-(zimage_core.sampling: Turbo's shifted flow-matching sigmas, diffusers' img2img start), Z-Image's guidance
-convention and checks with clear messages.
+(zimage_core.sampling: the shifted flow-matching sigmas, diffusers' img2img start), Z-Image's guidance
+convention with its two options (cfg_normalization, cfg_truncation, as model options any KSampler honours:
+`zimage_guidance`), the Turbo and Base presets and checks with clear messages.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import comfy.patcher_extension
 import comfy.sample
@@ -20,7 +22,14 @@ import latent_preview
 import torch
 
 from ..zimage_core.errors import SamplingError
-from ..zimage_core.sampling import non_finite_advice, schedule
+from ..zimage_core.sampling import (
+    PRESETS,
+    cap_guided_norm,
+    check_cfg_options,
+    guidance_applies,
+    non_finite_advice,
+    schedule,
+)
 from . import inpaint
 from .core_model import fp32_compute, is_zimage_model
 from .errors import check_widgets
@@ -139,15 +148,83 @@ def with_nan_recovery(model, node: str):
     return patched
 
 
+def _first_sigma(sigma) -> float:
+    return float(torch.as_tensor(sigma).reshape(-1)[0])
+
+
+class _TruncatedCFG:
+    """sampler_calc_cond_batch_function: on steps past cfg_truncation the negative prediction is not
+    computed (ComfyUI runs the positive alone) and the positive stands in for it, so ComfyUI's CFG gives
+    the positive prediction exactly, as ZImagePipeline does with guidance dropped."""
+
+    def __init__(self, truncation: float, previous=None) -> None:
+        self.truncation = truncation
+        self.previous = previous
+
+    def __call__(self, args):
+        conds, x, sigma = args["conds"], args["input"], args["sigma"]
+        skip = len(conds) > 1 and conds[1] is not None and not guidance_applies(_first_sigma(sigma), self.truncation)
+        if skip:
+            conds = [conds[0], None]
+            args = {**args, "conds": conds}
+        if self.previous is not None:
+            out = self.previous(args)
+        else:
+            out = comfy.samplers.calc_cond_batch(args["model"], conds, x, sigma, args["model_options"])
+        return [out[0], out[0]] if skip else out
+
+
+class _NormalizedCFG:
+    """sampler_post_cfg_function: the guided prediction's norm (per image) capped at `factor` × the positive
+    prediction's, on the steps that are guided. ComfyUI's predictions are denoised latents; x − denoised is
+    σ·velocity, whose norm ratio is the velocity's."""
+
+    def __init__(self, factor: float, truncation: float) -> None:
+        self.factor = factor
+        self.truncation = truncation
+
+    def __call__(self, args):
+        denoised = args["denoised"]
+        if (args.get("uncond") is None or math.isclose(args["cond_scale"], 1.0)
+                or not guidance_applies(_first_sigma(args["sigma"]), self.truncation)):
+            return denoised
+        x = args["input"]
+        return x - cap_guided_norm(x - denoised, x - args["cond_denoised"], self.factor)
+
+
+def zimage_guidance(model, cfg_normalization: float, cfg_truncation: float):
+    """A clone of `model` whose CFG (any sampler: ours, KSampler, SamplerCustom) follows Z-Image's two options:
+    no guidance past `cfg_truncation` (1.0 = every step guided) and the guided prediction's norm capped at
+    `cfg_normalization` × the positive's (0 = off). `model` itself when both are off."""
+    normalization, truncation = check_cfg_options(cfg_normalization, cfg_truncation)
+    if normalization <= 0 and truncation >= 1.0:
+        return model
+    patched = model.clone()
+    if truncation < 1.0:
+        previous = patched.model_options.get("sampler_calc_cond_batch_function")
+        patched.set_model_sampler_calc_cond_batch_function(_TruncatedCFG(truncation, previous))
+    if normalization > 0:
+        patched.set_model_sampler_post_cfg_function(_NormalizedCFG(normalization, truncation))
+    return patched
+
+
 def sample(model, positive, negative, latent: dict, seed: int, sigmas: torch.Tensor, cfg: float,
-           node: str, mask: torch.Tensor | None = None, on_nan: str = ON_NAN_ERROR) -> tuple[dict]:
+           node: str, mask: torch.Tensor | None = None, on_nan: str = ON_NAN_ERROR,
+           cfg_normalization: float = 0.0, cfg_truncation: float = 1.0) -> tuple[dict]:
     """KSampler-style Euler sampling over explicit sigmas; returns the LATENT (other keys kept).
 
     A MASK, when given, becomes the latent's noise_mask (1 = repaint), which KSampler's machinery honours.
+    With cfg > 1, cfg_normalization / cfg_truncation are Z-Image's guidance options (zimage_guidance).
     """
     _check_model(model, node)
     if on_nan not in ON_NAN_MODES:
         raise ValueError(f"{node}: on_nan must be one of {ON_NAN_MODES}, got {on_nan!r}.")
+    try:
+        check_cfg_options(cfg_normalization, cfg_truncation)
+    except ValueError as e:
+        raise ValueError(f"{node}: {e}") from None
+    if cfg > 1.0:
+        model = zimage_guidance(model, cfg_normalization, cfg_truncation)
     if on_nan == ON_NAN_RECOMPUTE:
         model = with_nan_recovery(model, node)
     _check_conditioning(model, positive, "positive", node)
@@ -171,10 +248,11 @@ _COMMON_INPUTS = {
                      "tooltip": "Seed of the starting noise (drawn on the CPU, so a seed gives the same image "
                                 "on any GPU, as in ComfyUI's KSampler)."}),
     "steps": ("INT", {"default": 8, "min": 1, "max": 100,
-                      "tooltip": "Denoising steps (transformer calls). Turbo is distilled for 8."}),
+                      "tooltip": "Denoising steps (transformer calls). Turbo is distilled for 8; Z-Image (Base) "
+                                 "wants 28-50."}),
     "shift": ("FLOAT", {"default": 3.0, "min": 0.1, "max": 100.0, "step": 0.1,
-                        "tooltip": "Flow-matching timestep shift. 3.0 is Z-Image-Turbo's value; higher spends "
-                                   "more steps at high noise."}),
+                        "tooltip": "Flow-matching timestep shift. 3.0 is Z-Image-Turbo's value, 6.0 Z-Image "
+                                   "(Base)'s; higher spends more steps at high noise."}),
 }
 _ON_NAN_INPUT = {
     "on_nan": (ON_NAN_MODES, {"default": ON_NAN_ERROR,
@@ -183,16 +261,60 @@ _ON_NAN_INPUT = {
                                          "that step again in float32 and continues (with a warning). The check "
                                          "costs one GPU sync per step in recompute_fp32 mode."}),
 }
+PRESET_CUSTOM = "custom"
+_GUIDANCE_TOOLTIP = ("Classifier-free guidance g (Z-Image's: positive + g x (positive - negative), KSampler's "
+                     "cfg 1 + g): 0 = off (Turbo is distilled for no CFG); Z-Image (Base) uses 3-5. Above 0 it "
+                     "needs a negative prompt and runs the transformer on both prompts each step.")
+# Widgets added after the first release go last, so older workflows' widget values still line up.
+_CFG_OPTIONS = {
+    "cfg_normalization": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.01,
+                                    "tooltip": "Z-Image (Base) CFG normalization: the guided prediction's size is "
+                                               "capped at this many times the positive prediction's. 0 = off "
+                                               "(stylised images); 1.0 = on (realism, per the model card). Only "
+                                               "with guidance > 0."}),
+    "cfg_truncation": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                 "tooltip": "Z-Image (Base) CFG truncation: no guidance on the last steps, where "
+                                            "the normalised time 1 - sigma is above this (those steps run the "
+                                            "positive prompt only). 1.0 = guidance on every step."}),
+    "preset": ([PRESET_CUSTOM, *PRESETS], {"default": PRESET_CUSTOM,
+                                            "tooltip": "Official settings: Z-Image-Turbo (8 steps, shift 3, no "
+                                                       "CFG) or Z-Image Base (30 steps, shift 6 as its scheduler "
+                                                       "config says, CFG 4). Anything but custom overrides "
+                                                       "steps, shift and guidance."}),
+}
 
 _MASK_INPUT = ("MASK", {"tooltip": "Inpainting: where to repaint (1 = repaint, 0 = keep), e.g. LoadImage's painted "
                                    "mask through ZImageInpaintMask. Replaces the latent's noise_mask; a mask of "
                                    "another size is fitted to the image (noted in the log)."})
+_NEGATIVE_INPUT = ("CONDITIONING", {"tooltip": "Negative prompt (ZImageTextEncode: what to avoid, e.g. 'low "
+                                               "quality, blurry'); used only when guidance > 0."})
+
+
+def _preset(preset: str, steps: int, shift: float, guidance: float, node: str) -> tuple[int, float, float]:
+    if preset == PRESET_CUSTOM:
+        return steps, shift, guidance
+    if preset not in PRESETS:
+        raise ValueError(f"{node}: unknown preset {preset!r}; choose one of {[PRESET_CUSTOM, *PRESETS]}.")
+    p = PRESETS[preset]
+    return p.steps, p.shift, p.guidance
+
+
+def _guided_negative(positive, negative, guidance: float, node: str):
+    """The negative conditioning to sample with: ComfyUI skips the negative pass at cfg 1, so the positive
+    stands in when guidance is 0."""
+    if guidance > 0 and negative is None:
+        raise ValueError(f"{node}: guidance {guidance} > 0 needs a negative conditioning. Connect a "
+                         "ZImageTextEncode to 'negative' (what to avoid, e.g. 'low quality, blurry'), or set guidance to 0 "
+                         "(Z-Image-Turbo is made for 0).")
+    return negative if guidance > 0 else positive
 
 
 class ZImageTurboSampler:
-    DESCRIPTION = ("Text-to-image with Z-Image-Turbo: flow-matching Euler, 8 steps, shift 3, no CFG (KSampler "
-                   "with Turbo's schedule). The latent's content is replaced by the seed's noise, except where "
-                   "its noise mask (SetLatentNoiseMask, VAEEncodeForInpaint) keeps it: that is inpainting.")
+    DESCRIPTION = ("Text-to-image with Z-Image: flow-matching Euler (KSampler with Z-Image's schedule). Turbo: 8 "
+                   "steps, shift 3, no CFG; Z-Image (Base): 30 steps, shift 6, guidance 4 with a negative prompt "
+                   "and diffusers' cfg_normalization / cfg_truncation (the preset sets these). The latent's "
+                   "content is replaced by the seed's noise, except where its noise mask (SetLatentNoiseMask, "
+                   "VAEEncodeForInpaint) keeps it: that is inpainting.")
     CATEGORY = NODE_CATEGORY
     RETURN_TYPES = ("LATENT",)
     OUTPUT_TOOLTIPS = ("The generated latent; decode it with ZImageVAEDecode.",)
@@ -207,35 +329,33 @@ class ZImageTurboSampler:
                 "latent": ("LATENT", {"tooltip": "Size and batch of the images, from ZImageEmptyLatent."}),
                 **_COMMON_INPUTS,
                 "guidance": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1,
-                                       "tooltip": "Classifier-free guidance: 0 = off (Turbo is distilled for "
-                                                  "no CFG). Above 0 it needs a negative prompt and runs the "
-                                                  "transformer twice per step."}),
+                                       "tooltip": _GUIDANCE_TOOLTIP}),
             },
             "optional": {
-                "negative": ("CONDITIONING", {"tooltip": "Negative prompt; used only when guidance > 0."}),
+                "negative": _NEGATIVE_INPUT,
                 "mask": _MASK_INPUT,
                 **_ON_NAN_INPUT,
+                **_CFG_OPTIONS,
             },
         }
 
     def sample(self, model, positive, latent, seed: int, steps: int, shift: float, guidance: float,
-               negative=None, mask=None, on_nan: str = ON_NAN_ERROR):
+               negative=None, mask=None, on_nan: str = ON_NAN_ERROR, cfg_normalization: float = 0.0,
+               cfg_truncation: float = 1.0, preset: str = PRESET_CUSTOM):
         node = "ZImageTurboSampler"
         check_widgets(type(self), steps=steps, shift=shift, guidance=guidance)  # NaN passes ComfyUI's min/max
-        if guidance > 0 and negative is None:
-            raise ValueError(f"{node}: guidance {guidance} > 0 needs a negative conditioning. Connect a "
-                             "ZImageTextEncode to 'negative', or set guidance to 0 (Turbo is made for 0).")
-        # Z-Image's guidance g: pred = pos + g·(pos − neg), which is ComfyUI's CFG with cfg = 1 + g. At
-        # cfg 1 ComfyUI skips the negative pass, so the positive stands in when none is connected.
-        negative = negative if guidance > 0 else positive
+        steps, shift, guidance = _preset(preset, steps, shift, guidance, node)
+        negative = _guided_negative(positive, negative, guidance, node)
+        # Z-Image's guidance g: pred = pos + g·(pos − neg), which is ComfyUI's CFG with cfg = 1 + g.
         return sample(model, positive, negative, latent, seed, schedule.flow_sigmas(steps, shift),
-                      1.0 + guidance, node, mask, on_nan)
+                      1.0 + guidance, node, mask, on_nan, cfg_normalization, cfg_truncation)
 
 
 class ZImageImg2ImgSampler:
-    DESCRIPTION = ("Image-to-image / editing with Z-Image-Turbo: noises the source latent to 'strength' and "
+    DESCRIPTION = ("Image-to-image / editing with Z-Image: noises the source latent to 'strength' and "
                    "denoises it with the prompt (diffusers' ZImageImg2ImgPipeline schedule). strength 0 "
-                   "returns the source unchanged, 1 ignores it.")
+                   "returns the source unchanged, 1 ignores it. Guidance (with a negative prompt), "
+                   "cfg_normalization and cfg_truncation as in ZImageTurboSampler.")
     CATEGORY = NODE_CATEGORY
     RETURN_TYPES = ("LATENT",)
     OUTPUT_TOOLTIPS = ("The edited latent; decode it with ZImageVAEDecode.",)
@@ -254,18 +374,53 @@ class ZImageImg2ImgSampler:
                 **_COMMON_INPUTS,
             },
             "optional": {
+                "negative": _NEGATIVE_INPUT,
                 "mask": _MASK_INPUT,
                 **_ON_NAN_INPUT,
+                "guidance": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1,
+                                       "tooltip": _GUIDANCE_TOOLTIP}),
+                **_CFG_OPTIONS,
             },
         }
 
     def sample(self, model, positive, latent, strength: float, seed: int, steps: int, shift: float, mask=None,
-               on_nan: str = ON_NAN_ERROR):
+               on_nan: str = ON_NAN_ERROR, negative=None, guidance: float = 0.0, cfg_normalization: float = 0.0,
+               cfg_truncation: float = 1.0, preset: str = PRESET_CUSTOM):
         node = "ZImageImg2ImgSampler"
-        check_widgets(type(self), strength=strength, steps=steps, shift=shift)
+        check_widgets(type(self), strength=strength, steps=steps, shift=shift, guidance=guidance)
+        steps, shift, guidance = _preset(preset, steps, shift, guidance, node)
         sigmas = schedule.img2img_sigmas(steps, strength, shift)
         if len(sigmas) < 2:
             # Nothing to denoise: the source itself, bit for bit.
             _source_latents(latent, node)
             return ({**latent, "samples": latent["samples"].clone()},)
-        return sample(model, positive, positive, latent, seed, sigmas, 1.0, node, mask, on_nan)
+        negative = _guided_negative(positive, negative, guidance, node)
+        return sample(model, positive, negative, latent, seed, sigmas, 1.0 + guidance, node, mask, on_nan,
+                      cfg_normalization, cfg_truncation)
+
+
+class ZImageCFGOptions:
+    DESCRIPTION = ("Z-Image (Base)'s two CFG options for any sampler (KSampler, SamplerCustomAdvanced...): "
+                   "cfg_truncation stops guidance on the last steps, cfg_normalization caps the guided "
+                   "prediction's size, as diffusers' ZImagePipeline does. Z-Image's guidance g is KSampler's "
+                   "cfg 1 + g (Base: cfg 5 for g 4). ZImageTurboSampler has both built in.")
+    CATEGORY = NODE_CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The model with the options set (a patched clone; the input model is unchanged).",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "A Z-Image model (ZImageModelLoader or UNETLoader)."}),
+            "cfg_normalization": _CFG_OPTIONS["cfg_normalization"],
+            "cfg_truncation": _CFG_OPTIONS["cfg_truncation"],
+        }}
+
+    def patch(self, model, cfg_normalization: float, cfg_truncation: float):
+        node = "ZImageCFGOptions"
+        _check_model(model, node)
+        try:
+            return (zimage_guidance(model, cfg_normalization, cfg_truncation),)
+        except ValueError as e:
+            raise ValueError(f"{node}: {e}") from None

@@ -43,6 +43,8 @@ DEMO_LORA = DEMO_FILES["loras"]  # written by write_demo_models
 # A second demo LoRA: kohya/musubi names (split q/k/v, alpha) with a Qwen3 text-encoder part.
 DEMO_LORA_KOHYA = "zimage_demo_random_lora_kohya_te.safetensors"
 TWO_LORAS = WORKFLOWS / "z_image_turbo_two_loras.json"
+BASE_T2I = WORKFLOWS / "z_image_base_text_to_image.json"
+BASE_DISTILL_LORA = WORKFLOWS / "z_image_base_distill_lora.json"
 SOURCE_IMAGE = "zimage_test_source.png"
 LOADER_INPUTS = {
     "ZImageModelLoader": ("model_name", "diffusion_models"),

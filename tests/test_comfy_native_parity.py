@@ -136,3 +136,116 @@ def test_zimage_fun_controlnet_patches_act_on_our_model_as_on_native(parity_setu
         gc.collect()
     assert _rel(results["native"], plain["samples"]) > 1e-3  # the control patch changes the result ...
     assert _rel(results["ours"], results["native"]) < 1e-4  # ... and does the same on our model
+
+
+def _zimage_cfg_function(guidance: float, normalization: float, truncation: float):
+    """Z-Image's CFG as a ComfyUI sampler_cfg_function, written here from diffusers' ZImagePipeline (not from
+    our code): pred = pos + g·(pos − neg); no guidance where 1 − σ > truncation; the guided prediction's norm
+    per image capped at normalization × the positive's. ComfyUI hands it x − denoised = σ·velocity."""
+
+    def cfg(args):
+        pos, neg = args["cond"], args["uncond"]
+        sigma = float(args["sigma"].reshape(-1)[0])
+        if 1.0 - sigma > truncation:
+            return pos
+        pred = pos + guidance * (pos - neg)
+        if normalization > 0:
+            out = []
+            for p, q in zip(pred, pos, strict=True):
+                limit = normalization * torch.linalg.vector_norm(q)
+                norm = torch.linalg.vector_norm(p)
+                out.append(p * (limit / norm) if norm > limit else p)
+            pred = torch.stack(out)
+        return pred
+
+    return cfg
+
+
+def test_guided_sampler_on_our_model_matches_ksampler_with_zimage_cfg_on_native(parity_setup):
+    """ZImageTurboSampler with guidance g, cfg_normalization and cfg_truncation on our MODEL = KSampler (euler,
+    simple, cfg 1 + g) on UNETLoader's model with Z-Image's CFG given to ComfyUI as a sampler_cfg_function."""
+    nodes, cond, latent = parity_setup
+    mm = comfy_module("comfy.model_management")
+    g = torch.Generator().manual_seed(3)
+    negative = [[torch.randn(1, 20, 2560, generator=g), {"pooled_output": None,
+                                                          "attention_mask": torch.ones(1, 20, dtype=torch.long)}]]
+    # 2 steps: sigmas 1, 0.75, 0 (KSampler's simple schedule hits ours exactly); the 2nd step is unguided.
+    guidance, normalization, truncation, steps = 4.0, 1.0, 0.2, STEPS
+    native = _base(nodes, "native").clone()
+    native.set_model_sampler_cfg_function(_zimage_cfg_function(guidance, normalization, truncation))
+    expected = nodes.KSampler().sample(native, 77, steps, 1.0 + guidance, "euler", "simple", cond, negative,
+                                       latent, 1.0)[0]["samples"]
+    native = None
+    mm.unload_all_models()
+    gc.collect()
+    ours = _base(nodes, "ours")
+    turbo = nodes.NODE_CLASS_MAPPINGS["ZImageTurboSampler"]()
+    got = turbo.sample(ours, cond, latent, 77, steps, 3.0, guidance, negative=negative,
+                       cfg_normalization=normalization, cfg_truncation=truncation)[0]["samples"]
+    uncapped = turbo.sample(ours, cond, latent, 77, steps, 3.0, guidance, negative=negative,
+                            cfg_truncation=truncation)[0]["samples"]
+    ours = None
+    mm.unload_all_models()
+    gc.collect()
+    print(f"ours vs KSampler + Z-Image CFG on native: {_rel(got, expected):.2e}; the norm cap changes the latent "
+          f"by {_rel(uncapped, got):.2e}")
+    assert _rel(got, expected) < 1e-5
+    assert _rel(uncapped, got) > 1e-3  # the normalisation acted
+
+
+FULL_AE = "zimage_parity_full_ae.safetensors"
+
+
+def test_official_base_template_nodes_give_natives_latents_and_images_with_our_loaders(parity_setup):
+    """ComfyUI's Base template (image_z_image) with our loaders in place of UNETLoader and VAELoader gives the
+    latents and images of the template with ComfyUI's own: ModelSamplingAuraFlow, KSampler and VAEDecode with
+    the template's settings (sampler, scheduler, cfg, shift; 2 steps instead of 25: CPU time), the same
+    CONDITIONING. (ComfyUI's CLIPLoader builds Qwen3-4B at full size only, so the text encoder is compared
+    with ComfyUI's own in tests/test_text_encoder.py instead.)"""
+    import math
+
+    from safetensors.torch import save_file
+
+    from tests.test_comfy_base import SWAPS, _template, _template_prompt
+    from zimage_core.demo_weights import _randomize
+    from zimage_core.vae.flux_vae import FluxAEConfig, FluxVAE
+
+    template = _template()
+    if template is None:
+        pytest.skip("this ComfyUI's workflow templates have no image_z_image (added with Z-Image Base, 2026-01)")
+    nodes, cond, _ = parity_setup
+    mm = comfy_module("comfy.model_management")
+    flat = _template_prompt(template, swap=set(), files={"unet_name": FILE}, steps=STEPS, size=(32, 16), seed=77)
+    settings = {n["class_type"]: n["inputs"] for n in flat.values()}
+    ks, shift = settings["KSampler"], settings["ModelSamplingAuraFlow"]["shift"]
+    assert (ks["sampler_name"], ks["scheduler"], ks["cfg"]) == ("res_multistep", "simple", 4)
+    ae_path = comfy().models_dir / "vae" / FULL_AE
+    with torch.device("meta"):
+        ae = FluxVAE(FluxAEConfig())
+    save_file(_randomize(ae.state_dict(), 8), str(ae_path))  # FLUX.1's ae.safetensors shapes, random
+    g = torch.Generator().manual_seed(5)
+    negative = [[torch.randn(1, 20, 2560, generator=g) * 0.1, {"pooled_output": None,
+                                                                "attention_mask": torch.ones(1, 20, dtype=torch.long)}]]
+    try:
+        results = {}
+        for which in ("native", "ours"):
+            model = _base(nodes, which)
+            model = nodes.NODE_CLASS_MAPPINGS["ModelSamplingAuraFlow"]().patch_aura(model, shift)[0]
+            latent = nodes.NODE_CLASS_MAPPINGS["EmptySD3LatentImage"]().generate(32, 16, 1)
+            latent = latent[0] if isinstance(latent, tuple) else latent.result[0]
+            samples = nodes.KSampler().sample(model, ks["seed"], STEPS, ks["cfg"], ks["sampler_name"], ks["scheduler"],
+                                              cond, negative, latent, ks["denoise"])[0]
+            vae = (nodes.VAELoader().load_vae(FULL_AE)[0] if which == "native"
+                   else nodes.NODE_CLASS_MAPPINGS[SWAPS["VAELoader"][0]]().load(FULL_AE)[0])
+            results[which] = samples["samples"], nodes.VAEDecode().decode(vae, samples)[0]
+            model = vae = None
+            mm.unload_all_models()
+            gc.collect()
+    finally:
+        ae_path.unlink(missing_ok=True)
+    (lat_n, img_n), (lat_o, img_o) = results["native"], results["ours"]
+    print(f"template latents ours vs native {_rel(lat_o, lat_n):.2e}; images max diff "
+          f"{(img_o - img_n).abs().max():.2e}")
+    assert _rel(lat_o, lat_n) < 1e-5
+    assert img_o.shape == img_n.shape == (1, 16, 32, 3) and float((img_o - img_n).abs().max()) < 1e-4
+    assert not math.isclose(float(img_n.std()), 0.0)

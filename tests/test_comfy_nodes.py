@@ -9,6 +9,8 @@ import json
 import pytest
 
 from tests.comfy_harness import (
+    BASE_DISTILL_LORA,
+    BASE_T2I,
     BATCH,
     CONTROLNET_CANNY,
     CONTROLNET_INPAINT,
@@ -27,7 +29,7 @@ NODE_IDS = ["ZImageModelLoader", "ZImageTextEncoderLoader", "ZImageVAELoader", "
             "ZImageEmptyLatent", "ZImageTurboSampler", "ZImageImg2ImgSampler", "ZImageVAEEncode",
             "ZImageVAEDecode", "ZImageCompileModel", "ZImageCompileVAE", "ZImageInpaintMask",
             "ZImageInpaintComposite", "ZImagePromptEnhancer", "ZImageControlNetLoader", "ZImageControlNetApply",
-            "ZImageSeedVariety", "ZImageLoraLoader"]
+            "ZImageSeedVariety", "ZImageLoraLoader", "ZImageCFGOptions"]
 EXPECTED_INPUTS = {
     "ZImageModelLoader": {"model_name", "weight_dtype"},
     "ZImageTextEncoderLoader": {"text_encoder_name"},
@@ -35,8 +37,10 @@ EXPECTED_INPUTS = {
     "ZImageTextEncode": {"text_encoder", "text"},
     "ZImageEmptyLatent": {"width", "height", "preset", "batch_size"},
     "ZImageTurboSampler": {"model", "positive", "latent", "seed", "steps", "shift", "guidance", "negative", "mask",
-                           "on_nan"},
-    "ZImageImg2ImgSampler": {"model", "positive", "latent", "strength", "seed", "steps", "shift", "mask", "on_nan"},
+                           "on_nan", "cfg_normalization", "cfg_truncation", "preset"},
+    "ZImageImg2ImgSampler": {"model", "positive", "latent", "strength", "seed", "steps", "shift", "mask", "on_nan",
+                             "negative", "guidance", "cfg_normalization", "cfg_truncation", "preset"},
+    "ZImageCFGOptions": {"model", "cfg_normalization", "cfg_truncation"},
     "ZImageSeedVariety": {"model", "strength", "end"},
     "ZImageVAEEncode": {"vae", "image"},
     "ZImageVAEDecode": {"vae", "latent"},
@@ -133,4 +137,5 @@ def test_workflows_are_in_the_folder_comfyui_template_browser_reads():
     names = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
     assert WORKFLOWS.name == "workflows"
     assert names == sorted([T2I.stem, IMG2IMG.stem, INPAINT.stem, BATCH.stem, LORA_CORE.stem, ENHANCED_PROMPT.stem,
-                            CONTROLNET_CANNY.stem, CONTROLNET_INPAINT.stem, TWO_LORAS.stem])
+                            CONTROLNET_CANNY.stem, CONTROLNET_INPAINT.stem, TWO_LORAS.stem, BASE_T2I.stem,
+                            BASE_DISTILL_LORA.stem])

@@ -247,8 +247,9 @@ def test_single_positive_broadcasts_to_batch(transformer, denoiser):
         # The tiny random model barely listens to captions; a large scale makes the norm cap bite.
         (40.0, {"cfg_normalization": True}),
         (40.0, {"cfg_normalization": 1.01}),
+        (40.0, {"cfg_normalization": True, "cfg_truncation": 0.5}),
     ],
-    ids=["plain", "truncation", "normalization", "normalization1.01"],
+    ids=["plain", "truncation", "normalization", "normalization1.01", "normalization+truncation"],
 )
 def test_cfg_matches_pipeline(transformer, denoiser, guidance, options):
     noise = make_noise((2, *LATENT), 13)

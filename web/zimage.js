@@ -3,6 +3,8 @@
 //    node shows the size that will be generated.
 //  * ZImageTurboSampler: while guidance is 0 (Turbo's setting) a connected negative prompt has no
 //    effect; its input is labelled so, instead of silently being ignored.
+//  * ZImageTurboSampler / ZImageImg2ImgSampler: choosing a preset ("… (30 steps, shift 6, CFG 4)") writes its
+//    steps, shift and guidance into those widgets, so the node shows what will run.
 //  * ZImageLoraLoader: after a run the node shows its report (what the LoRA matched, what it did not).
 //  * ZImagePromptEnhancer: the text it generated is shown on the node, in a read-only multiline widget
 //    named "enhanced_prompt" (a <textarea class="zimage-enhanced-prompt">), filled from the executed
@@ -28,6 +30,41 @@ function setupPresets(node) {
   };
   if (!node.__zimagePresets) {  // nodeCreated and loadedGraphNode both call this: wrap once
     node.__zimagePresets = true;
+    const original = preset.callback;
+    preset.callback = function (value, ...rest) {
+      apply(value);
+      return original?.call(this, value, ...rest);
+    };
+  }
+  apply(preset.value);
+}
+
+// "<name> (<N> steps, shift <S>, CFG <G>|no CFG)" → the widget values the server-side preset uses.
+function samplerPresetValues(value) {
+  const steps = /(\d+) steps/.exec(value ?? "");
+  const shift = /shift ([\d.]+)/.exec(value ?? "");
+  if (!steps || !shift) return null;
+  const cfg = /CFG ([\d.]+)/.exec(value);
+  return { steps: Number(steps[1]), shift: Number(shift[1]), guidance: cfg ? Number(cfg[1]) : 0 };
+}
+
+function setupSamplerPresets(node) {
+  const preset = findWidget(node, "preset");
+  if (!preset) return;
+  const apply = (value) => {
+    const values = samplerPresetValues(value);
+    if (!values) return;
+    for (const [name, v] of Object.entries(values)) {
+      const widget = findWidget(node, name);
+      if (widget) {
+        widget.value = v;
+        widget.callback?.(v);
+      }
+    }
+    node.setDirtyCanvas?.(true, true);
+  };
+  if (!node.__zimageSamplerPresets) {
+    node.__zimageSamplerPresets = true;
     const original = preset.callback;
     preset.callback = function (value, ...rest) {
       apply(value);
@@ -141,12 +178,14 @@ app.registerExtension({
     const type = node.comfyClass ?? node.type;
     if (type === "ZImageEmptyLatent") setupPresets(node);
     if (type === "ZImageTurboSampler") setupNegativeNotice(node);
+    if (type === "ZImageTurboSampler" || type === "ZImageImg2ImgSampler") setupSamplerPresets(node);
     if (type === "ZImageLoraLoader") setupLoraReport(node);
   },
   async loadedGraphNode(node) {
     const type = node.comfyClass ?? node.type;
     if (type === "ZImageEmptyLatent") setupPresets(node);
     if (type === "ZImageTurboSampler") setupNegativeNotice(node);
+    if (type === "ZImageTurboSampler" || type === "ZImageImg2ImgSampler") setupSamplerPresets(node);
     if (type === "ZImageLoraLoader") setupLoraReport(node);
   },
 });

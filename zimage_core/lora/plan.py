@@ -39,6 +39,7 @@ _DIALECTS = (
     ("diffusion_model.", "ComfyUI (diffusion_model.)"),
     ("base_model.model.", "PEFT (base_model.model.)"),
     ("transformer.", "diffusers (transformer.)"),
+    ("lora_unet__", "VideoX-Fun (lora_unet__)"),
     ("lora_unet_", "kohya / musubi (lora_unet_)"),
     ("lycoris_", "LyCORIS / SimpleTuner (lycoris_)"),
     ("lora_transformer_", "OneTrainer (lora_transformer_)"),

@@ -19,8 +19,9 @@ DIT_ROOT = "diffusion_model."  # where the host's model keeps the transformer's 
 # How trainers prefix the transformer's module names (dotted spelling); "" = DiffSynth's bare names.
 DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.transformer.", "transformer.",
                 "base_model.model.", "unet.", "")
-# ... and in kohya's / LyCORIS' underscored spelling.
-DIT_FLAT_PREFIXES = ("lora_unet_", "lycoris_", "lora_transformer_")
+# ... and in kohya's / LyCORIS' underscored spelling; VideoX-Fun (alibaba-pai's Fun LoRAs, e.g. the
+# Z-Image-Fun-Lora-Distill files) writes kohya's with a double underscore, `lora_unet__layers_0_…`.
+DIT_FLAT_PREFIXES = ("lora_unet__", "lora_unet_", "lycoris_", "lora_transformer_")
 # Text encoder: ComfyUI's names, diffusers/PEFT's, kohya's.
 TE_PREFIXES = ("text_encoders.qwen3_4b.transformer.model.", "text_encoders.qwen3_4b.transformer.",
                "text_encoders.model.", "text_encoders.", "text_encoder.model.", "text_encoder.",

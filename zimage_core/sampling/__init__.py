@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .guidance import PRESETS, SamplingPreset, cap_guided_norm, check_cfg_options, guidance_applies
 from .inpaint import latent_inpaint_mask, sample_inpaint
 from .samplers import (
     Denoiser,
@@ -18,6 +19,11 @@ from .variety import SeedVariety, caption_noise, noise_seed, vary_caption
 
 __all__ = [
     "Denoiser",
+    "PRESETS",
+    "SamplingPreset",
+    "cap_guided_norm",
+    "check_cfg_options",
+    "guidance_applies",
     "SeedVariety",
     "MAX_STEPS",
     "StepCallback",

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..errors import SamplingError
+from .guidance import cap_guided_norm, check_cfg_options, guidance_applies
 from .schedule import MAX_STEPS, flow_sigmas, img2img_sigmas
 
 __all__ = [
@@ -269,7 +270,7 @@ def sample_euler(
     sig = _check_sigmas(sigmas)
     latents = _check_latents("latents", latents)
     g = _check_guidance(guidance, negative)
-    norm_cap = float(cfg_normalization)
+    norm_cap, _ = check_cfg_options(cfg_normalization, 1.0 if cfg_truncation is None else cfg_truncation)
     device, dtype = model_placement(model, latents.device)
     x = latents.to(device=device, dtype=torch.float32)
     batch = x.shape[0]
@@ -278,9 +279,6 @@ def sample_euler(
 
     total = sig.numel() - 1
     sig_values = sig.tolist()
-    # 1 − σ computed the way ZImagePipeline does ((1000 − 1000σ)/1000 in float32) so the truncation
-    # threshold falls on the same steps.
-    t_norms = ((1000 - sig * 1000) / 1000).tolist()
 
     # A per-step isfinite check costs a host sync, which on an accelerator stalls the queueing of the next
     # step; there we only record the first bad step on the device and check once at the end (the callback
@@ -291,7 +289,7 @@ def sample_euler(
 
     for i in range(total):
         sigma = sig_values[i]
-        step_g = g if cfg_truncation is None or t_norms[i] <= float(cfg_truncation) else 0.0
+        step_g = g if g > 0 and guidance_applies(sigma, cfg_truncation) else 0.0
         x_in = x.to(dtype)
         if step_g > 0:
             out = model(
@@ -302,13 +300,7 @@ def sample_euler(
             _check_output(out, (2 * batch, *x.shape[1:]))
             out = out.float()
             v_pos, v_neg = out[:batch], out[batch:]
-            v = v_pos + step_g * (v_pos - v_neg)
-            if norm_cap > 0:
-                pos_norm = torch.linalg.vector_norm(v_pos.flatten(1), dim=1)
-                new_norm = torch.linalg.vector_norm(v.flatten(1), dim=1)
-                max_norm = pos_norm * norm_cap
-                scale = torch.where(new_norm > max_norm, max_norm / new_norm, torch.ones_like(new_norm))
-                v = v * scale.view(-1, 1, 1, 1)
+            v = cap_guided_norm(v_pos + step_g * (v_pos - v_neg), v_pos, norm_cap)
         else:
             out = model(x_in, torch.full((batch,), sigma, dtype=torch.float32, device=device), pos)
             _check_output(out, tuple(x.shape))
