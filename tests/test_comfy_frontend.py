@@ -23,9 +23,14 @@ RECORDED = json.loads((Path(__file__).parent / "frontend" / "frontend_api_prompt
 def test_converter_matches_the_frontends_own_conversion(name):
     workflow = json.loads((WORKFLOWS / name).read_text())
     frontend = RECORDED[name]
+    known = comfy_module("nodes").NODE_CLASS_MAPPINGS
+    missing = {n["type"] for n in workflow["nodes"]} - set(known) - {"MarkdownNote", "Note"}
+    if missing:
+        pytest.skip(f"{name} needs nodes this ComfyUI lacks ({', '.join(sorted(missing))}; recorded in frontend "
+                    f"{frontend.get('frontend', '1.32.9')})")
     assert frontend["loaded_nodes"] == len(workflow["nodes"]), "the frontend dropped nodes on load"
     assert frontend["toasts"] == [], f"the frontend warned when loading {name}: {frontend['toasts']}"
-    ours = ui_to_api(workflow, comfy_module("nodes").NODE_CLASS_MAPPINGS)
+    ours = ui_to_api(workflow, known)
     strip = {k: {"class_type": n["class_type"], "inputs": n["inputs"]} for k, n in ours.items()}
     assert strip == frontend["prompt"], (
         f"{name}: converter and frontend disagree (if the workflow was edited, re-record with "

@@ -18,6 +18,7 @@ from tests.comfy_harness import (
     IMG2IMG,
     INPAINT,
     LORA_CORE,
+    OMNI_EDIT,
     T2I,
     TWO_LORAS,
     WORKFLOWS,
@@ -138,4 +139,4 @@ def test_workflows_are_in_the_folder_comfyui_template_browser_reads():
     assert WORKFLOWS.name == "workflows"
     assert names == sorted([T2I.stem, IMG2IMG.stem, INPAINT.stem, BATCH.stem, LORA_CORE.stem, ENHANCED_PROMPT.stem,
                             CONTROLNET_CANNY.stem, CONTROLNET_INPAINT.stem, TWO_LORAS.stem, BASE_T2I.stem,
-                            BASE_DISTILL_LORA.stem])
+                            BASE_DISTILL_LORA.stem, OMNI_EDIT.stem])

@@ -15,7 +15,7 @@ import gc
 import pytest
 import torch
 
-from tests.comfy_harness import WORKFLOWS, comfy, comfy_module, demo_prompt, fresh_run, nodes_of, saved_images
+from tests.comfy_harness import OMNI_EDIT, comfy, comfy_module, demo_prompt, fresh_run, nodes_of, saved_images
 from zimage_core.demo_weights import DEMO_FILES, TEXT_HIDDEN, write_random_transformer
 from zimage_core.transformer import TransformerConfig
 
@@ -23,7 +23,6 @@ OMNI = "zimage_parity_omni_full_width_shallow.safetensors"
 REGULAR = "zimage_parity_regular_full_width_shallow.safetensors"
 CONFIG = TransformerConfig(n_layers=1, n_refiner_layers=2, cap_feat_dim=TEXT_HIDDEN)
 STEPS = 2
-OMNI_EDIT = WORKFLOWS / "z_image_omni_reference_edit.json"
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
