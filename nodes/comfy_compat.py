@@ -14,6 +14,11 @@ import comfy.model_patcher
 # ComfyUI's patcher class: 0.18.1 and later name the one their loaders use CoreModelPatcher (and swap in the
 # dynamic-VRAM patcher at start-up); 0.3.75 has only ModelPatcher.
 CorePatcher = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+# The patcher for our modules that are not built from ComfyUI's operations (the Qwen3 text encoder, the FLUX
+# VAE): dynamic VRAM (0.18.2+, on by default on NVIDIA) streams weights only through comfy.ops layers, and with
+# it these encoded and decoded many times slower (bench/RESULTS.md, 0.28 dynamic-VRAM run). They load the
+# classic way, as ComfyUI's own VAEs that opt out of dynamic loading (`disable_offload`) do.
+ClassicPatcher = comfy.model_patcher.ModelPatcher
 
 
 def core_patcher_class() -> type:

@@ -72,6 +72,9 @@ class ZImageClipModel(torch.nn.Module):
     """The CLIP's `cond_stage_model`: the Qwen3 layers (registered, so ComfyUI moves them) behind the
     interface `comfy.sd.CLIP` calls."""
 
+    # comfy.sd.CLIP (0.18.2+) then gives it the classic patcher, not dynamic VRAM's: see comfy_compat.ClassicPatcher.
+    disable_offload = True
+
     def __init__(self, encoder) -> None:
         super().__init__()
         self.transformer = encoder.model

@@ -18,7 +18,8 @@ import comfy.sd
 import torch
 
 from ..zimage_core import vae as core_vae
-from .core_model import COMPUTE_DTYPES, CorePatcher, load_options
+from .comfy_compat import ClassicPatcher
+from .core_model import COMPUTE_DTYPES, load_options
 from .errors import load_explained
 
 log = logging.getLogger("ComfyUI-ZImage")
@@ -79,7 +80,7 @@ class ZImageCoreVAE(comfy.sd.VAE):
         self.vae_dtype = dtype
         self.output_device = mm.intermediate_device()
         self.path = path
-        self.patcher = CorePatcher(self.first_stage_model, load_device=load_device, offload_device=offload_device)
+        self.patcher = ClassicPatcher(self.first_stage_model, load_device=load_device, offload_device=offload_device)
         self.model_size()
 
     @property

@@ -77,8 +77,8 @@ def _ours(nodes, model, pos, neg, **inputs) -> torch.Tensor:
 
 
 _CACHE: dict = {}
-# The tiny random model barely listens to its prompts: a large guidance makes the norm cap bite.
-GRID_GUIDANCE = 40.0
+# The tiny random model barely listens to its prompts: the largest guidance the widget takes makes the norm cap bite.
+GRID_GUIDANCE = 20.0
 GRID_STEPS = 10  # Base's shift 6; with truncation 0.5 the last step runs unguided
 
 
@@ -96,9 +96,10 @@ def test_cfg_options_match_zimage_pipeline(base_setup, normalization, truncation
     assert got.shape == expected.shape == (2, 16, PIXELS // 8, PIXELS // 8)
     assert err <= TOL
     _CACHE[normalization, truncation] = got
-    # Each option changes the result (so the comparison covers it doing something).
+    # Each option changes the result (so the comparison covers it doing something): by over ten times TOL
+    # (truncation 0.5 alone leaves one of the 10 steps unguided: 3e-4).
     if (0.0, 1.0) in _CACHE and (normalization, truncation) != (0.0, 1.0):
-        assert _rel(got, _CACHE[0.0, 1.0]) > 1e-3
+        assert _rel(got, _CACHE[0.0, 1.0]) > 10 * TOL
 
 
 def test_base_preset_matches_zimage_pipeline_at_30_steps_shift_6_guidance_4(base_setup):

@@ -372,7 +372,7 @@ def test_help_and_argument_errors_answer_before_any_setup(tmp_path):
     argument errors still answer."""
     clone = tmp_path / "clone"
     for rel in ("scripts/run_workflow.sh", "scripts/run_workflow.py", "scripts/comfy_headless.py",
-                "scripts/__init__.py", "zimage_core/__init__.py", "zimage_core/sizes.py", T2I.relative_to(ROOT)):
+                "scripts/__init__.py", "zimage_core/__init__.py", "zimage_core/constants.py", T2I.relative_to(ROOT)):
         (clone / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, clone / rel)
     marker = tmp_path / "setup-ran"

@@ -103,7 +103,7 @@ def test_seed_changes_the_caption_noise_and_the_model_is_not_mutated(parts):
 
 def test_bad_values_are_refused_with_a_message(parts):
     model, _, _ = parts
-    with pytest.raises(ValueError, match="end must be between 0 and 1"):
+    with pytest.raises(ValueError, match=r"end is 1.5; set a number between 0.0 and 1.0"):
         _variety(model, 0.5, 1.5)
-    with pytest.raises(ValueError, match="strength must be a finite number"):
+    with pytest.raises(ValueError, match=r"strength is nan; set a number"):
         _variety(model, float("nan"), 0.25)

@@ -59,6 +59,7 @@ DIFFUSERS_CONFIG = {
     "n_kv_heads": DEMO_TRANSFORMER.n_kv_heads, "in_channels": 16, "all_patch_size": [2], "all_f_patch_size": [1],
     "cap_feat_dim": DEMO_TRANSFORMER.cap_feat_dim, "axes_dims": list(DEMO_TRANSFORMER.axes_dims),
     "axes_lens": [1536, 512, 512], "rope_theta": 256.0, "norm_eps": 1e-5, "t_scale": 1000.0,
+    "siglip_feat_dim": DEMO_TRANSFORMER.siglip_feat_dim,  # the demo transformer has Omni layers
 }
 
 
