@@ -180,7 +180,7 @@ async function checkNegative(page) {
   return page.evaluate(() => {
     const zi = window.__zi;
     const g = window.app.graph;
-    const encoder = g._nodes.find((n) => n.type === 'ZImageTextEncode' || n.type === 'CLIPTextEncode');
+    const encoder = g._nodes.find((n) => ['ZImageTextEncode', 'CLIPTextEncode', 'TextEncodeZImageOmni'].includes(n.type));
     const records = [];
     for (const n of g._nodes.filter((n) => n.type === 'ZImageTurboSampler')) {
       const slot = n.inputs.findIndex((i) => i.name === 'negative');
