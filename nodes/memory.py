@@ -35,13 +35,12 @@ class ZImageBaseModel(comfy.model_base.Lumina2):
         return max(need, decode_room(input_shape, dtype))
 
 
-def prefetch_context(blocks: list[torch.nn.Module], device: torch.device,
-                     enabled: bool) -> contextlib.AbstractContextManager | None:
+def prefetch_context(blocks: list[torch.nn.Module], device: torch.device) -> contextlib.AbstractContextManager | None:
     """When ComfyUI's partial loading left block weights in host memory, copy them to the GPU blocks ahead
     (a context for the forward's block runner). ComfyUI's own cast copies each layer's weights when the layer
     runs, after everything queued before it, so no copy overlaps compute. None where there is nothing to do,
     and under dynamic VRAM, whose layers manage their own copies."""
-    if not enabled or device.type != "cuda" or any(is_dynamic_layer(m) for b in blocks for m in b.modules()):
+    if device.type != "cuda" or any(is_dynamic_layer(m) for b in blocks for m in b.modules()):
         return None
     return prefetch_offloaded(blocks, device, select=lambda t: t.device.type == "cpu")
 

@@ -131,23 +131,21 @@ class ZImageDiffusionModel(ZImageTransformer):
         captions = _captions(context, attention_mask)
         omni = _omni(kwargs, options)
 
-        def call(prefetch: bool) -> torch.Tensor:
-            blocks = self.blocks()
-            around = (lambda: prefetch_context(blocks, x.device, True)) if prefetch else None
+        def call(around: Any = None) -> torch.Tensor:
             runner = self.runner(options.get(BLOCK_CALL_KEY), hooks, around)
             with use_backend(comfy_attention(options)):
                 return ZImageTransformer.forward(self, x, timesteps, captions, image_pos=_image_pos(options),
                                                  omni=omni, runner=runner)
 
-        prefetch = self.prefetch_offloaded and prefetch_context(self.blocks(), x.device, True) is not None
-        if not prefetch:
-            return call(False)
+        prefetch = prefetch_context(self.blocks(), x.device) if self.prefetch_offloaded else None
+        if prefetch is None:
+            return call()
         try:
-            return call(True)
+            return call(lambda: prefetch)
         except torch.OutOfMemoryError:
             # The copy slots are memory ComfyUI's plan does not know of (its own per-layer copies need less):
             # on a card that tight, finish the step, and the job, with ComfyUI's copies instead.
             self.prefetch_offloaded = False
             log.warning("Z-Image: out of GPU memory with prefetched weights; using ComfyUI's per-layer weight "
                         "copies for this model from now on (slower, same result).")
-        return call(False)
+        return call()

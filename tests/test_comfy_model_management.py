@@ -67,7 +67,7 @@ def test_out_of_memory_with_prefetched_weights_finishes_the_step_with_comfyui_co
             handle.remove()
 
     monkeypatch.setattr(dm, "prefetch_offloaded", True, raising=False)
-    monkeypatch.setattr(core_model, "prefetch_context", lambda blocks, device, enabled: tight_card(blocks))
+    monkeypatch.setattr(core_model, "prefetch_context", lambda blocks, device: tight_card(blocks))
     with caplog.at_level(logging.WARNING):
         assert torch.equal(_velocity(patcher, x, sigma, context), reference)
         assert torch.equal(_velocity(patcher, x, sigma, context), reference)
