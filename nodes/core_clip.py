@@ -17,6 +17,7 @@ import torch
 
 from .core_model import load_options
 from .errors import load_explained
+from .gguf import GGUFLayerLoader, gguf_operations
 
 log = logging.getLogger(__name__)
 
@@ -193,9 +194,15 @@ def load_zimage_clip(path: str) -> comfy.sd.CLIP:
     offload_device = mm.text_encoder_offload_device()
     # Stored as the file has it (fp8 files dequantized to bf16), computed as ComfyUI computes it: manual_cast
     # layers cast each weight to the compute dtype per call, as native CLIPLoader's do.
+    from ..zimage_core.checkpoint.gguf import is_gguf
+
+    operations, layer_loader = comfy.ops.manual_cast, None
+    if is_gguf(path):  # block-quantised weights stay quantised, dequantised per layer per call (nodes.gguf)
+        operations = gguf_operations(comfy.ops.manual_cast)
+        layer_loader = GGUFLayerLoader(operations, torch.float32)
     encoder = load_explained(
-        lambda: load_text_encoder(path, device=offload_device, operations=comfy.ops.manual_cast,
-                                  compute_dtype=text_encoder_compute_dtype(load_device),
+        lambda: load_text_encoder(path, device=offload_device, operations=operations,
+                                  compute_dtype=text_encoder_compute_dtype(load_device), layer_loader=layer_loader,
                                   **load_options()),
         path,
         "the Qwen3-4B text encoder of Z-Image (qwen_3_4b.safetensors)",
