@@ -47,7 +47,10 @@ _STRING, _ARRAY = 8, 9
 
 
 def is_gguf(path: str | os.PathLike) -> bool:
-    """Whether `path` is a regular file that starts with the GGUF magic (reads 4 bytes; False on any error)."""
+    """Whether `path` is meant as a GGUF file: named *.gguf, or a regular file that starts with the GGUF magic
+    (reads 4 bytes; False on any error). A damaged .gguf file then gets the GGUF reader's error."""
+    if Path(path).suffix.lower() == ".gguf":
+        return True
     try:
         fd = open_regular(path, "a model file")
     except CheckpointError:
@@ -224,7 +227,8 @@ def open_gguf(path: str | os.PathLike, what: str, *, mmap: bool = True) -> GGUFC
             header = None
         if header is None or header[:4] != GGUF_MAGIC:
             raise CheckpointError(path, f"{what} in GGUF format", f"a {size}-byte file without the GGUF magic",
-                                  "Choose a .gguf model file (or a .safetensors one).")
+                                  "The file is damaged or not GGUF: download it again, or choose a .safetensors "
+                                  "file.")
         version, n_tensors, n_kv = struct.unpack("<IQQ", header[4:])
         if version not in (2, 3):
             swapped = struct.unpack(">I", header[4:8])[0]

@@ -383,7 +383,7 @@ def open_checkpoint(path: str | os.PathLike, what: str, *, mmap: bool = True) ->
                 raise CheckpointError(cfg, "a JSON model config (an object of settings)",
                                       f"a JSON {type(config).__name__}")
     else:
-        from .gguf import is_gguf, open_gguf  # a GGUF file is recognised by its magic, whatever its name
+        from .gguf import is_gguf, open_gguf  # a GGUF file: by its name, or its magic whatever its name
 
         if is_gguf(path):
             return open_gguf(path, what, mmap=mmap)
