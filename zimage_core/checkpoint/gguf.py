@@ -367,3 +367,51 @@ def describe_architecture(ckpt: GGUFCheckpoint) -> str:
     if arch is None:
         return "a GGUF file without general.architecture"
     return f"{_ARCH_NAMES.get(arch, 'a model')} (GGUF architecture {arch[:40]!r})"
+
+
+def llama_cpp_name_from_hf(key: str) -> str:
+    """The inverse of `hf_name_from_llama_cpp` (for writing GGUF text encoders, e.g. the demo file)."""
+    top = {f"{v}.": f"{k}." for k, v in _LLAMA_TOP_NAMES.items()}
+    for old, new in top.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    parts = key.split(".")
+    module = ".".join(parts[3:-1])
+    layer = {v: k for k, v in _LLAMA_LAYER_NAMES.items()}.get(module)
+    if len(parts) >= 5 and parts[:2] == ["model", "layers"] and layer is not None:
+        return f"blk.{parts[2]}.{layer}.{parts[-1]}"
+    return key
+
+
+def write_gguf(path: str | os.PathLike, tensors: dict[str, torch.Tensor], architecture: str,
+               fields: dict[str, str | int | float] | None = None) -> Path:
+    """Write `tensors` as a GGUF file with the `gguf` package: matrices whose rows are whole 32-value blocks in
+    Q8_0 (the package's quantiser), everything else F32 (as ComfyUI-GGUF's Q8_0 files). For demo files."""
+    import gguf
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    writer = gguf.GGUFWriter(str(tmp), architecture)
+    for key, value in (fields or {}).items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        else:
+            writer.add_uint32(key, int(value))
+    for key, tensor in tensors.items():
+        value = np.ascontiguousarray(tensor.detach().to(torch.float32).cpu().numpy())
+        if value.ndim >= 2 and value.shape[-1] % 32 == 0:
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            data = gguf.quants.quantize(value, q8)
+            writer.add_tensor(key, data, raw_shape=data.shape, raw_dtype=q8)
+        else:
+            writer.add_tensor(key, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, path)
+    return path
