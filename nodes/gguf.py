@@ -33,10 +33,12 @@ class GGUFLinear:
     def gguf_weight(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         non_blocking = mm.device_supports_non_blocking(device)
         raw = self.weight.to(device, non_blocking=non_blocking)
-        weight = dequantize(raw, self.gguf_type, self.gguf_shape, torch.float32)
         functions = list(self.weight_function)
         keys = {getattr(f, "key", None) for f in functions}
         functions += [f for f in self.gguf_patches if getattr(f, "key", None) not in keys]
+        if not functions:  # dequantised straight into the compute dtype (float32 math, one rounding)
+            return dequantize(raw, self.gguf_type, self.gguf_shape, dtype)
+        weight = dequantize(raw, self.gguf_type, self.gguf_shape, torch.float32)
         for f in functions:  # LoRA etc. on the float32 weight, before rounding to the compute dtype
             weight = f(weight)
         return weight.to(dtype)

@@ -31,6 +31,23 @@ def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
     return blocks[:, start:start + 2].contiguous().view(torch.float16).to(torch.float32)
 
 
+def _mul(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a * b computed in float32 (integer factors converted exactly, in the same kernel) and stored in `dtype`:
+    one pass over the output instead of a float32 tensor and a cast (same bits as multiplying, then casting)."""
+    out = torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=dtype, device=a.device)
+    return torch.mul(a, b, out=out)
+
+
+def _sub(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=dtype, device=a.device)
+    return torch.sub(a, b, out=out)
+
+
+def _add(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=dtype, device=a.device)
+    return torch.add(a, b, out=out)
+
+
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     """(n, 16) bytes -> (n, 32): the 16 low nibbles, then the 16 high ones (the 32-block layout)."""
     return torch.cat((qs & 0x0F, qs >> 4), dim=1)
@@ -42,31 +59,31 @@ def _bits(qh: torch.Tensor, count: int) -> torch.Tensor:
     return ((qh.unsqueeze(-1) >> shifts) & 1).reshape(qh.shape[0], count)
 
 
-def _q8_0(b: torch.Tensor) -> torch.Tensor:
-    return b[:, 2:].contiguous().view(torch.int8).to(torch.float32) * _f16(b, 0)
+def _q8_0(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return _mul(b[:, 2:].contiguous().view(torch.int8), _f16(b, 0), dtype)
 
 
-def _q4_0(b: torch.Tensor) -> torch.Tensor:
+def _q4_0(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     q = _nibbles(b[:, 2:]).to(torch.int8) - 8
-    return _f16(b, 0) * q.to(torch.float32)
+    return _mul(_f16(b, 0), q, dtype)
 
 
-def _q4_1(b: torch.Tensor) -> torch.Tensor:
-    q = _nibbles(b[:, 4:]).to(torch.float32)
-    return _f16(b, 0) * q + _f16(b, 2)
+def _q4_1(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    q = _nibbles(b[:, 4:])
+    return _add(_f16(b, 0) * q, _f16(b, 2), dtype)
 
 
 def _q5(b: torch.Tensor, at: int) -> torch.Tensor:
     return _nibbles(b[:, at + 4:]) | (_bits(b[:, at:at + 4], 32) << 4)
 
 
-def _q5_0(b: torch.Tensor) -> torch.Tensor:
+def _q5_0(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     q = _q5(b, 2).to(torch.int8) - 16
-    return _f16(b, 0) * q.to(torch.float32)
+    return _mul(_f16(b, 0), q, dtype)
 
 
-def _q5_1(b: torch.Tensor) -> torch.Tensor:
-    return _f16(b, 0) * _q5(b, 4).to(torch.float32) + _f16(b, 2)
+def _q5_1(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return _add(_f16(b, 0) * _q5(b, 4), _f16(b, 2), dtype)
 
 
 def _crumbs(qs: torch.Tensor, width: int) -> torch.Tensor:
@@ -75,17 +92,17 @@ def _crumbs(qs: torch.Tensor, width: int) -> torch.Tensor:
     return (qs.reshape(qs.shape[0], -1, 1, width) >> shifts) & 3
 
 
-def _q2_k(b: torch.Tensor) -> torch.Tensor:
+def _q2_k(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     n = b.shape[0]
     scales = b[:, :16]
     d, dmin = _f16(b, 80), _f16(b, 82)
     dl = (d * (scales & 0x0F).to(torch.float32)).reshape(n, 16, 1)
     ml = (dmin * (scales >> 4).to(torch.float32)).reshape(n, 16, 1)
-    q = _crumbs(b[:, 16:80], 32).reshape(n, 16, 16).to(torch.float32)
-    return (dl * q - ml).reshape(n, QK_K)
+    q = _crumbs(b[:, 16:80], 32).reshape(n, 16, 16)
+    return _sub(dl * q, ml, dtype).reshape(n, QK_K)
 
 
-def _q3_k(b: torch.Tensor) -> torch.Tensor:
+def _q3_k(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     n = b.shape[0]
     hmask, qs, packed = b[:, :32], b[:, 32:96], b[:, 96:108]
     d = _f16(b, 108)
@@ -99,8 +116,8 @@ def _q3_k(b: torch.Tensor) -> torch.Tensor:
     # A set hmask bit means no offset; a clear one subtracts 4.
     hbit = ((hmask.reshape(n, 1, 1, 32) >> torch.arange(8, dtype=torch.uint8, device=b.device).view(1, 1, 8, 1)) & 1)
     hbit = hbit.reshape(n, 16, 16)
-    q = (ql.to(torch.int8) - ((hbit ^ 1) << 2).to(torch.int8)).to(torch.float32)
-    return (dl * q).reshape(n, QK_K)
+    q = ql.to(torch.int8) - ((hbit ^ 1) << 2).to(torch.int8)
+    return _mul(dl, q, dtype).reshape(n, QK_K)
 
 
 def _scale_min_k4(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,26 +135,26 @@ def _k4_low(qs: torch.Tensor) -> torch.Tensor:
     return (q & 0x0F).reshape(n, 8, 32)
 
 
-def _q4_k(b: torch.Tensor) -> torch.Tensor:
+def _q4_k(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     n = b.shape[0]
     sc, mn = _scale_min_k4(b[:, 4:16])
     d = (_f16(b, 0) * sc.to(torch.float32)).reshape(n, 8, 1)
     dm = (_f16(b, 2) * mn.to(torch.float32)).reshape(n, 8, 1)
-    q = _k4_low(b[:, 16:144]).to(torch.float32)
-    return (d * q - dm).reshape(n, QK_K)
+    q = _k4_low(b[:, 16:144])
+    return _sub(d * q, dm, dtype).reshape(n, QK_K)
 
 
-def _q5_k(b: torch.Tensor) -> torch.Tensor:
+def _q5_k(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     n = b.shape[0]
     sc, mn = _scale_min_k4(b[:, 4:16])
     d = (_f16(b, 0) * sc.to(torch.float32)).reshape(n, 8, 1)
     dm = (_f16(b, 2) * mn.to(torch.float32)).reshape(n, 8, 1)
     high = _bits(b[:, 16:48], 256).reshape(n, 32, 8).transpose(1, 2)  # bit g of byte j -> (g, j)
-    q = (_k4_low(b[:, 48:176]) | (high << 4)).to(torch.float32)
-    return (d * q - dm).reshape(n, QK_K)
+    q = _k4_low(b[:, 48:176]) | (high << 4)
+    return _sub(d * q, dm, dtype).reshape(n, QK_K)
 
 
-def _q6_k(b: torch.Tensor) -> torch.Tensor:
+def _q6_k(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     n = b.shape[0]
     ql, qh = b[:, :128], b[:, 128:192]
     scales = b[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
@@ -145,11 +162,11 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     low = (ql.reshape(n, 2, 1, 64) >> torch.tensor([0, 4], dtype=torch.uint8, device=b.device).view(1, 1, 2, 1))
     low = (low & 0x0F).reshape(n, 8, 32)
     high = _crumbs(qh, 32).reshape(n, 8, 32)
-    q = ((low | (high << 4)).to(torch.int8) - 32).reshape(n, 16, 16).to(torch.float32)
-    return (d * q).reshape(n, QK_K)
+    q = ((low | (high << 4)).to(torch.int8) - 32).reshape(n, 16, 16)
+    return _mul(d, q, dtype).reshape(n, QK_K)
 
 
-_BLOCK_FUNCS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+_BLOCK_FUNCS: dict[str, Callable[[torch.Tensor, torch.dtype], torch.Tensor]] = {
     "Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1,
     "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
 }
@@ -172,5 +189,5 @@ def dequantize(raw: torch.Tensor, qtype: str, shape: Sequence[int], dtype: torch
     if qtype in FLOAT_TYPES:
         return raw.view(FLOAT_TYPES[qtype]).reshape(tuple(shape)).to(dtype)
     elems, size = BLOCK_SIZES[qtype]
-    out = _BLOCK_FUNCS[qtype](raw.reshape(-1, size))
-    return out.reshape(tuple(shape)).to(dtype)
+    # The last operation (float32 math) writes `dtype` directly: the float32 result is never stored.
+    return _BLOCK_FUNCS[qtype](raw.reshape(-1, size), dtype).reshape(tuple(shape))
