@@ -17,7 +17,7 @@ import torch
 
 from .core_model import load_options
 from .errors import load_explained
-from .gguf import GGUFLayerLoader, gguf_operations
+from .gguf import GGUFLayerLoader, gguf_operations, gguf_patcher_class
 
 log = logging.getLogger(__name__)
 
@@ -210,5 +210,8 @@ def load_zimage_clip(path: str) -> comfy.sd.CLIP:
     encoder.model.eval().requires_grad_(False)
     options = {"load_device": load_device, "offload_device": offload_device, "initial_device": offload_device,
                "dtype": encoder.dtype}
-    return ZImageCLIP(target=_Target(encoder), model_options=options)
+    clip = ZImageCLIP(target=_Target(encoder), model_options=options)
+    if layer_loader is not None:  # LoRA patches on quantised weights: applied to the dequantised weight
+        clip.patcher.__class__ = gguf_patcher_class(type(clip.patcher))
+    return clip
 

@@ -156,3 +156,13 @@ class GGUFPatching:
                 if module.__dict__.get("gguf_patches"):
                     module.gguf_patches = []
         return super().unpatch_model(device_to, unpatch_weights)
+
+
+_PATCHERS: dict[type, type] = {}
+
+
+def gguf_patcher_class(base: type) -> type:
+    """`base` (a ModelPatcher class) with GGUFPatching, e.g. for a CLIP's patcher (clones keep the class)."""
+    if base not in _PATCHERS:
+        _PATCHERS[base] = base if issubclass(base, GGUFPatching) else type(f"GGUF{base.__name__}", (GGUFPatching, base), {})
+    return _PATCHERS[base]

@@ -74,7 +74,9 @@ def _load(nodes, name: str):
     return nodes.NODE_CLASS_MAPPINGS["ZImageModelLoader"]().load(name, "default")[0]
 
 
-def _lora(nodes, model):
+def _lora(nodes, model, loader: str = "LoraLoaderModelOnly"):
+    if loader == "ZImageLoraLoader":
+        return nodes.NODE_CLASS_MAPPINGS["ZImageLoraLoader"]().load(model, LORA, 0.8)["result"][0]
     return nodes.LoraLoaderModelOnly().load_lora_model_only(model, LORA, 0.8)[0]
 
 
@@ -100,13 +102,14 @@ def test_gguf_transformer_samples_as_its_dequantised_weights(files, mix):
     assert (got - expected).abs().max() <= 1e-5, f"{mix}: max diff {(got - expected).abs().max():.2e}"
 
 
+@pytest.mark.parametrize("loader", ["LoraLoaderModelOnly", "ZImageLoraLoader"])
 @pytest.mark.parametrize("mix", sorted(MIXES))
-def test_lora_on_gguf_equals_lora_on_dequantised(files, mix):
+def test_lora_on_gguf_equals_lora_on_dequantised(files, mix, loader):
     nodes = files
     plain = _ksampler(nodes, _load(nodes, _name(mix, "safetensors")))
-    expected = _ksampler(nodes, _lora(nodes, _load(nodes, _name(mix, "safetensors"))))
+    expected = _ksampler(nodes, _lora(nodes, _load(nodes, _name(mix, "safetensors")), loader))
     assert _rel(expected, plain) > 1e-3  # the LoRA changes the result ...
-    got = _ksampler(nodes, _lora(nodes, _load(nodes, _name(mix, "gguf"))))
+    got = _ksampler(nodes, _lora(nodes, _load(nodes, _name(mix, "gguf")), loader))
     assert (got - expected).abs().max() <= 1e-5, f"{mix}: max diff {(got - expected).abs().max():.2e}"  # ... alike
 
 
@@ -170,3 +173,45 @@ def test_qwen3_gguf_text_encoder_encodes_as_its_dequantised_weights(files):
         gc.collect()
         gguf_path.unlink(missing_ok=True)
         st_path.unlink(missing_ok=True)
+
+
+def test_text_encoder_lora_on_gguf_equals_lora_on_dequantised(files):
+    """A Qwen3 LoRA (ZImageLoraLoader's clip part) on the GGUF text encoder encodes as on its dequantised twin."""
+    from zimage_core.demo_weights import random_text_encoder_lora_state_dict
+
+    nodes = files
+    c = comfy()
+    folder = c.models_dir / "text_encoders"
+    lm = tiny_causal_lm(seed=6)
+    sd = {k: v.detach().float().numpy() for k, v in lm.state_dict().items() if k != "lm_head.weight"}
+    llama = {_llama_name(k): v for k, v in sd.items()}
+    fields = {"qwen3.block_count": lm.config.num_hidden_layers, "qwen3.embedding_length": lm.config.hidden_size}
+    gguf_path, st_path = folder / "zimage_gguf_test_qwen3_lora.gguf", folder / "zimage_gguf_test_qwen3_lora.safetensors"
+    ref = write_gguf(gguf_path, llama, {k: q8_0_mix(k, v.shape) for k, v in llama.items()}, arch="qwen3",
+                     fields=fields, seed=5)
+    inverse = {_llama_name(k): k for k in sd}
+    save_file({inverse[k]: torch.from_numpy(np.ascontiguousarray(v)) for k, v in ref.items()}, str(st_path))
+    targets = {k[len("model."):-len(".weight")]: tuple(v.shape) for k, v in sd.items()
+               if ".layers." in k and v.ndim == 2}
+    lora = write_lora(c.models_dir / "loras" / "zimage_gguf_test_te_lora.safetensors",
+                      random_text_encoder_lora_state_dict(targets, dialect="kohya", rank=4, alpha=2.0, scale=0.4,
+                                                          seed=8))
+    try:
+        base = _load(nodes, _name("Q8_0", "gguf"))
+        loader, lora_node = nodes.NODE_CLASS_MAPPINGS["ZImageTextEncoderLoader"](), nodes.NODE_CLASS_MAPPINGS[
+            "ZImageLoraLoader"]()
+        out = {}
+        for name, path in (("gguf", gguf_path), ("st", st_path)):
+            clip = loader.load(path.name)[0]
+            patched = lora_node.load(base, lora.name, 1.0, clip=clip, strength_clip=1.0)["result"][1]
+            tokens = clip.tokenize("a lighthouse at dusk")
+            out[name] = (patched.encode_from_tokens(tokens).float(), clip.encode_from_tokens(tokens).float())
+        (got, got_plain), (expected, plain) = out["gguf"], out["st"]
+        assert _rel(expected, plain) > 1e-2  # the LoRA changes the features ...
+        assert (got - expected).abs().max() <= 1e-5  # ... on the GGUF encoder as on its dequantised twin
+        assert (got_plain - plain).abs().max() <= 1e-5  # and the GGUF encoder is unpatched again afterwards
+    finally:
+        comfy_module("comfy.model_management").unload_all_models()
+        gc.collect()
+        for p in (gguf_path, st_path, lora):
+            p.unlink(missing_ok=True)
