@@ -18,6 +18,7 @@ import torch
 from ..zimage_core.accel.streaming import HostPinner
 from .core_model import load_options
 from .errors import load_explained
+from .gguf import GGUFLayerLoader, gguf_operations, gguf_patcher_class
 
 log = logging.getLogger(__name__)
 
@@ -221,9 +222,15 @@ def load_zimage_clip(path: str) -> comfy.sd.CLIP:
     offload_device = mm.text_encoder_offload_device()
     # Stored as the file has it (fp8 files dequantized to bf16), computed as ComfyUI computes it: manual_cast
     # layers cast each weight to the compute dtype per call, as native CLIPLoader's do.
+    from ..zimage_core.checkpoint.gguf import is_gguf
+
+    operations, layer_loader = comfy.ops.manual_cast, None
+    if is_gguf(path):  # block-quantised weights stay quantised, dequantised per layer per call (nodes.gguf)
+        operations = gguf_operations(comfy.ops.manual_cast)
+        layer_loader = GGUFLayerLoader(operations, torch.float32)
     encoder = load_explained(
-        lambda: load_text_encoder(path, device=offload_device, operations=comfy.ops.manual_cast,
-                                  compute_dtype=text_encoder_compute_dtype(load_device),
+        lambda: load_text_encoder(path, device=offload_device, operations=operations,
+                                  compute_dtype=text_encoder_compute_dtype(load_device), layer_loader=layer_loader,
                                   **load_options()),
         path,
         "the Qwen3-4B text encoder of Z-Image (qwen_3_4b.safetensors)",
@@ -232,6 +239,8 @@ def load_zimage_clip(path: str) -> comfy.sd.CLIP:
     options = {"load_device": load_device, "offload_device": offload_device, "initial_device": offload_device,
                "dtype": encoder.dtype}
     clip = ZImageCLIP(target=_Target(encoder), model_options=options)
+    if layer_loader is not None:  # LoRA patches on quantised weights: applied to the dequantised weight
+        clip.patcher.__class__ = gguf_patcher_class(type(clip.patcher))
     if _pin_host(load_device, offload_device, clip.patcher.model_size()):
         clip.cond_stage_model.pin_host_weights()
     return clip
