@@ -42,6 +42,7 @@ SPATIAL = 8  # pixels per latent cell (FLUX VAE)
 STYLES = {
     "diffusers": "diffusers",
     "comfyui": "comfyui",
+    "videox-fun": "videox",
 }
 
 
@@ -80,9 +81,11 @@ def resolve_controlnet(name: str) -> str:
 
 
 class ZImageControlNetLoader:
-    DESCRIPTION = ("Loads an alibaba-pai Z-Image-Turbo Fun ControlNet Union file (1.0, 2.0, 2.1, lite, tile: told "
-                   "apart by its tensors) from models/model_patches or models/controlnet, or a diffusers "
-                   "ZImageControlNetModel folder there.")
+    DESCRIPTION = ("Loads an alibaba-pai Fun ControlNet Union / Tile file for Z-Image-Turbo (1.0, 2.0, 2.1, 2.1 "
+                   "2601/2602, lite) or Z-Image Base (Z-Image-Fun-Controlnet-Union-2.1, lite) from "
+                   "models/model_patches or models/controlnet, or a diffusers ZImageControlNetModel folder there. "
+                   "The layout is told apart by its tensors; Base and Turbo files share layouts, so which model "
+                   "a file is for comes from its name. The node shows what it detected.")
     CATEGORY = NODE_CATEGORY
     RETURN_TYPES = ("ZIMAGE_CONTROLNET",)
     OUTPUT_TOOLTIPS = ("The control network, for Z-Image ControlNet Apply.",)
@@ -93,8 +96,9 @@ class ZImageControlNetLoader:
         return {"required": {
             "control_net_name": (controlnet_choices(), {
                 "display_name": "controlnet",
-                "tooltip": "Z-Image-Turbo-Fun-Controlnet-Union*.safetensors (or -Tile-2.1*) in models/model_patches "
-                           "or models/controlnet, or a diffusers controlnet folder there."}),
+                "tooltip": "Z-Image-Turbo-Fun-Controlnet-Union*.safetensors (Turbo) or "
+                           "Z-Image-Fun-Controlnet-Union-2.1*.safetensors (Base), or -Tile-2.1*, in "
+                           "models/model_patches or models/controlnet, or a diffusers controlnet folder there."}),
         }}
 
     @classmethod
@@ -114,8 +118,13 @@ class ZImageControlNetLoader:
             path, "a Z-Image Fun ControlNet Union file (Z-Image-Turbo-Fun-Controlnet-Union*.safetensors)",
             "Download it from alibaba-pai's Hugging Face page into models/model_patches.")
         net.layout = layout
-        log.info("Z-Image ControlNet %s: %s", path, layout.describe())
-        return (CorePatcher(net, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()),)
+        report = layout.describe()
+        if layout.family is None:
+            report += ("\nThe file's name does not say whether it is for Z-Image-Turbo or Z-Image Base (both use "
+                       "this layout); use it with the model it was trained for.")
+        log.info("Z-Image ControlNet %s: %s", path, report)
+        patcher = CorePatcher(net, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+        return {"ui": {"text": [report]}, "result": (patcher,)}
 
 
 def _native_has_block_patches() -> bool:
@@ -224,7 +233,9 @@ class ZImageControlNetApply:
                     "default": "diffusers",
                     "tooltip": "Which implementation to reproduce. diffusers: ZImageControlNetPipeline / "
                                "ZImageControlNetInpaintPipeline (control blocks also see the prompt). comfyui: "
-                               "ComfyUI's ZImageFunControlnet node (image tokens only)."}),
+                               "ComfyUI's ZImageFunControlnet node (image tokens only). videox-fun: alibaba-pai's "
+                               "own VideoX-Fun code the files were trained with (as diffusers, but the refiner "
+                               "hints also go into the model's noise refiner)."}),
             },
             "optional": {
                 "image": ("IMAGE", {"tooltip": "The control image (canny, depth, pose, tile ...). Resized to the "
