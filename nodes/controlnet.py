@@ -167,7 +167,9 @@ class ZImageControlPatch:
                 self.run.after_noise_refiner(i, img, img_input, txt, kwargs["pe"], kwargs["vec"], n_img,
                                              self._rerun(kwargs["pe"], kwargs["vec"], options))
         elif self.active:
-            self.run.after_layer(i, img, img_input, txt, kwargs["pe"], kwargs["vec"], n_img)
+            # Our MODEL passes the [image; caption] key mask of a batch whose captions differ in length.
+            self.run.after_layer(i, img, img_input, txt, kwargs["pe"], kwargs["vec"], n_img,
+                                 kwargs.get("zimage_control_mask"))
         return kwargs
 
     def to(self, device_or_dtype: Any) -> ZImageControlPatch:
@@ -276,6 +278,13 @@ class ZImageControlNetApply:
             mask = mask_batch(mask, "Z-Image ControlNet Apply")
         if getattr(vae, "latent_channels", 16) != 16:
             raise ValueError("Z-Image ControlNet Apply: the VAE must be the 16-channel FLUX VAE (ae.safetensors).")
+        family = getattr(layout, "family", None)
+        model_family = getattr(model.model, "zimage_family", None)
+        if family and model_family and family != model_family:
+            # Same transformer shapes, so it runs; but the control was trained on the other model's features.
+            log.warning("Z-Image ControlNet Apply: %s is for %s, but the MODEL's file name says %s. It runs (same "
+                        "transformer layout); for the intended results use alibaba-pai's %s ControlNet.",
+                        layout.describe().split(":")[0], family, model_family, model_family)
         unet = model.model.model_config.unet_config
         axes = tuple(unet.get("axes_dims") or (32, 48, 48))
         theta = float(unet.get("rope_theta", 256.0))

@@ -75,7 +75,8 @@ FAMILIES = ("Z-Image-Turbo", "Z-Image (Base)")
 _RELEASE_RE = re.compile(r"(?:^|[-_. ])(26\d\d)(?=$|[-_. ])")
 # alibaba-pai names Base files Z-Image-Fun-*, Turbo files Z-Image-Turbo-Fun-*; ComfyUI's Base file is
 # z_image_bf16 (Turbo: z_image_turbo_bf16).
-_BASE_RE = re.compile(r"z-?image-fun-|(?:^|[-/])base(?:$|[-/])|(?:^|/)z-?image-(?:bf16|fp16|fp32|fp8)")
+_BASE_RE = re.compile(r"z-?image-fun-|(?:^|[-/])base(?:$|[-/])|(?:^|/)z-?image-(?:bf16|fp16|fp32|fp8)"
+                      r"|(?:^|/)z-?image/transformer")
 
 
 def family_of(text: str) -> str | None:

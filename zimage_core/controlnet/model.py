@@ -312,6 +312,15 @@ class ControlRun:
             img[:, :n_img] += hint
 
 
+def control_mask(layout: SequenceLayout) -> torch.Tensor | None:
+    """The key-padding mask of [target image; caption] (what the diffusers / videox-fun style control blocks
+    attend over), or None when the batch needs none."""
+    mask, t = layout.joint.mask, layout.target
+    if mask is None:
+        return None
+    return torch.cat([mask[..., t.start:t.stop], mask[..., layout.caption_start:]], -1)
+
+
 class ControlHooks:
     """zimage_core `BlockHooks` running one or more ControlRuns on a `ZImageTransformer` forward (the way
     to use a ControlNet without ComfyUI; ComfyUI nodes drive ControlRun through model patches instead)."""
@@ -336,9 +345,7 @@ class ControlHooks:
     def after_layer(self, i: int, seq: torch.Tensor, seq_input: torch.Tensor, layout: SequenceLayout,
                     t_emb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         t, cap = layout.target, layout.caption_start
-        rope, mask = layout.joint.rope, layout.joint.mask
-        if mask is not None:  # [target image; caption], as the diffusers-style control blocks see them
-            mask = torch.cat([mask[..., t.start:t.stop], mask[..., cap:]], -1)
+        rope, mask = layout.joint.rope, control_mask(layout)
         for run in self.runs:
             run.after_layer(i, seq[:, t.start:t.stop], seq_input[:, t.start:t.stop], seq[:, cap:],
                             rope[:, t.start:t.stop], t_emb, t.valid, mask)
