@@ -367,4 +367,6 @@ def test_pipelines_match_our_sampler(written, inpaint, cfg, main_models, tmp_pat
     got = sample_text_to_image(_ControlDenoiser(ours, net, control, 0.7), caps, noise, steps=4, **ours_cfg)
     without = sample_text_to_image(_ControlDenoiser(ours, net, control, 0.0), caps, noise, steps=4, **ours_cfg)
     assert _rel(expected, without) > 1e-3
+    print(f"{written} inpaint={inpaint} cfg={cfg}: max-abs {float((got - expected).abs().max()):.2e}, "
+          f"rel {_rel(got, expected):.2e}")
     assert _rel(got, expected) < TOL, _rel(got, expected)
