@@ -351,6 +351,10 @@ def test_real_modelpatchloader_lite_on_native_and_our_model(tiny):
         results["diffusers_on_native"] = _sample(nodes, apply.apply(native, ours_net, vae, 0.7, 0.0, 1.0, "diffusers",
                                                                     image=image, inpaint_image=image, mask=mask)[0],
                                                  cond, latent, 1)
+        # VideoX-Fun's computation adds the refiner hints to the MODEL's own (padded) image tokens: native's here.
+        results["videox_on_native"] = _sample(nodes, apply.apply(native, ours_net, vae, 0.7, 0.0, 1.0, "videox-fun",
+                                                                 image=image, inpaint_image=image, mask=mask)[0],
+                                              cond, latent, 1)
         native = None
         mm.unload_all_models()
         gc.collect()
@@ -360,9 +364,14 @@ def test_real_modelpatchloader_lite_on_native_and_our_model(tiny):
         results["diffusers_on_ours"] = _sample(nodes, apply.apply(mine, ours_net, vae, 0.7, 0.0, 1.0, "diffusers",
                                                                   image=image, inpaint_image=image, mask=mask)[0],
                                                cond, latent, 1)
+        results["videox_on_ours"] = _sample(nodes, apply.apply(mine, ours_net, vae, 0.7, 0.0, 1.0, "videox-fun",
+                                                               image=image, inpaint_image=image, mask=mask)[0],
+                                            cond, latent, 1)
         mine = None
         assert _rel(results["theirs"], results["plain"]) > 1e-3
         assert _rel(results["diffusers_on_native"], results["diffusers_on_ours"]) < 1e-4
+        assert _rel(results["videox_on_native"], results["videox_on_ours"]) < 1e-4
+        assert _rel(results["videox_on_ours"], results["diffusers_on_ours"]) > 1e-4
         assert _rel(results["diffusers_on_ours"], results["ours"]) > 1e-3  # the two references really differ
         for key in ("ours_on_native", "ours"):
             assert _rel(results[key], results["theirs"]) < 1e-4, (key, _rel(results[key], results["theirs"]))

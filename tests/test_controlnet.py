@@ -248,6 +248,14 @@ def test_videox_fun_reference_on_base_files(file_name, main_models, tmp_path):
     assert _rel(_ours_velocity(ours, net, x, 0.7, caps, control, 0.8), via_diffusers) < TOL
 
 
+def test_the_family_in_the_metadata_wins_over_a_renamed_file(tmp_path):
+    path = write_random_controlnet(tmp_path / "my_controlnet.safetensors", "lite", dim=DIM, n_heads=HEADS,
+                                   metadata={"modelspec.title": "Z-Image-Fun-Controlnet-Union-2.1-lite"})
+    assert load_controlnet(path)[1].family == BASE
+    plain = write_random_controlnet(tmp_path / "my_other_controlnet.safetensors", "lite", dim=DIM, n_heads=HEADS)
+    assert load_controlnet(plain)[1].family is None
+
+
 @pytest.mark.parametrize("layers,refiner,channels", [(14, 2, 33), (15, 1, 33), (2, 2, 33), (5, 2, 16)],
                          ids=["14-layers", "1-refiner", "2-layers", "1.0-5-layers"])
 def test_a_cut_short_layout_is_refused_naming_the_file(layers, refiner, channels, tmp_path):
@@ -321,8 +329,8 @@ BASE_CFG = dict(guidance=4.0, cfg_normalization=True, cfg_truncation=0.6)
 
 
 @pytest.mark.parametrize("written,inpaint,cfg", [("1.0", False, False), ("2.1", False, False), ("2.1", True, False),
-                                                 ("lite", True, False), ("2.1", False, True), ("lite", True, True)],
-                         ids=["1.0", "2.1", "2.1-inpaint", "lite-inpaint", "base-cfg", "base-lite-inpaint-cfg"])
+                                                 ("lite", True, False), ("2.1", True, True)],
+                         ids=["1.0", "2.1", "2.1-inpaint", "lite-inpaint", "base-inpaint-cfg"])
 def test_pipelines_match_our_sampler(written, inpaint, cfg, main_models, tmp_path):
     from diffusers import ZImageControlNetInpaintPipeline, ZImageControlNetPipeline
 
