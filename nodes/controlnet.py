@@ -42,6 +42,7 @@ SPATIAL = 8  # pixels per latent cell (FLUX VAE)
 STYLES = {
     "diffusers": "diffusers",
     "comfyui": "comfyui",
+    "videox-fun": "videox",
 }
 
 
@@ -80,9 +81,11 @@ def resolve_controlnet(name: str) -> str:
 
 
 class ZImageControlNetLoader:
-    DESCRIPTION = ("Loads an alibaba-pai Z-Image-Turbo Fun ControlNet Union file (1.0, 2.0, 2.1, lite, tile: told "
-                   "apart by its tensors) from models/model_patches or models/controlnet, or a diffusers "
-                   "ZImageControlNetModel folder there.")
+    DESCRIPTION = ("Loads an alibaba-pai Fun ControlNet Union / Tile file for Z-Image-Turbo (1.0, 2.0, 2.1, 2.1 "
+                   "2601/2602, lite) or Z-Image Base (Z-Image-Fun-Controlnet-Union-2.1, lite) from "
+                   "models/model_patches or models/controlnet, or a diffusers ZImageControlNetModel folder there. "
+                   "The layout is told apart by its tensors; Base and Turbo files share layouts, so which model "
+                   "a file is for comes from its name. The node shows what it detected.")
     CATEGORY = NODE_CATEGORY
     RETURN_TYPES = ("ZIMAGE_CONTROLNET",)
     OUTPUT_TOOLTIPS = ("The control network, for Z-Image ControlNet Apply.",)
@@ -93,8 +96,9 @@ class ZImageControlNetLoader:
         return {"required": {
             "control_net_name": (controlnet_choices(), {
                 "display_name": "controlnet",
-                "tooltip": "Z-Image-Turbo-Fun-Controlnet-Union*.safetensors (or -Tile-2.1*) in models/model_patches "
-                           "or models/controlnet, or a diffusers controlnet folder there."}),
+                "tooltip": "Z-Image-Turbo-Fun-Controlnet-Union*.safetensors (Turbo) or "
+                           "Z-Image-Fun-Controlnet-Union-2.1*.safetensors (Base), or -Tile-2.1*, in "
+                           "models/model_patches or models/controlnet, or a diffusers controlnet folder there."}),
         }}
 
     @classmethod
@@ -114,8 +118,13 @@ class ZImageControlNetLoader:
             path, "a Z-Image Fun ControlNet Union file (Z-Image-Turbo-Fun-Controlnet-Union*.safetensors)",
             "Download it from alibaba-pai's Hugging Face page into models/model_patches.")
         net.layout = layout
-        log.info("Z-Image ControlNet %s: %s", path, layout.describe())
-        return (CorePatcher(net, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()),)
+        report = layout.describe()
+        if layout.family is None:
+            report += ("\nThe file's name does not say whether it is for Z-Image-Turbo or Z-Image Base (both use "
+                       "this layout); use it with the model it was trained for.")
+        log.info("Z-Image ControlNet %s: %s", path, report)
+        patcher = CorePatcher(net, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+        return {"ui": {"text": [report]}, "result": (patcher,)}
 
 
 def _native_has_block_patches() -> bool:
@@ -158,7 +167,9 @@ class ZImageControlPatch:
                 self.run.after_noise_refiner(i, img, img_input, txt, kwargs["pe"], kwargs["vec"], n_img,
                                              self._rerun(kwargs["pe"], kwargs["vec"], options))
         elif self.active:
-            self.run.after_layer(i, img, img_input, txt, kwargs["pe"], kwargs["vec"], n_img)
+            # Our MODEL passes the [image; caption] key mask of a batch whose captions differ in length.
+            self.run.after_layer(i, img, img_input, txt, kwargs["pe"], kwargs["vec"], n_img,
+                                 kwargs.get("zimage_control_mask"))
         return kwargs
 
     def to(self, device_or_dtype: Any) -> ZImageControlPatch:
@@ -224,7 +235,9 @@ class ZImageControlNetApply:
                     "default": "diffusers",
                     "tooltip": "Which implementation to reproduce. diffusers: ZImageControlNetPipeline / "
                                "ZImageControlNetInpaintPipeline (control blocks also see the prompt). comfyui: "
-                               "ComfyUI's ZImageFunControlnet node (image tokens only)."}),
+                               "ComfyUI's ZImageFunControlnet node (image tokens only). videox-fun: alibaba-pai's "
+                               "own VideoX-Fun code the files were trained with (as diffusers, but the refiner "
+                               "hints also go into the model's noise refiner)."}),
             },
             "optional": {
                 "image": ("IMAGE", {"tooltip": "The control image (canny, depth, pose, tile ...). Resized to the "
@@ -265,6 +278,13 @@ class ZImageControlNetApply:
             mask = mask_batch(mask, "Z-Image ControlNet Apply")
         if getattr(vae, "latent_channels", 16) != 16:
             raise ValueError("Z-Image ControlNet Apply: the VAE must be the 16-channel FLUX VAE (ae.safetensors).")
+        family = getattr(layout, "family", None)
+        model_family = getattr(model.model, "zimage_family", None)
+        if family and model_family and family != model_family:
+            # Same transformer shapes, so it runs; but the control was trained on the other model's features.
+            log.warning("Z-Image ControlNet Apply: %s is for %s, but the MODEL's file name says %s. It runs (same "
+                        "transformer layout); for the intended results use alibaba-pai's %s ControlNet.",
+                        layout.describe().split(":")[0], family, model_family, model_family)
         unet = model.model.model_config.unet_config
         axes = tuple(unet.get("axes_dims") or (32, 48, 48))
         theta = float(unet.get("rope_theta", 256.0))

@@ -7,6 +7,7 @@ import os
 import folder_paths
 
 from ..zimage_core.checkpoint import model_fingerprint
+from ..zimage_core.controlnet.loading import family_of
 from .core_clip import load_zimage_clip
 from .core_model import WEIGHT_DTYPES, load_zimage_model
 from .core_vae import load_zimage_vae
@@ -112,7 +113,10 @@ class ZImageModelLoader:
 
     def load(self, model_name: str, weight_dtype: str = "default"):
         path = _resolve("diffusion_models", "transformer", model_name)
-        return (load_zimage_model(path, weight_dtype),)
+        model = load_zimage_model(path, weight_dtype)
+        # Base and Turbo have the same tensors: the name tells them apart (ControlNet Apply warns on a mismatch).
+        model.model.zimage_family = family_of(model_name)
+        return (model,)
 
 
 class ZImageTextEncoderLoader:

@@ -14,6 +14,7 @@ import comfy.model_management as mm
 import comfy.patcher_extension
 import torch
 
+from ..zimage_core.controlnet.model import control_mask
 from ..zimage_core.transformer import OmniInputs, SequenceLayout, ZImageTransformer, use_backend
 from .memory import prefetch_context
 
@@ -55,7 +56,8 @@ class _ComfyBlockPatches:
         for patch in self.double:
             out = patch({"img": seq[:, t.start:t.stop], "img_input": seq_input[:, t.start:t.stop],
                          "txt": seq[:, cap:], "pe": layout.joint.rope[:, t.start:t.stop], "vec": t_emb, "x": x,
-                         "block_index": i, "transformer_options": self.options})
+                         "block_index": i, "transformer_options": self.options,
+                         "zimage_control_mask": control_mask(layout)})
             if "img" in out:
                 seq[:, t.start:t.stop] = out["img"]
             if "txt" in out:

@@ -17,9 +17,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.comfy_harness import WORKFLOWS, comfy, comfy_module, demo_prompt, fresh_run, saved_images
+from tests.comfy_harness import (
+    SOURCE_IMAGE,
+    WORKFLOWS,
+    comfy,
+    comfy_module,
+    demo_prompt,
+    fresh_run,
+    saved_images,
+)
 from zimage_core.controlnet import write_random_controlnet
-from zimage_core.demo_weights import DEMO_FILES, write_random_transformer
+from zimage_core.demo_weights import DEMO_FILES, DEMO_TRANSFORMER, write_random_transformer
 from zimage_core.transformer import TransformerConfig
 
 DIM, HEADS = 96, 2  # ComfyUI's FFN width int(8/3·dim) rounded up to 256 equals diffusers' int(dim/3·8) here
@@ -69,7 +77,7 @@ def tiny():
 
 
 def _ours(nodes, name: str):
-    return nodes.NODE_CLASS_MAPPINGS["ZImageControlNetLoader"]().load(name)[0]
+    return nodes.NODE_CLASS_MAPPINGS["ZImageControlNetLoader"]().load(name)["result"][0]
 
 
 def test_the_loader_tells_every_layout_apart_in_both_folders(tiny):
@@ -82,6 +90,103 @@ def test_the_loader_tells_every_layout_apart_in_both_folders(tiny):
     folder = _ours(nodes, "zimage_cn_tiny_2.0_diffusers/").model.layout
     assert (folder.name, folder.untrained_refiner) == ("2.0", False)
     assert _ours(nodes, FILES["2.0-broken"]).model.layout.untrained_refiner
+
+
+# Base and the Turbo 2.1 updates: the published names (the layouts are 2.1's and lite's).
+UPDATES = {"Z-Image-Fun-Controlnet-Union-2.1.safetensors": ("2.1", "Union 2.1 for Z-Image (Base)"),
+           "Z-Image-Fun-Controlnet-Tile-2.1-lite.safetensors": ("lite", "Tile 2.1 lite for Z-Image (Base)"),
+           "Z-Image-Turbo-Fun-Controlnet-Union-2.1-lite-2601-8steps.safetensors":
+               ("lite", "Union 2.1 lite-2601 for Z-Image-Turbo"),
+           "Z-Image-Turbo-Fun-Controlnet-Union-2.1-2602-8steps.safetensors": ("2.1", "Union 2.1-2602 for Z-Image-Turbo")}
+
+
+def test_the_loader_reports_base_and_turbo_update_files(tiny):
+    nodes = tiny[0]
+    models = comfy().models_dir
+    paths = [write_random_controlnet(models / "model_patches" / name, layout, dim=DIM, n_heads=HEADS, seed=2)
+             for name, (layout, _) in UPDATES.items()]
+    try:
+        loader = nodes.NODE_CLASS_MAPPINGS["ZImageControlNetLoader"]
+        for name, (layout, shown) in UPDATES.items():
+            out = loader().load(name)
+            report = out["ui"]["text"][0]
+            assert out["result"][0].model.layout.name == layout
+            assert shown in report, report
+            places = "0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28" if layout == "2.1" else "0, 10, 20"
+            assert f"main blocks {places}" in report and "2 control refiner blocks" in report, report
+        unnamed = loader().load(FILES["lite"])["ui"]["text"][0]
+        assert "does not say whether it is for Z-Image-Turbo or Z-Image Base" in unnamed
+    finally:
+        for p in paths:
+            p.unlink(missing_ok=True)
+
+
+def test_a_base_controlnet_on_a_turbo_model_runs_and_warns(tiny, caplog):
+    """Base and Turbo transformers have the same keys and shapes, so a Base ControlNet runs on Turbo; the model
+    names say they differ, so the user is told (the log), not stopped."""
+    import logging
+    import shutil
+
+    nodes, model, vae, cond, latent, image = tiny
+    models = comfy().models_dir
+    turbo_name = "z_image_turbo_cn_tiny.safetensors"
+    turbo_path = models / "diffusion_models" / turbo_name
+    shutil.copyfile(models / "diffusion_models" / TINY_DIT, turbo_path)
+    base = write_random_controlnet(models / "model_patches" / "Z-Image-Fun-Controlnet-Union-2.1-lite.safetensors",
+                                   "lite", dim=DIM, n_heads=HEADS, seed=4, dtype=torch.float32)
+    try:
+        turbo = nodes.NODE_CLASS_MAPPINGS["ZImageModelLoader"]().load(turbo_name, "default")[0]
+        net = _ours(nodes, base.name)
+        apply = nodes.NODE_CLASS_MAPPINGS["ZImageControlNetApply"]()
+        with caplog.at_level(logging.WARNING, logger="ComfyUI-ZImage"):
+            patched = apply.apply(turbo, net, vae, 0.8, 0.0, 1.0, "videox-fun", image=image)[0]
+        assert "is for Z-Image (Base), but the MODEL's file name says Z-Image-Turbo" in caplog.text
+        got, plain = _sample(nodes, patched, cond, latent), _sample(nodes, turbo, cond, latent)
+        assert torch.isfinite(got).all() and _rel(got, plain) > 1e-3
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ComfyUI-ZImage"):
+            apply.apply(model, net, vae, 0.8, 0.0, 1.0, "videox-fun", image=image)  # a name that says nothing
+        assert "MODEL's file name says" not in caplog.text
+    finally:
+        turbo = None
+        comfy_module("comfy.model_management").unload_all_models()
+        gc.collect()
+        turbo_path.unlink(missing_ok=True)
+        base.unlink(missing_ok=True)
+
+
+BASE_WORKFLOW = WORKFLOWS / "z_image_base_text_to_image.json"
+BASE_CN = "zimage_test_Z-Image-Fun-Controlnet-Union-2.1-lite.safetensors"
+
+
+@pytest.mark.parametrize("reference", ["videox-fun", "diffusers"])
+def test_a_base_controlnet_runs_in_the_base_workflow_on_demo_weights(reference):
+    """The shipped Base workflow (CFG 4 with a negative prompt) with a Base lite ControlNet at the demo width
+    spliced in before the sampler; the loader's report reaches the run's UI output."""
+    models = comfy().models_dir
+    path = write_random_controlnet(models / "model_patches" / BASE_CN, "lite", dim=DEMO_TRANSFORMER.dim,
+                                   n_heads=DEMO_TRANSFORMER.n_heads, seed=21)
+    try:
+        plain = demo_prompt(BASE_WORKFLOW, width=64, height=48, seed=3, ZImageTurboSampler__steps=3)
+        (sampler,) = [k for k, n in plain.items() if n["class_type"] == "ZImageTurboSampler"]
+        (vae,) = [k for k, n in plain.items() if n["class_type"] == "ZImageVAELoader"]
+        assert plain[sampler]["inputs"]["guidance"] > 1 and "negative" in plain[sampler]["inputs"]
+        controlled = {k: {**n, "inputs": dict(n["inputs"])} for k, n in plain.items()}
+        controlled["90"] = {"class_type": "ZImageControlNetLoader", "inputs": {"control_net_name": BASE_CN}}
+        controlled["91"] = {"class_type": "LoadImage", "inputs": {"image": SOURCE_IMAGE}}
+        controlled["92"] = {"class_type": "ZImageControlNetApply", "inputs": {
+            "model": plain[sampler]["inputs"]["model"], "controlnet": ["90", 0], "vae": [vae, 0],
+            "image": ["91", 0], "strength": 0.9, "start_percent": 0.0, "end_percent": 1.0,
+            "reference": reference}}
+        controlled[sampler]["inputs"]["model"] = ["92", 0]
+        result = fresh_run(controlled)
+        assert "2.1 lite for Z-Image (Base)" in result.outputs["90"]["text"][0]
+        with_control = saved_images(result)
+        without = saved_images(fresh_run(plain))
+        assert with_control and with_control[0].shape == without[0].shape == (48, 64, 3)
+        assert abs(with_control[0].astype(int) - without[0].astype(int)).max() > 0  # the control acts
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def _comfy_control_patch(name: str):
@@ -246,6 +351,10 @@ def test_real_modelpatchloader_lite_on_native_and_our_model(tiny):
         results["diffusers_on_native"] = _sample(nodes, apply.apply(native, ours_net, vae, 0.7, 0.0, 1.0, "diffusers",
                                                                     image=image, inpaint_image=image, mask=mask)[0],
                                                  cond, latent, 1)
+        # VideoX-Fun's computation adds the refiner hints to the MODEL's own (padded) image tokens: native's here.
+        results["videox_on_native"] = _sample(nodes, apply.apply(native, ours_net, vae, 0.7, 0.0, 1.0, "videox-fun",
+                                                                 image=image, inpaint_image=image, mask=mask)[0],
+                                              cond, latent, 1)
         native = None
         mm.unload_all_models()
         gc.collect()
@@ -255,9 +364,14 @@ def test_real_modelpatchloader_lite_on_native_and_our_model(tiny):
         results["diffusers_on_ours"] = _sample(nodes, apply.apply(mine, ours_net, vae, 0.7, 0.0, 1.0, "diffusers",
                                                                   image=image, inpaint_image=image, mask=mask)[0],
                                                cond, latent, 1)
+        results["videox_on_ours"] = _sample(nodes, apply.apply(mine, ours_net, vae, 0.7, 0.0, 1.0, "videox-fun",
+                                                               image=image, inpaint_image=image, mask=mask)[0],
+                                            cond, latent, 1)
         mine = None
         assert _rel(results["theirs"], results["plain"]) > 1e-3
         assert _rel(results["diffusers_on_native"], results["diffusers_on_ours"]) < 1e-4
+        assert _rel(results["videox_on_native"], results["videox_on_ours"]) < 1e-4
+        assert _rel(results["videox_on_ours"], results["diffusers_on_ours"]) > 1e-4
         assert _rel(results["diffusers_on_ours"], results["ours"]) > 1e-3  # the two references really differ
         for key in ("ours_on_native", "ours"):
             assert _rel(results[key], results["theirs"]) < 1e-4, (key, _rel(results[key], results["theirs"]))

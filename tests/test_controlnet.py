@@ -15,9 +15,15 @@ from diffusers.loaders.single_file_utils import (
     convert_z_image_controlnet_checkpoint_to_diffusers,
     infer_diffusers_model_type,
 )
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from zimage_core.controlnet import ControlRun, detect_layout, load_controlnet, write_random_controlnet
+from zimage_core.controlnet import (
+    ControlRun,
+    detect_layout,
+    load_controlnet,
+    random_controlnet_state_dict,
+    write_random_controlnet,
+)
 from zimage_core.controlnet.loading import diffusers_config
 from zimage_core.controlnet.model import ControlHooks
 from zimage_core.errors import CheckpointError
@@ -66,15 +72,15 @@ def _inputs(b: int = 2, h: int = 8, w: int = 12, cap: int = 20, channels: int = 
 def _diffusers_velocity(ref, controlnet, x, sigma, caps, control, scale):
     t = torch.full((x.shape[0],), 1.0 - sigma)
     with torch.no_grad():
-        samples = controlnet(list(x.unsqueeze(2).unbind(0)), t, caps, list(control.unsqueeze(2).unbind(0)),
-                             conditioning_scale=scale)
+        samples = None if controlnet is None else controlnet(
+            list(x.unsqueeze(2).unbind(0)), t, caps, list(control.unsqueeze(2).unbind(0)), conditioning_scale=scale)
         out = ref(list(x.unsqueeze(2).unbind(0)), t, caps, controlnet_block_samples=samples, return_dict=False)[0]
     return -torch.stack(out).squeeze(2)
 
 
-def _ours_velocity(ours, net, x, sigma, caps, control, scale):
+def _ours_velocity(ours, net, x, sigma, caps, control, scale, style="diffusers"):
     cfg = ours.config
-    run = ControlRun(net, control, scale, style="diffusers", axes_dims=cfg.axes_dims, rope_theta=cfg.rope_theta)
+    run = ControlRun(net, control, scale, style=style, axes_dims=cfg.axes_dims, rope_theta=cfg.rope_theta)
     with torch.no_grad():
         return ours(x, torch.full((x.shape[0],), sigma), caps, hooks=ControlHooks(ours, [run]))
 
@@ -109,6 +115,160 @@ def test_every_layout_matches_diffusers(written, main_models, tmp_path):
     from_folder = ZImageControlNetModel.from_pretrained(folder)
     torch.testing.assert_close(from_folder.control_all_x_embedder["2-1"].weight,
                                reference.control_all_x_embedder["2-1"].weight)
+
+
+# -- Z-Image Base files and the Turbo 2.1 updates (2601, 2602) -----------------------------------------------
+# alibaba-pai's VideoX-Fun runs every 2.1 file, Base or Turbo, with one of two configs (config/z_image/
+# z_image_control_2.1.yaml and z_image_control_2.1_lite.yaml; its Base example predict_t2i_control_2.1_lite.py
+# loads Z-Image-Fun-Controlnet-Union-2.1-lite.safetensors with the lite one); their values, as diffusers'
+# ZImageControlNetModel takes them:
+VIDEOX_FUN_2_1 = dict(control_layers_places=list(range(0, 30, 2)), control_refiner_layers_places=[0, 1],
+                      add_control_noise_refiner="control_noise_refiner", control_in_dim=33)
+VIDEOX_FUN_2_1_LITE = dict(VIDEOX_FUN_2_1, control_layers_places=[0, 10, 20])
+BASE = "Z-Image (Base)"
+TURBO = "Z-Image-Turbo"
+# published file name → (tensor layout written, our layout, family, release)
+PUBLISHED_FILES = {
+    "Z-Image-Fun-Controlnet-Union-2.1.safetensors": ("2.1", "2.1", BASE, ""),
+    "Z-Image-Fun-Controlnet-Union-2.1-lite.safetensors": ("lite", "lite", BASE, ""),
+    "Z-Image-Fun-Controlnet-Tile-2.1-lite.safetensors": ("lite", "lite", BASE, ""),
+    "Z-Image-Turbo-Fun-Controlnet-Union-2.1-2601-8steps.safetensors": ("2.1", "2.1", TURBO, "2601"),
+    "Z-Image-Turbo-Fun-Controlnet-Union-2.1-lite-2601-8steps.safetensors": ("lite", "lite", TURBO, "2601"),
+    "Z-Image-Turbo-Fun-Controlnet-Union-2.1-2602-8steps.safetensors": ("2.1", "2.1", TURBO, "2602"),
+    "Z-Image-Turbo-Fun-Controlnet-Union-2.1-lite-2602-8steps.safetensors": ("lite", "lite", TURBO, "2602"),
+}
+
+
+@pytest.mark.parametrize("file_name", list(PUBLISHED_FILES))
+def test_base_and_turbo_2601_2602_files_load_as_their_layouts_and_match_diffusers(file_name, main_models, tmp_path):
+    """Base and Turbo 2.1 files have the same tensors (diffusers' own single-file detection calls the 15-layer
+    ones "z-image-turbo-controlnet-2.1"); the layout comes from the tensors, the family from the name. The
+    reference is diffusers' ZImageControlNetModel configured with VideoX-Fun's config values (above)."""
+    ref, ours = main_models
+    written, name, family, release = PUBLISHED_FILES[file_name]
+    path = write_random_controlnet(tmp_path / file_name, written, dim=DIM, n_heads=HEADS, seed=13,
+                                   dtype=torch.float32, std=0.05)
+    sd = load_file(str(path))
+    if written == "2.1":
+        assert infer_diffusers_model_type(sd) == "z-image-turbo-controlnet-2.1"
+    n_layers = len({k.split(".")[1] for k in sd if k.startswith("control_layers.")})
+    n_refiner = len({k.split(".")[1] for k in sd if k.startswith("control_noise_refiner.")})
+    assert (n_layers, n_refiner) == ((15, 2) if written == "2.1" else (3, 2))  # the model cards' counts
+    config = VIDEOX_FUN_2_1 if written == "2.1" else VIDEOX_FUN_2_1_LITE
+    net, layout = load_controlnet(path, dtype=torch.float32)
+    assert (layout.name, layout.family, layout.release) == (name, family, release)
+    assert list(layout.config.layer_places) == config["control_layers_places"]
+    assert list(layout.config.refiner_places) == config["control_refiner_layers_places"]
+    assert family in layout.describe() and ("Tile" in layout.describe()) == ("Tile" in file_name)
+    reference = ZImageControlNetModel(dim=DIM, n_heads=HEADS, n_kv_heads=HEADS, n_refiner_layers=2, **config)
+    reference.load_state_dict(convert_z_image_controlnet_checkpoint_to_diffusers(dict(sd), reference.config),
+                              strict=True)
+    reference = ZImageControlNetModel.from_transformer(reference.eval(), ref)
+    x, caps, control = _inputs()
+    expected = _diffusers_velocity(ref, reference, x, 0.4, caps, control, 0.9)
+    assert _rel(expected, _diffusers_velocity(ref, reference, x, 0.4, caps, control, 0.0)) > 1e-3
+    got = _ours_velocity(ours, net, x, 0.4, caps, control, 0.9)
+    assert _rel(got, expected) < TOL, _rel(got, expected)
+
+
+def _videox_fun_velocity(ref, cn, x, sigma, caps, control, scale):
+    """alibaba-pai VideoX-Fun's ZImageControlTransformer2DModel.forward for 2.x files (add_control_noise_refiner,
+    add_control_noise_refiner_correctly), written here from its code, on diffusers' blocks through forward hooks:
+    - the control latent is patchified and embedded, its padding rows set to the model's x_pad_token;
+    - refiner stage: every control_noise_refiner block runs once, before the noise refiner, on that stream with x
+      = the noise refiner's input; hint j is added (× scale) to the MODEL's tokens after noise_refiner block
+      control_refiner_layers_places[j] (diffusers instead adds them to a private copy the control tower uses);
+    - main stage: the control layers run on [refined control stream; refined caption] with x = the main blocks'
+      input (the unified sequence); hint k is added (× scale) after main block control_layers_places[k].
+    Left out (not used here): sequence parallelism, gradient checkpointing, captions of different lengths."""
+    places = list(cn.config.control_layers_places)
+    refiner_places = list(cn.config.control_refiner_layers_places)
+    state, handles = {}, []
+
+    def before_refiner(module, args):
+        x0, mask, freqs, adaln = args[:4]
+        tokens = cn.patchify(list(control.unsqueeze(2).unbind(0)), 2, 1)
+        c = cn.control_all_x_embedder["2-1"](torch.stack(tokens))
+        n_img = (control.shape[-2] // 2) * (control.shape[-1] // 2)
+        c[:, n_img:] = ref.x_pad_token
+        for block in cn.control_noise_refiner:
+            c = block(c, x0, mask, freqs, adaln)
+        *state["refiner_hints"], state["control"] = torch.unbind(c)
+
+    def after_refiner(j):
+        def hook(module, args, out):
+            return out + state["refiner_hints"][refiner_places.index(j)] * scale if j in refiner_places else out
+        return hook
+
+    def before_main(module, args):
+        unified, mask, freqs, adaln = args[:4]
+        c = torch.cat([state["control"], unified[:, state["control"].shape[1]:]], 1)
+        for block in cn.control_layers:
+            c = block(c, unified, mask, freqs, adaln)
+        state["hints"] = torch.unbind(c)[:-1]
+
+    def after_main(i):
+        def hook(module, args, out):
+            return out + state["hints"][places.index(i)] * scale if i in places else out
+        return hook
+
+    handles.append(ref.noise_refiner[0].register_forward_pre_hook(before_refiner))
+    handles += [b.register_forward_hook(after_refiner(j)) for j, b in enumerate(ref.noise_refiner)]
+    handles.append(ref.layers[0].register_forward_pre_hook(before_main))
+    handles += [b.register_forward_hook(after_main(i)) for i, b in enumerate(ref.layers)]
+    try:
+        return _diffusers_velocity(ref, None, x, sigma, caps, control, scale)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("file_name", ["Z-Image-Fun-Controlnet-Union-2.1.safetensors",
+                                       "Z-Image-Fun-Controlnet-Union-2.1-lite.safetensors"], ids=["base", "base-lite"])
+def test_videox_fun_reference_on_base_files(file_name, main_models, tmp_path):
+    ref, ours = main_models
+    written = PUBLISHED_FILES[file_name][0]
+    path = write_random_controlnet(tmp_path / file_name, written, dim=DIM, n_heads=HEADS, seed=17,
+                                   dtype=torch.float32, std=0.05)
+    config = VIDEOX_FUN_2_1 if written == "2.1" else VIDEOX_FUN_2_1_LITE
+    cn = ZImageControlNetModel(dim=DIM, n_heads=HEADS, n_kv_heads=HEADS, n_refiner_layers=2, **config)
+    cn.load_state_dict(convert_z_image_controlnet_checkpoint_to_diffusers(load_file(str(path)), cn.config),
+                       strict=True)
+    cn = ZImageControlNetModel.from_transformer(cn.eval(), ref)
+    x, caps, control = _inputs()
+    with torch.no_grad():
+        expected = _videox_fun_velocity(ref, cn, x, 0.7, caps, control, 0.8)
+        plain = _videox_fun_velocity(ref, cn, x, 0.7, caps, control, 0.0)
+        via_diffusers = _diffusers_velocity(ref, cn, x, 0.7, caps, control, 0.8)
+    assert _rel(expected, plain) > 1e-3
+    assert _rel(expected, via_diffusers) > 1e-4  # the refiner hints' destination really differs
+    net, _ = load_controlnet(path, dtype=torch.float32)
+    got = _ours_velocity(ours, net, x, 0.7, caps, control, 0.8, style="videox")
+    assert _rel(got, expected) < TOL, _rel(got, expected)
+    assert _rel(_ours_velocity(ours, net, x, 0.7, caps, control, 0.8), via_diffusers) < TOL
+
+
+def test_the_family_in_the_metadata_wins_over_a_renamed_file(tmp_path):
+    path = write_random_controlnet(tmp_path / "my_controlnet.safetensors", "lite", dim=DIM, n_heads=HEADS,
+                                   metadata={"modelspec.title": "Z-Image-Fun-Controlnet-Union-2.1-lite"})
+    assert load_controlnet(path)[1].family == BASE
+    plain = write_random_controlnet(tmp_path / "my_other_controlnet.safetensors", "lite", dim=DIM, n_heads=HEADS)
+    assert load_controlnet(plain)[1].family is None
+
+
+@pytest.mark.parametrize("layers,refiner,channels", [(14, 2, 33), (15, 1, 33), (2, 2, 33), (5, 2, 16)],
+                         ids=["14-layers", "1-refiner", "2-layers", "1.0-5-layers"])
+def test_a_cut_short_layout_is_refused_naming_the_file(layers, refiner, channels, tmp_path):
+    layout = "1.0" if channels == 16 else "2.1"
+    sd = random_controlnet_state_dict(layout, dim=DIM, n_heads=HEADS)
+    sd = {k: v for k, v in sd.items()
+          if not (k.startswith("control_layers.") and int(k.split(".")[1]) >= layers)
+          and not (k.startswith("control_noise_refiner.") and int(k.split(".")[1]) >= refiner)}
+    path = tmp_path / "Z-Image-Fun-Controlnet-Union-2.1.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(CheckpointError, match=f"(?s){path.name}.*published .* layout.*{layers} control layers "
+                                              f"and {refiner} refiner blocks.*cut short"):
+        load_controlnet(path)
 
 
 def test_broken_2_0_file_keeps_its_untrained_refiner_out(tmp_path):
@@ -163,9 +323,15 @@ def _vae_encode(vae):
     return encode
 
 
-@pytest.mark.parametrize("written,inpaint", [("1.0", False), ("2.1", False), ("2.1", True), ("lite", True)],
-                         ids=["1.0", "2.1", "2.1-inpaint", "lite-inpaint"])
-def test_pipelines_match_our_sampler(written, inpaint, main_models, tmp_path):
+# Base: ZImageControlNetPipeline with CFG (guidance 4, a negative prompt, normalisation, truncation) and the
+# control on both halves of the CFG batch, as Z-Image Base is sampled; the layout is the Base files' (2.1/lite).
+BASE_CFG = dict(guidance=4.0, cfg_normalization=True, cfg_truncation=0.6)
+
+
+@pytest.mark.parametrize("written,inpaint,cfg", [("1.0", False, False), ("2.1", False, False), ("2.1", True, False),
+                                                 ("lite", True, False), ("2.1", True, True)],
+                         ids=["1.0", "2.1", "2.1-inpaint", "lite-inpaint", "base-inpaint-cfg"])
+def test_pipelines_match_our_sampler(written, inpaint, cfg, main_models, tmp_path):
     from diffusers import ZImageControlNetInpaintPipeline, ZImageControlNetPipeline
 
     from tests.sampling_fixtures import build_flux_vae, zimage_scheduler
@@ -182,10 +348,16 @@ def test_pipelines_match_our_sampler(written, inpaint, main_models, tmp_path):
     image_px = torch.rand(1, 16, 24, 3, generator=g)
     mask = torch.rand(1, 16, 24, generator=g)  # soft: the pipeline binarizes at 0.5
     caps = [torch.randn(20, 32, generator=g)]
+    negative = [torch.randn(40, 32, generator=g)]  # padded to 64 tokens, the prompt to 32: a masked batch
     noise = make_noise((1, 16, 8, 12), 5)
     kwargs = dict(prompt_embeds=caps, latents=noise.clone(), height=16, width=24, num_inference_steps=4,
                   guidance_scale=0.0, controlnet_conditioning_scale=0.7, output_type="latent",
                   control_image=control_px.movedim(-1, 1) * 2 - 1)
+    ours_cfg = {}
+    if cfg:
+        kwargs.update(guidance_scale=BASE_CFG["guidance"], negative_prompt_embeds=negative,
+                      cfg_normalization=BASE_CFG["cfg_normalization"], cfg_truncation=BASE_CFG["cfg_truncation"])
+        ours_cfg = dict(BASE_CFG, negative=negative)
     common = dict(scheduler=zimage_scheduler(), vae=vae, text_encoder=None, tokenizer=None, transformer=ref,
                   controlnet=controlnet)
     if inpaint:
@@ -200,7 +372,9 @@ def test_pipelines_match_our_sampler(written, inpaint, main_models, tmp_path):
     control = control_latents(_vae_encode(vae), net.config.in_channels, control_image=control_px,
                               inpaint_image=image_px if inpaint else None, mask=mask if inpaint else None,
                               style="diffusers")
-    got = sample_text_to_image(_ControlDenoiser(ours, net, control, 0.7), caps, noise, steps=4)
-    without = sample_text_to_image(_ControlDenoiser(ours, net, control, 0.0), caps, noise, steps=4)
+    got = sample_text_to_image(_ControlDenoiser(ours, net, control, 0.7), caps, noise, steps=4, **ours_cfg)
+    without = sample_text_to_image(_ControlDenoiser(ours, net, control, 0.0), caps, noise, steps=4, **ours_cfg)
     assert _rel(expected, without) > 1e-3
+    print(f"{written} inpaint={inpaint} cfg={cfg}: max-abs {float((got - expected).abs().max()):.2e}, "
+          f"rel {_rel(got, expected):.2e}")
     assert _rel(got, expected) < TOL, _rel(got, expected)

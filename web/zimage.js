@@ -5,7 +5,8 @@
 //    effect; its input is labelled so, instead of silently being ignored.
 //  * ZImageTurboSampler / ZImageImg2ImgSampler: choosing a preset ("… (30 steps, shift 6, CFG 4)") writes its
 //    steps, shift and guidance into those widgets, so the node shows what will run.
-//  * ZImageLoraLoader: after a run the node shows its report (what the LoRA matched, what it did not).
+//  * ZImageLoraLoader: after a run the node shows its report (what the LoRA matched, what it did not);
+//    ZImageControlNetLoader shows the same way which layout (and model family) it detected.
 //  * ZImagePromptEnhancer: the text it generated is shown on the node, in a read-only multiline widget
 //    named "enhanced_prompt" (a <textarea class="zimage-enhanced-prompt">), filled from the executed
 //    message's ui.text[0] (plus "Negative prompt: ..." from ui.negative_prompt[0] in quality-boost mode).
@@ -179,13 +180,13 @@ app.registerExtension({
     if (type === "ZImageEmptyLatent") setupPresets(node);
     if (type === "ZImageTurboSampler") setupNegativeNotice(node);
     if (type === "ZImageTurboSampler" || type === "ZImageImg2ImgSampler") setupSamplerPresets(node);
-    if (type === "ZImageLoraLoader") setupLoraReport(node);
+    if (type === "ZImageLoraLoader" || type === "ZImageControlNetLoader") setupLoraReport(node);
   },
   async loadedGraphNode(node) {
     const type = node.comfyClass ?? node.type;
     if (type === "ZImageEmptyLatent") setupPresets(node);
     if (type === "ZImageTurboSampler") setupNegativeNotice(node);
     if (type === "ZImageTurboSampler" || type === "ZImageImg2ImgSampler") setupSamplerPresets(node);
-    if (type === "ZImageLoraLoader") setupLoraReport(node);
+    if (type === "ZImageLoraLoader" || type === "ZImageControlNetLoader") setupLoraReport(node);
   },
 });

@@ -8,6 +8,9 @@ Layout (B, in_channels, h, w): 16 channels of the control image's latent; 2.x mo
   mask channel = nearest-resized keep mask).
 - "comfyui": ComfyUI's `ZImageFunControlnet`: without an inpaint image a gray one is encoded, without a mask
   the mask channel is 0; the mask is resized bilinearly and rounded for the pixels, nearest for the channel.
+- "videox": alibaba-pai VideoX-Fun's `ZImageControlPipeline` (as its examples call it: a gray inpaint image and
+  an all-repaint mask when none is given, so mask channel 0 and a gray image's latent, as "comfyui"; a mask is
+  binarized and resized as "diffusers").
 
 Images are (B, H, W, 3) in [0, 1] (ComfyUI's IMAGE); `encode` maps such pixels to the model's (scaled)
 latents. Both references use a gray image's latent where a control image is missing.
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 
 from .model import LATENT_CHANNELS
 
-STYLES = ("diffusers", "comfyui")
+STYLES = ("diffusers", "comfyui", "videox")
 Encode = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -84,8 +87,10 @@ def control_latents(encode: Encode, in_channels: int, *, control_image: torch.Te
     if mask is None:
         keep_px = None
         channel = control.new_zeros(b, 1, h, w)
-    elif style == "diffusers":
-        m = (_mask(mask).to(source.device) >= 0.5).float()  # VaeImageProcessor binarizes the mask
+    elif style in ("diffusers", "videox"):
+        # VaeImageProcessor binarizes the mask (both pipelines); VideoX-Fun's ZImageControlPipeline without an
+        # inpaint image gets a gray one from its examples, as the comfyui style does, not diffusers' zeros.
+        m = (_mask(mask).to(source.device) >= 0.5).float()
         m = fit_image(m.movedim(1, -1), source.shape[1], source.shape[2], "nearest").movedim(-1, 1)
         keep_px = (m < 0.5).float()
         channel = F.interpolate(1 - m, size=(h, w), mode="nearest")

@@ -17,6 +17,14 @@ Layout → wiring (as ComfyUI's ModelPatchLoader and diffusers' single-file dete
 lite (Union / Tile 2.1 lite): 33 channels, control-block refiner, hints after blocks 0, 10, 20.
 Tile files share the 2.1 / lite layouts (the control image differs, not the model).
 
+The later files reuse these layouts (alibaba-pai's VideoX-Fun loads them all with its z_image_control_2.1.yaml
+and z_image_control_2.1_lite.yaml: control_layers_places 0, 2, ..., 28 or 0, 10, 20; refiner places 0, 1):
+the Turbo 2.1 updates 2601 / 2602 (-2.1-2601-8steps, -2.1-lite-2601-8steps, ...: "lite, 5 layers" = 3 control +
+2 refiner blocks) and the Z-Image (Base) files Z-Image-Fun-Controlnet-Union-2.1(-lite) / -Tile-2.1(-lite).
+Base and Turbo files have the same tensor names and shapes (diffusers' single-file detection calls both
+"z-image-turbo-controlnet-2.1"), so which model a file was trained for is read from its metadata or name
+(`identify`): the layout decides the wiring, the family only informs the user.
+
 Our parameter names are the transformer's (fused attention.qkv, out, q_norm/k_norm) under
 x_embedder / layers / refiner; the conversion lives here, not in the model.
 """
@@ -43,8 +51,8 @@ from ..errors import CheckpointError
 from .model import LATENT_CHANNELS, ControlNetConfig, ZImageControlNet
 
 WHAT = "a Z-Image Fun ControlNet Union checkpoint"
-_FIX = ("Download Z-Image-Turbo-Fun-Controlnet-Union(-2.0/-2.1) from alibaba-pai into models/model_patches "
-        "(or models/controlnet) again.")
+_FIX = ("Download the file again from alibaba-pai (Z-Image-Turbo-Fun-Controlnet-Union-2.1 for Z-Image-Turbo, "
+        "Z-Image-Fun-Controlnet-Union-2.1 for Z-Image Base) into models/model_patches (or models/controlnet).")
 MAIN_LAYERS = 30  # hint places are spread over the 30 main blocks of Z-Image-Turbo
 EMBED_KEY = CONTROLNET_EMBED_KEY
 # A few files carry a prefix (e.g. re-saved through another tool).
@@ -59,6 +67,41 @@ _RENAMES = (
 )
 _QKV_RE = re.compile(r"^(.*\.attention\.)(to_q|to_k|to_v)\.weight$")
 LAYOUTS = ("1.0", "2.0", "2.1", "lite")
+# (input channels, control layers, refiner blocks) of every published single file, per layout: anything else
+# is a cut-short or unknown file (a diffusers folder's config.json may say other places).
+PUBLISHED = {"1.0": {(LATENT_CHANNELS, 6, 2)}, "2.0": {(33, 15, 0), (33, 15, 2)}, "2.1": {(33, 15, 2)},
+             "lite": {(33, 3, 2)}}
+FAMILIES = ("Z-Image-Turbo", "Z-Image (Base)")
+_RELEASE_RE = re.compile(r"(?:^|[-_. ])(26\d\d)(?=$|[-_. ])")
+# alibaba-pai names Base files Z-Image-Fun-*, Turbo files Z-Image-Turbo-Fun-*; ComfyUI's Base file is
+# z_image_bf16 (Turbo: z_image_turbo_bf16).
+_BASE_RE = re.compile(r"z-?image-fun-|(?:^|[-/])base(?:$|[-/])|(?:^|/)z-?image-(?:bf16|fp16|fp32|fp8)"
+                      r"|(?:^|/)z-?image/transformer")
+
+
+def family_of(text: str) -> str | None:
+    """Which Z-Image a file name (or metadata text) says it belongs to: one of FAMILIES, or None."""
+    s = re.sub(r"[\s_.]+", "-", str(text).lower())
+    if "turbo" in s:
+        return FAMILIES[0]
+    if _BASE_RE.search(s):
+        return FAMILIES[1]
+    return None
+
+
+def identify(path: object, metadata: Mapping[str, str] | None = None) -> dict[str, str | None]:
+    """family (FAMILIES or None), release ("2601", "2602" or "") and kind ("Union", "Tile" or "") of a
+    ControlNet file, from its safetensors metadata when that names a model, else from its (folder) name."""
+    name = "/".join(Path(str(path)).parts[-2:])
+    family = None
+    for value in (metadata or {}).values():
+        if isinstance(value, str) and len(value) < 4096 and ("image" in value.lower()):
+            family = family or family_of(value)
+    family = family or family_of(Path(str(path)).name) or family_of(name)
+    low = name.lower()
+    release = _RELEASE_RE.search(Path(str(path)).name)
+    kind = "Tile" if "tile" in low else "Union" if "union" in low else ""
+    return {"family": family, "release": release.group(1) if release else "", "kind": kind}
 
 
 @dataclass(frozen=True)
@@ -69,13 +112,23 @@ class ControlNetLayout:
     config: ControlNetConfig
     prefix: str = ""
     untrained_refiner: bool = False  # the 2.0 file with all-zero control_noise_refiner ("broken" in ComfyUI)
+    family: str | None = None  # FAMILIES[i] when the file's metadata or name says it, else None
+    release: str = ""  # "2601" / "2602" (Turbo 2.1 updates) when the name says it
+    kind: str = ""  # "Union" / "Tile" when the name says it
 
     def describe(self) -> str:
         cfg = self.config
         extra = " (untrained refiner blocks ignored)" if self.untrained_refiner else ""
-        tile = " / Tile" if self.name in ("2.1", "lite") else ""
-        return (f"Fun ControlNet Union {self.name}{tile}: {cfg.n_control_layers} control layers, "
-                f"{cfg.in_channels} input channels, dim {cfg.dim}{extra}")
+        kind = self.kind or ("Union / Tile" if self.name in ("2.1", "lite") else "Union")
+        name = self.name if self.name != "lite" else "2.1 lite"
+        release = f"-{self.release}" if self.release else ""
+        family = f" for {self.family}" if self.family else ""
+        refiner = {"plain": f" + {cfg.n_refiner_layers} refiner blocks",
+                   "control": f" + {cfg.n_refiner_layers} control refiner blocks",
+                   "control_layers": " (which also steer the noise refiner)"}[cfg.refiner]
+        places = ", ".join(map(str, cfg.layer_places))
+        return (f"Fun ControlNet {kind} {name}{release}{family}: {cfg.n_control_layers} control layers{refiner}, "
+                f"{cfg.in_channels} input channels, dim {cfg.dim}; hints after main blocks {places}{extra}")
 
 
 def file_keys(name: str) -> tuple[str, ...]:
@@ -178,6 +231,12 @@ def detect_layout(ckpt: Checkpoint | Mapping[str, torch.Tensor], path: object = 
         raise CheckpointError(path, f"{WHAT} (2.x: control_noise_refiner blocks with before_proj/after_proj)",
                               f"{in_channels} input channels with plain refiner blocks", _FIX)
     places, refiner_places = _places(n_layers), (0, 1)
+    if not config_json and (in_channels, n_layers, n_refiner) not in PUBLISHED[name]:
+        shapes = " or ".join(f"{c} channels, {n} control layers + {r} refiner blocks" for c, n, r in
+                             sorted(PUBLISHED[name], reverse=True))
+        raise CheckpointError(path, f"{WHAT} in its published {name} layout ({shapes})",
+                              f"{n_layers} control layers and {n_refiner} refiner blocks with {in_channels} input "
+                              "channels: the file is cut short or not one of alibaba-pai's", _FIX)
     if config_json:  # a diffusers folder says where its hints go
         places = tuple(config_json.get("control_layers_places") or places)
         refiner_places = tuple(config_json.get("control_refiner_layers_places") or refiner_places)
@@ -195,7 +254,7 @@ def detect_layout(ckpt: Checkpoint | Mapping[str, torch.Tensor], path: object = 
     if len(places) != n_layers:
         raise CheckpointError(path, f"{WHAT} with one hint place per control layer",
                               f"{n_layers} control layers and {len(places)} control_layers_places", _FIX)
-    return ControlNetLayout(name, config, prefix, untrained)
+    return ControlNetLayout(name, config, prefix, untrained, **identify(path, getattr(ckpt, "metadata", None)))
 
 
 def _plan(model: ZImageControlNet, prefix: str) -> dict[str, tuple[str, ...]]:

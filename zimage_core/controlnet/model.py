@@ -6,10 +6,12 @@ that see the main model's hidden states, and each control block's `after_proj` o
 added to the main stream after a given block. Blocks are zimage_core's transformer blocks, built
 through an injectable `operations` namespace (ComfyUI passes `comfy.ops`).
 
-Two references compute this differently; `ControlRun` does either (`style`, see its docstring):
+Three references compute this differently; `ControlRun` does each (`style`, see its docstring):
 diffusers' `ZImageControlNetModel` (padded tokens, control blocks over [image; caption], refiner hints
-only in the control tower's private copy) and ComfyUI's `ZImage_Control` (real image tokens only, no
-caption, refiner hints in the main stream).
+only in the control tower's private copy), ComfyUI's `ZImage_Control` (real image tokens only, no
+caption, refiner hints in the main stream) and alibaba-pai's own VideoX-Fun
+`ZImageControlTransformer2DModel`, which the files were trained with (padded tokens and caption as
+diffusers, refiner hints in the main stream as ComfyUI).
 """
 
 from __future__ import annotations
@@ -153,7 +155,7 @@ def _batch(t: torch.Tensor, b: int) -> torch.Tensor:
     return t[torch.arange(b, device=t.device) % t.shape[0]]
 
 
-STYLES = ("diffusers", "comfyui")
+STYLES = ("diffusers", "comfyui", "videox")
 RefinerBlock = Callable[[int, torch.Tensor], torch.Tensor]
 """`(j, x) -> x`: runs the main model's noise-refiner block j (same RoPE and timestep) on x."""
 
@@ -184,6 +186,9 @@ class ControlRun:
     noise-refiner blocks on it, `rerun`), which is what the first control block adds to its stream.
     style "comfyui" (= ZImage_Control + ZImageFunControlnet): real image tokens only, no caption, and the
     refiner hints go into the main model's image tokens.
+    style "videox" (= alibaba-pai VideoX-Fun's ZImageControlTransformer2DModel, the training code): as
+    "diffusers", but the refiner hints go into the main model's (padded) image tokens, which the main-stage
+    control blocks then see.
     """
 
     def __init__(self, net: ZImageControlNet, control: torch.Tensor, strength: float, *, style: str,
@@ -193,7 +198,8 @@ class ControlRun:
         self.net = net
         self.control = control
         self.strength = real_number(strength, "strength", -STRENGTH_LIMIT, STRENGTH_LIMIT)
-        self.diffusers = style == "diffusers"
+        self.diffusers = style != "comfyui"  # padded tokens, caption in the main-stage control blocks
+        self.private_refiner = style == "diffusers"  # refiner hints only in the control tower's copy
         self.axes_dims = tuple(axes_dims)
         self.rope_theta = float(rope_theta)
         self._reset()
@@ -203,7 +209,7 @@ class ControlRun:
         self.private: torch.Tensor | None = None  # diffusers: refined image tokens with refiner hints
         self.cap: torch.Tensor | None = None
         self.refiner_hints: list[torch.Tensor] = []
-        self.main: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.main: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self.next_layer = 0
 
     # -- refiner stage -----------------------------------------------------------------------------
@@ -255,8 +261,10 @@ class ControlRun:
         if hint is None or i not in cfg.refiner_places:
             return
         hint = hint.to(img.dtype) * self.strength
-        if self.diffusers:
+        if self.private_refiner:
             self.private = (img if self.private is None else self.private) + hint
+        elif self.diffusers:
+            img += hint
         else:
             img[:, :n_img] += hint
 
@@ -266,9 +274,10 @@ class ControlRun:
         return rope.to(device=like.device, dtype=like.dtype).unsqueeze(0).unsqueeze(2)
 
     def after_layer(self, i: int, img: torch.Tensor, img_input: torch.Tensor, txt: torch.Tensor,
-                    img_rope: torch.Tensor, t_emb: torch.Tensor, n_img: int) -> None:
+                    img_rope: torch.Tensor, t_emb: torch.Tensor, n_img: int, mask: torch.Tensor | None = None) -> None:
         """img / txt: the image and caption parts of the joint sequence after main block i (views, edited in
-        place); img_input: the image part of the main blocks' input."""
+        place); img_input: the image part of the main blocks' input; mask: the key-padding mask (B, 1, 1, L)
+        of [image; caption] when the batch's captions differ in length (e.g. CFG's positive and negative)."""
         places = self.net.config.layer_places
         if i not in places:
             return
@@ -285,15 +294,15 @@ class ControlRun:
                 rope = torch.cat([img_rope, cap_rope], 1)
                 c = torch.cat([self.c, cap.to(self.c.dtype)], 1)
             else:
-                x, rope, c = img_input[:, :n_img], img_rope[:, :n_img], self.c
-            self.main = (x, rope, c)
+                x, rope, c, mask = img_input[:, :n_img], img_rope[:, :n_img], self.c, None
+            self.main = (x, rope, c, mask)
             self.next_layer = 0
-        x, rope, c = self.main
+        x, rope, c, mask = self.main
         hint = None
         while self.next_layer <= k:
-            hint, c = self.net.layers[self.next_layer].run(c, x, rope, None, t_emb)
+            hint, c = self.net.layers[self.next_layer].run(c, x, rope, mask, t_emb)
             self.next_layer += 1
-        self.main = (x, rope, c)
+        self.main = (x, rope, c, mask)
         hint = hint.to(img.dtype) * self.strength
         if self.diffusers:
             li = img.shape[1]
@@ -301,6 +310,15 @@ class ControlRun:
             txt += hint[:, li:li + txt.shape[1]]
         else:
             img[:, :n_img] += hint
+
+
+def control_mask(layout: SequenceLayout) -> torch.Tensor | None:
+    """The key-padding mask of [target image; caption] (what the diffusers / videox-fun style control blocks
+    attend over), or None when the batch needs none."""
+    mask, t = layout.joint.mask, layout.target
+    if mask is None:
+        return None
+    return torch.cat([mask[..., t.start:t.stop], mask[..., layout.caption_start:]], -1)
 
 
 class ControlHooks:
@@ -327,8 +345,8 @@ class ControlHooks:
     def after_layer(self, i: int, seq: torch.Tensor, seq_input: torch.Tensor, layout: SequenceLayout,
                     t_emb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         t, cap = layout.target, layout.caption_start
-        rope = layout.joint.rope
+        rope, mask = layout.joint.rope, control_mask(layout)
         for run in self.runs:
             run.after_layer(i, seq[:, t.start:t.stop], seq_input[:, t.start:t.stop], seq[:, cap:],
-                            rope[:, t.start:t.stop], t_emb, t.valid)
+                            rope[:, t.start:t.stop], t_emb, t.valid, mask)
         return seq
