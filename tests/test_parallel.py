@@ -7,6 +7,7 @@ batch diffusers' ZImageTransformer2DModel too. G = 4 pads the 6 heads to 8.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 
 import pytest
@@ -96,3 +97,36 @@ def test_split_sizes():
     assert [padded_heads(30, g) for g in (1, 2, 3, 4, 5, 6, 8)] == [30, 30, 30, 32, 30, 30, 32]
     assert [batch_slice(5, 3, r) for r in range(3)] == [slice(0, 2), slice(2, 4), slice(4, 5)]
     assert [batch_slice(1, 2, r) for r in range(2)] == [slice(0, 1), slice(1, 1)]
+
+
+# -- worker processes (zimage_core.parallel.workers): what the ZImageParallel node runs ----------------------
+
+def test_worker_group_runs_reuses_and_recovers_from_a_dead_worker(reference):
+    import os
+    import signal
+
+    from zimage_core.parallel.workers import ModelSpec, ParallelError, WorkerGroup
+
+    ref, plain, _, sd = reference
+    cfg = dataclasses.asdict(plain.config)
+    group = WorkerGroup(["cpu", "cpu"], ModelSpec(cfg, "torch.float32"), lambda: iter(sd.items()),
+                        mode="sequence", timeout_s=60, step_timeout_s=120)
+    try:
+        data = pc.inputs("cfg")
+        expected = diffusers_velocity(ref, data["x"], data["sigma"], data["caps"])
+        got = group.forward(data["x"], data["sigma"], data["caps"])
+        assert rel_err(got, expected) <= TOL and max_abs(got, expected) <= TOL
+        pids = [p.pid for p in group._procs]
+        t2i = pc.inputs("t2i")
+        got = group.forward(t2i["x"], t2i["sigma"], t2i["caps"])  # the same workers, another size
+        assert [p.pid for p in group._procs] == pids
+        assert max_abs(got, pc.forward(plain, "t2i", t2i)) <= TOL
+        os.kill(pids[1], signal.SIGKILL)
+        with pytest.raises(ParallelError, match=r"worker on cpu \(rank 1\) exited.*queue the prompt again"):
+            group.forward(t2i["x"], t2i["sigma"], t2i["caps"])
+        assert not group.running
+        got = group.forward(t2i["x"], t2i["sigma"], t2i["caps"])  # the next prompt starts fresh workers
+        assert max_abs(got, pc.forward(plain, "t2i", t2i)) <= TOL
+    finally:
+        group.close()
+    assert not group.running
