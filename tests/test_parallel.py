@@ -101,7 +101,10 @@ def test_split_sizes():
 
 # -- worker processes (zimage_core.parallel.workers): what the ZImageParallel node runs ----------------------
 
-def test_worker_group_runs_reuses_and_recovers_from_a_dead_worker(reference):
+def test_worker_group_runs_reuses_and_recovers_from_faults(reference):
+    """Parity through the worker processes; the same workers serve later calls; Cancel abandons a step and the
+    next call still gets its own result; a dead worker and a step timeout give clear errors and the next call
+    starts fresh workers."""
     import os
     import signal
 
@@ -111,22 +114,37 @@ def test_worker_group_runs_reuses_and_recovers_from_a_dead_worker(reference):
     cfg = dataclasses.asdict(plain.config)
     group = WorkerGroup(["cpu", "cpu"], ModelSpec(cfg, "torch.float32"), lambda: iter(sd.items()),
                         mode="sequence", timeout_s=60, step_timeout_s=120)
+    t2i = pc.inputs("t2i")
+    single = pc.forward(plain, "t2i", t2i)
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel() -> None:
+        raise Cancelled
+
     try:
         data = pc.inputs("cfg")
         expected = diffusers_velocity(ref, data["x"], data["sigma"], data["caps"])
         got = group.forward(data["x"], data["sigma"], data["caps"])
         assert rel_err(got, expected) <= TOL and max_abs(got, expected) <= TOL
         pids = [p.pid for p in group._procs]
-        t2i = pc.inputs("t2i")
+        with pytest.raises(Cancelled):  # Cancel while the workers compute a step
+            group.forward(data["x"], data["sigma"], data["caps"], check_interrupt=cancel)
         got = group.forward(t2i["x"], t2i["sigma"], t2i["caps"])  # the same workers, another size
         assert [p.pid for p in group._procs] == pids
-        assert max_abs(got, pc.forward(plain, "t2i", t2i)) <= TOL
+        assert max_abs(got, single) <= TOL  # not the abandoned step's result
         os.kill(pids[1], signal.SIGKILL)
         with pytest.raises(ParallelError, match=r"worker on cpu \(rank 1\) exited.*queue the prompt again"):
             group.forward(t2i["x"], t2i["sigma"], t2i["caps"])
         assert not group.running
         got = group.forward(t2i["x"], t2i["sigma"], t2i["caps"])  # the next prompt starts fresh workers
-        assert max_abs(got, pc.forward(plain, "t2i", t2i)) <= TOL
+        assert max_abs(got, single) <= TOL
+        assert not set(pids) & {p.pid for p in group._procs}
+        group.step_timeout_s = 0.001
+        with pytest.raises(ParallelError, match=r"no result from the workers on cpu, cpu within"):
+            group.forward(data["x"], data["sigma"], data["caps"])
+        assert not group.running
     finally:
         group.close()
     assert not group.running

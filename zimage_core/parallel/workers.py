@@ -45,6 +45,7 @@ import torch
 log = logging.getLogger(__name__)
 
 MODES = ("sequence", "data")
+REPORTED_EXIT = 3  # a worker's exit code after it sent its error to the main process
 _DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16)}
 
 
@@ -219,13 +220,16 @@ class WorkerGroup:
                 continue
 
     def _check_alive(self) -> None:
-        for rank, p in enumerate(self._procs):
-            if not p.is_alive():
-                code = p.exitcode
-                raise ParallelError(
-                    f"Z-Image parallel: the worker on {self.devices[rank]} (rank {rank}) exited (code {code}). "
-                    "The workers are stopped; queue the prompt again to restart them, or remove the "
-                    "ZImageParallel node to run on one GPU.")
+        dead = [(rank, p.exitcode) for rank, p in enumerate(self._procs) if not p.is_alive()]
+        if not dead:
+            return
+        # A worker that reported its error exits with REPORTED_EXIT; one that died otherwise (killed, crashed)
+        # is the cause of its peers' collective errors: name it first.
+        rank, code = next((d for d in dead if d[1] != REPORTED_EXIT), dead[0])
+        raise ParallelError(
+            f"Z-Image parallel: the worker on {self.devices[rank]} (rank {rank}) exited (code {code}). "
+            "The workers are stopped; queue the prompt again to restart them, or remove the "
+            "ZImageParallel node to run on one GPU.")
 
     def _wait(self, kind: str, count: int, check_interrupt: Callable[[], None] | None, timeout_s: float,
               step: int | None = None) -> list[Any]:
@@ -233,7 +237,7 @@ class WorkerGroup:
         deadline = time.monotonic() + timeout_s
         while len(got) < count:
             try:
-                message = self._results.get(timeout=0.2)
+                message = self._results.get(timeout=max(0.0, min(0.2, deadline - time.monotonic())))
             except queue.Empty:
                 self._check_alive()
                 if check_interrupt is not None:
@@ -356,7 +360,7 @@ def serve(rank: int, devices: list[str], port: int, backend: str, timeout_s: flo
             text = f"out of memory on {device} ({e}). Use more GPUs, smaller images, or free GPU memory."
         with contextlib.suppress(Exception):
             results.put(("error", rank, text))
-        raise SystemExit(1) from None
+        raise SystemExit(REPORTED_EXIT) from None
     finally:
         with contextlib.suppress(Exception):
             if dist.is_initialized():
