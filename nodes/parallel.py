@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import comfy.model_management as mm
+import comfy.patcher_extension
 import torch
 
 from ..zimage_core.parallel.workers import MODES, ModelSpec, WorkerGroup
@@ -96,14 +97,27 @@ class ParallelDiffusionModel(torch.nn.Module):
         self._dtype = dtype
         self.group = group
         self._finalizer = weakref.finalize(self, group.close)  # the workers go with the model
+        # Set to float32 by precision.fp32_compute (on_nan recompute_fp32), which the workers cannot honour.
+        self.compute_dtype: torch.dtype | None = None
 
     @property
     def dtype(self) -> torch.dtype:
         return self._dtype
 
-    def forward(self, x, timesteps, context, num_tokens=None, attention_mask=None, transformer_options=None,
-                **kwargs: Any) -> torch.Tensor:
+    def forward(self, x, timesteps, context, num_tokens=None, attention_mask=None, **kwargs: Any) -> torch.Tensor:
+        # ComfyUI's DIFFUSION_MODEL wrappers (our samplers' NaN check, ZImageSeedVariety) run here, as on one GPU.
+        wrappers = comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
+                                                             kwargs.get("transformer_options", {}))
+        return comfy.patcher_extension.WrapperExecutor.new_class_executor(
+            self._call, self, wrappers).execute(x, timesteps, context, num_tokens, attention_mask, **kwargs)
+
+    def _call(self, x, timesteps, context, num_tokens=None, attention_mask=None, transformer_options=None,
+              **kwargs: Any) -> torch.Tensor:
         options = transformer_options or {}
+        if self.compute_dtype == torch.float32 and self._dtype != torch.float32:
+            raise ValueError(f"{NODE}: a step gave NaN/inf and on_nan asks to recompute it in float32, which the "
+                             f"GPU workers (computing in {str(self._dtype).replace('torch.', '')}) cannot do. Set "
+                             "on_nan to error, or run this prompt without ZImageParallel.")
         patches = options.get("patches", {})
         if patches.get("noise_refiner") or patches.get("double_block"):
             raise ValueError(f"{NODE}: this sampler's model has block patches (e.g. a Z-Image Fun ControlNet); they "

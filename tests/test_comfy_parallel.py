@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tests.comfy_harness import (
-    LORA_CORE,
     T2I,
+    TWO_LORAS,
     add_save_latent,
     comfy,
     demo_prompt,
@@ -51,14 +51,28 @@ def test_refused_at_queue_time_without_two_gpus(gpus):
     assert f"this machine has {torch.cuda.device_count()} CUDA GPU" in result.error_message
 
 
-def test_cpu_workers_with_a_lora_and_cfg_equal_the_single_process_run():
-    """The node with CPU workers (gloo): a LoRA-patched model, CFG (cond + uncond in one batch), sequence mode."""
-    plain = demo_prompt(LORA_CORE, seed=6, KSampler__cfg=2.0, **SIZE)
-    expected = _latent(plain)
-    prompt, _ = _with_parallel(plain, gpus="cpu,cpu", mode="sequence")
+def _lora_variety_cfg(lora: float = 0.8, variety: float = 1.0) -> dict:
+    """Two LoRAs, ZImageSeedVariety (a DIFFUSION_MODEL wrapper) and CFG (guidance 2: cond + uncond batched)."""
+    prompt = demo_prompt(TWO_LORAS, seed=6, ZImageTurboSampler__guidance=2.0, ZImageLoraLoader__strength_model=lora,
+                         **SIZE)
+    sampler = _sampler(prompt)
+    positive = prompt[sampler]["inputs"]["positive"][0]
+    prompt["91"] = {"class_type": "ZImageTextEncode",  # a short negative: a CFG batch of two caption lengths
+                    "inputs": {"text_encoder": prompt[positive]["inputs"]["text_encoder"], "text": "blurry"}}
+    prompt[sampler]["inputs"]["negative"] = ["91", 0]
+    prompt["90"] = {"class_type": "ZImageSeedVariety",
+                    "inputs": {"model": prompt[sampler]["inputs"]["model"], "strength": variety, "end": 0.5}}
+    prompt[sampler]["inputs"]["model"] = ["90", 0]
+    return prompt
+
+
+def test_cpu_workers_with_loras_wrappers_and_cfg_equal_the_single_process_run():
+    """The node with CPU workers (gloo, sequence mode) behind LoRAs and ZImageSeedVariety, sampled with CFG."""
+    expected = _latent(_lora_variety_cfg())
+    prompt, _ = _with_parallel(_lora_variety_cfg(), gpus="cpu,cpu", mode="sequence")
     got = _latent(prompt)
     assert got.shape == expected.shape
     assert float((got - expected).abs().max()) <= 1e-4
-    # The LoRA matters (so the workers really hold the patched weights).
-    no_lora = demo_prompt(LORA_CORE, seed=6, KSampler__cfg=2.0, **SIZE, LoraLoaderModelOnly__strength_model=0.0)
-    assert float((_latent(no_lora) - expected).abs().max()) > 1e-3
+    # The LoRAs and the wrapper each matter, so the workers really hold the patched weights and the wrapper ran.
+    assert float((_latent(_lora_variety_cfg(lora=0.0)) - expected).abs().max()) > 1e-3
+    assert float((_latent(_lora_variety_cfg(variety=0.0)) - expected).abs().max()) > 1e-3

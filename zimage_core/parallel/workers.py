@@ -236,12 +236,12 @@ class WorkerGroup:
         got: list[Any] = []
         deadline = time.monotonic() + timeout_s
         while len(got) < count:
+            if check_interrupt is not None:
+                check_interrupt()  # Cancel: a late result of this step is dropped by its step number
             try:
                 message = self._results.get(timeout=max(0.0, min(0.2, deadline - time.monotonic())))
             except queue.Empty:
                 self._check_alive()
-                if check_interrupt is not None:
-                    check_interrupt()  # Cancel: a late result of this step is dropped by its step number
                 if time.monotonic() > deadline:
                     raise ParallelError(
                         f"Z-Image parallel: no {kind} from the workers on {', '.join(self.devices)} within "
