@@ -3,10 +3,14 @@ the sampled latents equal the single-process run's (the GPU path differs only in
 
 from __future__ import annotations
 
+import gc
+import multiprocessing
+
 import pytest
 import torch
 
 from tests.comfy_harness import (
+    CONTROLNET_CANNY,
     T2I,
     TWO_LORAS,
     add_save_latent,
@@ -73,6 +77,23 @@ def test_cpu_workers_with_loras_wrappers_and_cfg_equal_the_single_process_run():
     got = _latent(prompt)
     assert got.shape == expected.shape
     assert float((got - expected).abs().max()) <= 1e-4
+    assert len(_workers()) == 2  # kept for the next prompt while ComfyUI holds the model
     # The LoRAs and the wrapper each matter, so the workers really hold the patched weights and the wrapper ran.
     assert float((_latent(_lora_variety_cfg(lora=0.0)) - expected).abs().max()) > 1e-3
     assert float((_latent(_lora_variety_cfg(variety=0.0)) - expected).abs().max()) > 1e-3
+    # Those prompts replaced the parallel model in ComfyUI's caches and memory: its workers are gone with it.
+    gc.collect()
+    assert _workers() == []
+
+
+def _workers() -> list:
+    return [p for p in multiprocessing.active_children() if p.name.startswith("zimage-parallel-")]
+
+
+def test_controlnet_patches_are_refused_clearly():
+    prompt, _ = _with_parallel(demo_prompt(CONTROLNET_CANNY, **SIZE), gpus="cpu,cpu", mode="sequence")
+    result = comfy().run(prompt)
+    assert not result.ok
+    assert "ZImageParallel: this sampler's model has block patches (e.g. a Z-Image Fun ControlNet)" in (
+        result.error_message)
+    assert _workers() == []  # refused before any worker started
