@@ -23,6 +23,8 @@ if [ "$G" = summary ]; then
   exit 0
 fi
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
+# NVLink multicast stays off (KINDS.md): set again here in case the environment was reset.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 torchrun --standalone --nproc-per-node="$G" bench/bench_parallel.py --out "$KEEP" --repeats 2
 cp "$KEEP/parallel_G$G.json" "${OUT:-$KEEP}/" 2>/dev/null || true
