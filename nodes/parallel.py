@@ -11,6 +11,7 @@ and everything else stay on the main process.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import uuid
 import weakref
@@ -21,8 +22,10 @@ import comfy.model_management as mm
 import comfy.patcher_extension
 import torch
 
+from ..zimage_core.constants import VAE_FACTOR
 from ..zimage_core.parallel.workers import MODES, ModelSpec, WorkerGroup
 from ..zimage_core.transformer import TransformerConfig, ZImageTransformer
+from .controlnet import ZImageControlPatch
 from .model_call import BLOCK_CALL_KEY, OMNI_REFERENCE_KEY, ZImageDiffusionModel, _captions, _image_pos
 
 log = logging.getLogger("ComfyUI-ZImage")
@@ -97,6 +100,7 @@ class ParallelDiffusionModel(torch.nn.Module):
         self._dtype = dtype
         self.group = group
         self._finalizer = weakref.finalize(self, group.close)  # the workers go with the model
+        self._keys: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # ControlNet -> its key in the group
         # Set to float32 by precision.fp32_compute (on_nan recompute_fp32), which the workers cannot honour.
         self.compute_dtype: torch.dtype | None = None
 
@@ -118,18 +122,42 @@ class ParallelDiffusionModel(torch.nn.Module):
             raise ValueError(f"{NODE}: a step gave NaN/inf and on_nan asks to recompute it in float32, which the "
                              f"GPU workers (computing in {str(self._dtype).replace('torch.', '')}) cannot do. Set "
                              "on_nan to error, or run this prompt without ZImageParallel.")
-        patches = options.get("patches", {})
-        if patches.get("noise_refiner") or patches.get("double_block"):
-            raise ValueError(f"{NODE}: this sampler's model has block patches (e.g. a Z-Image Fun ControlNet); they "
-                             "do not run across GPUs yet. Apply the ControlNet to a model without ZImageParallel.")
+        controls = self._controls(options.get("patches", {}), x, options)
         if options.get(BLOCK_CALL_KEY) is not None:
             log.warning("%s: the compiled blocks of ZImageCompileModel are not used by the GPU workers.", NODE)
         refs = {"ref_latents": list(kwargs.get("ref_latents") or []),
                 "captions": list(kwargs.get("ref_contexts") or []), "siglip": list(kwargs.get("siglip_feats") or [])}
         return self.group.forward(x, timesteps, _captions(context, attention_mask), image_pos=_image_pos(options),
                                   refs=refs if refs["ref_latents"] else None,
-                                  omni_style=options.get(OMNI_REFERENCE_KEY, "comfyui"),
+                                  omni_style=options.get(OMNI_REFERENCE_KEY, "comfyui"), controls=controls,
                                   check_interrupt=mm.throw_exception_if_processing_interrupted)
+
+    def _controls(self, patches: dict, x: torch.Tensor, options: dict) -> list[dict]:
+        """The active ZImageControlNetApply patches as the workers' ControlRun arguments; the control latent is
+        encoded here (the VAE stays on the main process), the ControlNet's weights go to the workers once."""
+        refiner, double = patches.get("noise_refiner", []), patches.get("double_block", [])
+        ours = list(dict.fromkeys(p for p in [*refiner, *double] if isinstance(p, ZImageControlPatch)))
+        if len(ours) != len(set(map(id, [*refiner, *double]))):
+            raise ValueError(f"{NODE}: this sampler's model has block patches other than Z-Image ControlNet Apply's "
+                             "(another node's noise_refiner / double_block patch); they do not run on the GPU "
+                             "workers. Apply them to a model without ZImageParallel.")
+        controls = []
+        for patch in ours:
+            sigma = options.get("sigmas")
+            high, low = patch.sigma_range
+            if sigma is not None and not low <= float(sigma.max()) <= high:
+                continue  # outside its start/end percent
+            net = patch.controlnet.model
+            key = self._keys.setdefault(net, uuid.uuid4().hex)
+            if key not in self.group.controlnets:
+                dtype = self._dtype
+                self.group.controlnets[key] = (dataclasses.asdict(net.config), lambda net=net, dtype=dtype: (
+                    (name, t.to(dtype)) for name, t in net.state_dict().items()))
+            run = patch.run
+            controls.append({"key": key, "control": patch.encode_for(x.shape[-2] * VAE_FACTOR, x.shape[-1] * VAE_FACTOR),
+                             "strength": run.strength, "style": "diffusers" if run.diffusers else "comfyui",
+                             "axes_dims": tuple(run.axes_dims), "rope_theta": run.rope_theta})
+        return controls
 
 
 def parallel_model(model: Any, devices: list[str], mode: str, timeout_s: float) -> Any:
@@ -167,8 +195,6 @@ def parallel_model(model: Any, devices: list[str], mode: str, timeout_s: float) 
 
 
 def _config_dict(config: TransformerConfig) -> dict:
-    import dataclasses
-
     return dataclasses.asdict(config)
 
 
@@ -178,8 +204,8 @@ class ZImageParallel:
                    "across them (CFG's two halves, or several images at once; more images per second). Each GPU "
                    "holds a full copy of the weights (LoRAs applied); the workers start at the first step (a "
                    "few seconds to copy the weights), are reused by later prompts and stop when the model is "
-                   "freed. Returns a new MODEL; the input model is unchanged. Not yet: Fun ControlNet patches, "
-                   "fp8-matmul weights.")
+                   "freed. Returns a new MODEL; the input model is unchanged. Z-Image ControlNet Apply works before or "
+                   "after it. Not yet: fp8-matmul weights.")
     CATEGORY = "Z-Image/advanced"
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The model running on the GPUs; connect it to a sampler.",)

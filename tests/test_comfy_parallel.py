@@ -90,10 +90,13 @@ def _workers() -> list:
     return [p for p in multiprocessing.active_children() if p.name.startswith("zimage-parallel-")]
 
 
-def test_controlnet_patches_are_refused_clearly():
-    prompt, _ = _with_parallel(demo_prompt(CONTROLNET_CANNY, **SIZE), gpus="cpu,cpu", mode="sequence")
-    result = comfy().run(prompt)
-    assert not result.ok
-    assert "ZImageParallel: this sampler's model has block patches (e.g. a Z-Image Fun ControlNet)" in (
-        result.error_message)
-    assert _workers() == []  # refused before any worker started
+def test_controlnet_patch_runs_on_the_workers():
+    """ZImageControlNetApply before ZImageParallel: the control latent is encoded on the main process, the
+    ControlNet's weights go to the workers, which run its hooks between their sharded blocks."""
+    plain = demo_prompt(CONTROLNET_CANNY, seed=7, **SIZE)
+    expected = _latent(plain)
+    prompt, _ = _with_parallel(plain, gpus="cpu,cpu", mode="sequence")
+    got = _latent(prompt)
+    assert float((got - expected).abs().max()) <= 1e-4
+    no_control = demo_prompt(CONTROLNET_CANNY, seed=7, ZImageControlNetApply__strength=0.0, **SIZE)
+    assert float((_latent(no_control) - expected).abs().max()) > 1e-3

@@ -120,6 +120,9 @@ class WorkerGroup:
         self._requests: list[Any] = []
         self._results: Any = None
         self._step = 0
+        # ControlNets the workers may need: key -> (ControlNetConfig fields, weights); loaded on first use.
+        self.controlnets: dict[str, tuple[dict, Callable[[], Iterator[tuple[str, torch.Tensor]]]]] = {}
+        self._loaded: set[str] = set()
 
     @property
     def world(self) -> int:
@@ -165,6 +168,7 @@ class WorkerGroup:
     def close(self) -> None:
         """Stop the workers (idempotent)."""
         procs, self._procs = self._procs, []
+        self._loaded = set()
         for q in self._requests:
             with contextlib.suppress(Exception):
                 q.put_nowait(("stop",))
@@ -192,14 +196,22 @@ class WorkerGroup:
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, caps: list[torch.Tensor], *,
                 image_pos: tuple[float, float, float, float] | None = None,
                 refs: dict[str, list[torch.Tensor | None]] | None = None, omni_style: str = "comfyui",
+                controls: list[dict] | None = None,
                 check_interrupt: Callable[[], None] | None = None) -> torch.Tensor:
-        """The velocity for (x, sigma, caps), as `ZImageTransformer.forward`, computed by the workers."""
+        """The velocity for (x, sigma, caps), as `ZImageTransformer.forward`, computed by the workers.
+
+        `controls`: active Fun ControlNets, each {"key": a key of `self.controlnets`, "control": the control
+        latent, "strength", "style", "axes_dims", "rope_theta"} (zimage_core.controlnet.ControlRun's arguments)."""
         self.start(check_interrupt)
         self._step += 1
+        controls = list(controls or [])
         request = {"step": self._step, "x": _pack(x), "sigma": _pack(torch.as_tensor(sigma).reshape(-1)),
                    "caps": [_pack(c) for c in caps], "image_pos": image_pos, "omni_style": omni_style,
-                   "refs": {k: [None if t is None else _pack(t) for t in v] for k, v in (refs or {}).items()}}
+                   "refs": {k: [None if t is None else _pack(t) for t in v] for k, v in (refs or {}).items()},
+                   "controls": [{**c, "control": _pack(c["control"])} for c in controls]}
         try:
+            for key in dict.fromkeys(c["key"] for c in controls):
+                self._load_controlnet(key, check_interrupt)
             for rank in range(self.world):
                 self._put(rank, ("forward", request), check_interrupt)
             out = self._wait("result", 1, check_interrupt, self.step_timeout_s, step=self._step)[0]
@@ -207,6 +219,18 @@ class WorkerGroup:
             self.close()
             raise
         return _unpack(out).to(device=x.device, dtype=x.dtype)
+
+    def _load_controlnet(self, key: str, check_interrupt: Callable[[], None] | None) -> None:
+        if key in self._loaded:
+            return
+        config, weights = self.controlnets[key]
+        for rank in range(self.world):
+            self._put(rank, ("controlnet", key, config), check_interrupt)
+        for name, tensor in weights():
+            self._put(0, ("weight", name, _pack(tensor)), check_interrupt)
+        self._put(0, ("weights_done",), check_interrupt)
+        self._wait("loaded", self.world, check_interrupt, self.timeout_s)
+        self._loaded.add(key)
 
     def _put(self, rank: int, message: tuple, check_interrupt: Callable[[], None] | None) -> None:
         while True:
@@ -268,7 +292,24 @@ def _batch_part(omni: Any, sl: slice) -> Any:
                                siglip=cut(omni.siglip))
 
 
-def _run(model: Any, mode: str, request: dict, device: torch.device) -> torch.Tensor:
+def _hooks(model: Any, nets: dict, controls: list[dict], device: torch.device, sl: slice | None = None) -> Any:
+    """ControlHooks for the request's active ControlNets (None without), their control latents cut to `sl`."""
+    if not controls:
+        return None
+    from ..controlnet import ControlRun
+    from ..controlnet.model import ControlHooks
+
+    runs = []
+    for c in controls:
+        control = _unpack(c["control"], device)
+        if sl is not None and control.shape[0] > 1:
+            control = control[sl]
+        runs.append(ControlRun(nets[c["key"]], control, c["strength"], style=c["style"],
+                               axes_dims=tuple(c["axes_dims"]), rope_theta=c["rope_theta"]))
+    return ControlHooks(model, runs)
+
+
+def _run(model: Any, mode: str, request: dict, device: torch.device, nets: dict) -> torch.Tensor:
     """One forward of a request on this rank (every rank runs it; each ends with the whole output)."""
     from ..transformer import OmniInputs
     from .data import data_parallel
@@ -288,13 +329,44 @@ def _run(model: Any, mode: str, request: dict, device: torch.device) -> torch.Te
                           style=request["omni_style"])
     pos = tuple(request["image_pos"]) if request["image_pos"] else None
     with torch.no_grad():
+        controls = request.get("controls") or []
         if mode != "data":
-            return model(x, sigma, caps, image_pos=pos, omni=omni, runner=SequenceParallelRunner(None))
+            hooks = _hooks(model, nets, controls, device)
+            return model(x, sigma, caps, image_pos=pos, omni=omni, runner=SequenceParallelRunner(None, hooks=hooks))
 
         def part(sl: slice) -> torch.Tensor:
             return model(x[sl], sigma[sl] if sigma.numel() > 1 else sigma, caps[sl] if len(caps) > 1 else caps,
-                         image_pos=pos, omni=None if omni is None else _batch_part(omni, sl))
+                         image_pos=pos, omni=None if omni is None else _batch_part(omni, sl),
+                         hooks=_hooks(model, nets, controls, device, sl))
         return data_parallel(part, x.shape[0], x, None)
+
+
+def _receive_weights(rank: int, requests: Any, module: torch.nn.Module, device: torch.device) -> None:
+    """Fill `module`'s tensors: rank 0 reads them from the main process and broadcasts each to the others."""
+    import torch.distributed as dist
+
+    params = dict(module.state_dict(keep_vars=True))
+    loaded = set()
+    while True:
+        if rank == 0:
+            message = requests.get()
+            header = [message[0], message[1] if message[0] == "weight" else None]
+        else:
+            header = [None, None]
+        dist.broadcast_object_list(header, src=0)
+        if header[0] != "weight":
+            break
+        name = header[1]
+        if name not in params:
+            raise KeyError(f"unexpected weight {name!r}")
+        dest = params[name]
+        if rank == 0:
+            dest.data.copy_(_unpack(message[2], device))
+        dist.broadcast(dest.data, src=0)
+        loaded.add(name)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise KeyError(f"weights missing: {missing[:5]}")
 
 
 def serve(rank: int, devices: list[str], port: int, backend: str, timeout_s: float, mode: str, spec: dict,
@@ -322,36 +394,26 @@ def serve(rank: int, devices: list[str], port: int, backend: str, timeout_s: flo
             model.compute_dtype = _DTYPES[spec["compute_dtype"]]
         if spec.get("fp8_attention"):
             model.set_fp8_attention(True)
-        params = dict(model.state_dict(keep_vars=True))
-        loaded = set()
-        while True:  # weights: rank 0 reads them from the main process and broadcasts each
-            if rank == 0:
-                message = requests.get()
-                header = [message[0], message[1] if message[0] == "weight" else None]
-            else:
-                header = [None, None]
-            dist.broadcast_object_list(header, src=0)
-            if header[0] != "weight":
-                break
-            name = header[1]
-            if name not in params:
-                raise KeyError(f"unexpected weight {name!r}")
-            dest = params[name]
-            if rank == 0:
-                dest.data.copy_(_unpack(message[2], device))
-            dist.broadcast(dest.data, src=0)
-            loaded.add(name)
-        missing = sorted(set(params) - loaded)
-        if missing:
-            raise KeyError(f"weights missing: {missing[:5]}")
-        del params
+        _receive_weights(rank, requests, model, device)
         results.put(("ready", rank))
+        nets: dict[str, Any] = {}
         while True:
             message = requests.get()
             if message[0] == "stop":
                 break
+            if message[0] == "controlnet":  # a Fun ControlNet's weights, kept under its key
+                from ..controlnet.model import ControlNetConfig, ZImageControlNet
+
+                _, key, config = message
+                with torch.device("meta"):
+                    net = ZImageControlNet(ControlNetConfig(**config), dtype=model.dtype)
+                net = net.to_empty(device=device).eval().requires_grad_(False)
+                _receive_weights(rank, requests, net, device)
+                nets[key] = net
+                results.put(("loaded", key, rank))
+                continue
             request = message[1]
-            out = _run(model, mode, request, device)
+            out = _run(model, mode, request, device, nets)
             if rank == 0:
                 results.put(("result", request["step"], _pack(out)))
     except BaseException as e:  # noqa: BLE001 - reported to the main process, which raises it
