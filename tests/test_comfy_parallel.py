@@ -90,13 +90,15 @@ def _workers() -> list:
     return [p for p in multiprocessing.active_children() if p.name.startswith("zimage-parallel-")]
 
 
-def test_controlnet_patch_runs_on_the_workers():
-    """ZImageControlNetApply before ZImageParallel: the control latent is encoded on the main process, the
-    ControlNet's weights go to the workers, which run its hooks between their sharded blocks."""
-    plain = demo_prompt(CONTROLNET_CANNY, seed=7, **SIZE)
+def test_controlnet_patch_runs_on_the_workers_data_parallel():
+    """ZImageControlNetApply before ZImageParallel in data mode (a batch of 2: one image per worker): the control
+    latent is encoded on the main process, the ControlNet's weights go to the workers, each runs its hooks on its
+    samples. (Sequence mode with ControlNet hooks: tests/test_parallel.py.)"""
+    plain = demo_prompt(CONTROLNET_CANNY, seed=7, batch_size=2, **SIZE)
     expected = _latent(plain)
-    prompt, _ = _with_parallel(plain, gpus="cpu,cpu", mode="sequence")
+    prompt, _ = _with_parallel(plain, gpus="cpu,cpu", mode="data")
     got = _latent(prompt)
+    assert got.shape[0] == 2
     assert float((got - expected).abs().max()) <= 1e-4
-    no_control = demo_prompt(CONTROLNET_CANNY, seed=7, ZImageControlNetApply__strength=0.0, **SIZE)
+    no_control = demo_prompt(CONTROLNET_CANNY, seed=7, batch_size=2, ZImageControlNetApply__strength=0.0, **SIZE)
     assert float((_latent(no_control) - expected).abs().max()) > 1e-3
