@@ -303,7 +303,8 @@ def _hooks(model: Any, nets: dict, controls: list[dict], device: torch.device, s
     for c in controls:
         control = _unpack(c["control"], device)
         if sl is not None and control.shape[0] > 1:
-            control = control[sl]
+            # The rows this slice of the batch would get: ControlRun cycles the control rows over the batch.
+            control = control[torch.arange(sl.start, sl.stop, device=control.device) % control.shape[0]]
         runs.append(ControlRun(nets[c["key"]], control, c["strength"], style=c["style"],
                                axes_dims=tuple(c["axes_dims"]), rope_theta=c["rope_theta"]))
     return ControlHooks(model, runs)
