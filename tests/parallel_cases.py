@@ -91,13 +91,17 @@ def inputs(case: str) -> dict:
         x, sigma, caps = ragged_inputs(seed=8, cap_lens=(12, 30), hw=(8, 8), batch=2)
         ref = torch.randn(1, 16, 6, 10, generator=torch.Generator().manual_seed(9))
         return {"x": x, "sigma": torch.full((2,), 0.5), "caps": caps, "ref": ref}
+    if case == "data_controlnet":  # data parallel, 4 samples, 2 control rows (ControlRun cycles them)
+        x, sigma, caps = ragged_inputs(seed=12, cap_lens=(20, 9, 20, 9), hw=(8, 12), batch=4)
+        control = torch.randn(2, 33, 8, 12, generator=torch.Generator().manual_seed(13))
+        return {"x": x, "sigma": torch.full((4,), 0.7), "caps": caps, "control": control}
     if case == "data":  # data parallel: 3 samples over G ranks (G = 4 leaves a rank without a sample)
         x, sigma, caps = ragged_inputs(seed=10, cap_lens=(9, 40, 25), hw=(8, 8), batch=3)
         return {"x": x, "sigma": torch.tensor([0.8, 0.5, 0.2]), "caps": caps}
     raise KeyError(case)
 
 
-CASES = ("t2i", "img2img", "cfg", "lora", "controlnet", "omni", "data")
+CASES = ("t2i", "img2img", "cfg", "lora", "controlnet", "omni", "data", "data_controlnet")
 
 
 def forward(model, case: str, data: dict, runner=None, hooks=None, sl: slice | None = None) -> torch.Tensor:
@@ -116,6 +120,7 @@ def worker(rank: int, world: int, port: int, out_dir: str, weights: str, cn_path
     import torch.distributed as dist
 
     from zimage_core.parallel import SequenceParallelRunner, data_parallel
+    from zimage_core.parallel.workers import control_hooks as worker_hooks
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -133,7 +138,14 @@ def worker(rank: int, world: int, port: int, out_dir: str, weights: str, cn_path
         for g, group in groups.items():
             if rank >= g:
                 continue
-            if case == "data":
+            if case == "data_controlnet":  # the workers' own hook builder, on each rank's slice of the batch
+                controls = [{"key": "cn", "control": data["control"], "strength": 0.8, "style": "diffusers",
+                             "axes_dims": model.config.axes_dims, "rope_theta": model.config.rope_theta}]
+                out = data_parallel(
+                    lambda sl, m=model, d=data, c=controls: forward(m, "data", d, sl=sl,
+                                                                    hooks=worker_hooks(m, {"cn": net}, c, sl)),
+                    data["x"].shape[0], data["x"], group)
+            elif case == "data":
                 b = data["x"].shape[0]
                 out = data_parallel(lambda sl, m=model, c=case, d=data: forward(m, c, d, sl=sl), b, data["x"], group)
             else:

@@ -54,7 +54,7 @@ def _single(reference, cn, case: str) -> torch.Tensor:
     _, plain, patched, _ = reference
     data = pc.inputs(case)
     model = patched if case == "lora" else plain
-    hooks = pc.control_hooks(model, pc.controlnet(cn), data["control"]) if case == "controlnet" else None
+    hooks = pc.control_hooks(model, pc.controlnet(cn), data["control"]) if "control" in data else None
     return pc.forward(model, case, data, hooks=hooks)
 
 

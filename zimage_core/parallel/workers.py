@@ -292,8 +292,9 @@ def _batch_part(omni: Any, sl: slice) -> Any:
                                siglip=cut(omni.siglip))
 
 
-def _hooks(model: Any, nets: dict, controls: list[dict], device: torch.device, sl: slice | None = None) -> Any:
-    """ControlHooks for the request's active ControlNets (None without), their control latents cut to `sl`."""
+def control_hooks(model: Any, nets: dict, controls: list[dict], sl: slice | None = None) -> Any:
+    """ControlHooks for active ControlNets (None without any): `controls` as `WorkerGroup.forward` takes them
+    (`key` into `nets`), for the samples `sl` of the batch (None: all)."""
     if not controls:
         return None
     from ..controlnet import ControlRun
@@ -301,7 +302,7 @@ def _hooks(model: Any, nets: dict, controls: list[dict], device: torch.device, s
 
     runs = []
     for c in controls:
-        control = _unpack(c["control"], device)
+        control = c["control"]
         if sl is not None and control.shape[0] > 1:
             # The rows this slice of the batch would get: ControlRun cycles the control rows over the batch.
             control = control[torch.arange(sl.start, sl.stop, device=control.device) % control.shape[0]]
@@ -330,15 +331,15 @@ def _run(model: Any, mode: str, request: dict, device: torch.device, nets: dict)
                           style=request["omni_style"])
     pos = tuple(request["image_pos"]) if request["image_pos"] else None
     with torch.no_grad():
-        controls = request.get("controls") or []
+        controls = [{**c, "control": _unpack(c["control"], device)} for c in request.get("controls") or []]
         if mode != "data":
-            hooks = _hooks(model, nets, controls, device)
+            hooks = control_hooks(model, nets, controls)
             return model(x, sigma, caps, image_pos=pos, omni=omni, runner=SequenceParallelRunner(None, hooks=hooks))
 
         def part(sl: slice) -> torch.Tensor:
             return model(x[sl], sigma[sl] if sigma.numel() > 1 else sigma, caps[sl] if len(caps) > 1 else caps,
                          image_pos=pos, omni=None if omni is None else _batch_part(omni, sl),
-                         hooks=_hooks(model, nets, controls, device, sl))
+                         hooks=control_hooks(model, nets, controls, sl))
         return data_parallel(part, x.shape[0], x, None)
 
 
