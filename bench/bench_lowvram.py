@@ -83,7 +83,10 @@ FILES = {
     "vae": ("vae", "ae.safetensors"),
 }
 WEIGHTS_VERSION = "zbench-lowvram-1"
-IMPLS = ("ours", "native", "ours_fp8", "native_fp8")  # *_fp8: fp8_e4m3fn weights (computed in bf16)
+# *_fp8: fp8_e4m3fn weights (computed in bf16); ours_q*: the transformer as a GGUF file of that quantisation mix
+# (weights kept quantised, dequantised per layer per step: nodes/gguf.py), the text encoder and VAE as for "ours".
+GGUF_IMPLS = {"ours_q8_0": "Q8_0", "ours_q5_k_m": "Q5_K_M", "ours_q4_k_m": "Q4_K_M"}
+IMPLS = ("ours", "native", "ours_fp8", "native_fp8", *GGUF_IMPLS)
 DEFAULT_IMPLS = ("ours", "native")
 MODES = ("default", "lowvram", "nodynamic")  # nodynamic: --disable-dynamic-vram (ComfyUI >= 0.18.2)
 DEFAULT_MODES = ("default", "lowvram")
@@ -99,6 +102,7 @@ ABSENT_ON_DEVICE = {
     # ComfyUI 0.28.0's (bench/prepare_device.sh 0.28.0 carries those it needs)
     "comfy_aimdo", "comfy_kitchen", "simpleeval", "blake3", "comfy_angle", "OpenGL",
     "comfyui_workflow_templates_core", "comfyui_workflow_templates_json",
+    "gguf",  # the GGUF reader's constants (carried as a wheel: bench/prepare_device.sh)
 }
 LOG_PATTERNS = ("Total VRAM", "Set vram state", "weight dtype", "manual cast", "model load device",
                 "VAE load device", "Z-Image", "loaded completely", "loaded partially", "Unloaded partially",
@@ -209,10 +213,138 @@ def write_safetensors_streaming(path: Path, shapes: dict[str, tuple[int, ...]], 
     return float(offset)
 
 
-def write_models(models_dir: Path, smoke: bool, device: str) -> dict:
-    """The three model files, each skipped when a file of this version and shape set is already there."""
+def gguf_name(mix: str) -> str:
+    return f"z_image_turbo-{mix}.gguf"
+
+
+def gguf_type(mix: str, key: str, shape: tuple[int, ...]) -> str:
+    """The GGML type of one transformer tensor in a `mix` file, after llama.cpp's rules for its presets (as
+    ComfyUI-GGUF's quantised Z-Image files are made): 1-D tensors F32; rows that are not whole blocks Q8_0
+    (or F16); Q8_0: every matrix Q8_0. Q4_K_M / Q5_K_M: Q4_K / Q5_K, with the attention output and FFN
+    down projections of every third block Q6_K (llama.cpp's "more bits" layers)."""
+    if len(shape) < 2:
+        return "F32"
+    if shape[-1] % 32:
+        return "F16"
+    if mix == "Q8_0" or shape[-1] % 256:
+        return "Q8_0"
+    base = {"Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K"}[mix]
+    parts = key.split(".")
+    more_bits = parts[0] == "layers" and int(parts[1]) % 3 == 0 and key.endswith(("attention.out.weight",
+                                                                                 "feed_forward.w2.weight"))
+    return "Q6_K" if more_bits else base
+
+
+# GGML block layouts used here: type -> (type id, values per block, bytes per block, fp16 scale offsets, scale
+# that gives a weight of spread `std`, offset of the fp16 minimum (None: symmetric), minimum / scale ratio).
+_GGML = {"F32": (0, 1, 4), "F16": (1, 1, 2), "Q8_0": (8, 32, 34), "Q4_K": (12, 256, 144), "Q5_K": (13, 256, 176),
+         "Q6_K": (14, 256, 210)}
+
+
+def _random_blocks(qtype: str, shape: tuple[int, ...], std: float, gen: Any) -> Any:
+    """Random valid blocks for a weight of spread about `std` (random values: only speed is measured): random
+    bytes whose fp16 scales give values of that size, and whose minimums centre them on zero."""
+    import torch
+
+    _, elems, size = _GGML[qtype]
+    n = math.prod(shape) // elems
+    blocks = torch.randint(0, 256, (n, size), dtype=torch.uint8, generator=gen, device=gen.device)
+
+    def put(at: int, value: float) -> None:
+        jitter = 1 + 0.1 * torch.rand(n, generator=gen, device=gen.device)
+        blocks[:, at:at + 2] = (jitter * value).to(torch.float16).view(torch.uint8).reshape(n, 2)
+
+    if qtype == "Q8_0":  # d * q, q uniform in [-128, 127] (std ~74)
+        put(0, std / 74)
+    elif qtype in ("Q4_K", "Q5_K"):  # d*sc*q - dmin*m, sc and m uniform in [0, 63], q in [0, 15] or [0, 31]
+        q_mean = 7.5 if qtype == "Q4_K" else 15.5
+        d = std / (31.5 * q_mean * 0.6)
+        put(0, d)
+        put(2, d * q_mean)
+    elif qtype == "Q6_K":  # d * scale * (q - 32), scale int8, q in [0, 63]
+        put(208, std / (74 * 18))
+    return blocks
+
+
+def write_gguf_streaming(path: Path, shapes: dict[str, tuple[int, ...]], mix: str, device: str, seed: int,
+                         stamp: str) -> float:
+    """A random-weight transformer as a GGUF file in ComfyUI-GGUF's layout (the safetensors keys without a
+    prefix, general.architecture "lumina2"), written with the format's own layout (header, metadata, tensor
+    infos, 32-byte aligned data) tensor by tensor, generated on `device`. Returns the bytes written."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import fixtures as F
+
+    def gstr(text: str) -> bytes:
+        raw = text.encode()
+        return struct.pack("<Q", len(raw)) + raw
+
+    names = sorted(shapes)
+    types = {n: gguf_type(mix, n, shapes[n]) for n in names}
+    kv = [("general.architecture", "lumina2"), ("general.name", f"RANDOM Z-Image-Turbo {mix} (benchmark)"),
+          ("zbench.stamp", stamp)]
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(names), len(kv))
+    for key, value in kv:
+        head += gstr(key) + struct.pack("<I", 8) + gstr(value)
+    offset, offsets = 0, {}
+    for n in names:
+        type_id, elems, size = _GGML[types[n]]
+        dims = tuple(reversed(shapes[n]))
+        head += gstr(n) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, type_id, offset)
+        offsets[n] = offset
+        offset += -(-(math.prod(shapes[n]) // elems * size) // 32) * 32
+    head += b"\0" * (-len(head) % 32)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f, ThreadPoolExecutor(max_workers=1) as pool:
+        f.write(head)
+        pending = []
+        for n in names:
+            qtype, shape = types[n], shapes[n]
+            if qtype in ("F32", "F16"):
+                t = F.random_tensor(n, shape, gen, dtype=torch.float32 if qtype == "F32" else torch.float16)
+                data = t.reshape(-1).view(torch.uint8)
+            else:
+                data = _random_blocks(qtype, shape, 1.0 / math.sqrt(shape[-1]), gen).reshape(-1)
+            pad = -data.numel() % 32
+            host = torch.cat([data, torch.zeros(pad, dtype=torch.uint8, device=data.device)]).cpu().numpy()
+            pending.append(pool.submit(f.write, host))
+            if len(pending) > 2:
+                pending.pop(0).result()
+        for p in pending:
+            p.result()
+    os.replace(tmp, path)
+    return float(len(head) + offset)
+
+
+def _gguf_stamp(path: Path) -> str | None:
+    sys.path.insert(0, str(REPO))
+    try:
+        from zimage_core.checkpoint.gguf import open_gguf
+
+        return open_gguf(path, "a benchmark file").fields.get("zbench.stamp")
+    except Exception:  # noqa: BLE001 - rewritten
+        return None
+
+
+def write_models(models_dir: Path, smoke: bool, device: str, gguf_mixes: tuple[str, ...] = ()) -> dict:
+    """The three model files (and the transformer as GGUF in each of `gguf_mixes`), each skipped when a file of
+    this version and shape set is already there."""
     info: dict[str, Any] = {}
     specs = model_specs(smoke)
+    dit_shapes = specs["dit"][0]
+    for mix in gguf_mixes:
+        path = models_dir / "diffusion_models" / gguf_name(mix)
+        stamp = f"{WEIGHTS_VERSION}:{'smoke' if smoke else 'full'}:{mix}:{sum(math.prod(s) for s in dit_shapes.values())}"
+        if path.is_file() and _gguf_stamp(path) == stamp:
+            info[f"dit_{mix}"] = {"path": str(path), "written": False, "gib": path.stat().st_size / GiB}
+            continue
+        t0 = time.perf_counter()
+        nbytes = write_gguf_streaming(path, dit_shapes, mix, device, 7, stamp)
+        info[f"dit_{mix}"] = {"path": str(path), "written": True, "gib": nbytes / GiB, "s": time.perf_counter() - t0}
+        log(f"wrote {path} ({nbytes / GiB:.2f} GiB) in {time.perf_counter() - t0:.1f} s")
     for seed, (role, (shapes, dtype_name)) in enumerate(specs.items()):
         folder, name = FILES[role]
         path = models_dir / folder / name
@@ -235,7 +367,8 @@ def writer_main(args: argparse.Namespace) -> None:
 
     device = "cuda" if (torch.cuda.is_available() and not args.smoke) else "cpu"
     t0 = time.perf_counter()
-    files = write_models(Path(args.models_dir), args.smoke, device)
+    mixes = tuple(m for m in (args.gguf or "").split(",") if m)
+    files = write_models(Path(args.models_dir), args.smoke, device, mixes)
     env = {"torch": torch.__version__, "python": sys.version.split()[0], "cpu_count": os.cpu_count(),
            "write_s": time.perf_counter() - t0, "files": files, "device": device}
     if device == "cuda":
@@ -465,6 +598,8 @@ def build_prompt(impl: str, classes: dict[str, Any], size: int, steps: int, seed
     dit, te, vae = (FILES[r][1] for r in ("dit", "te", "vae"))
     b = PromptBuilder(classes)
     weight_dtype = "fp8_e4m3fn" if impl.endswith("_fp8") else "default"
+    if impl in GGUF_IMPLS:
+        dit = gguf_name(GGUF_IMPLS[impl])
     if impl.startswith("ours"):
         b.add("load_dit", "ZImageModelLoader", {"model_name": dit, "weight_dtype": weight_dtype})
         b.add("load_te", "ZImageTextEncoderLoader", {"text_encoder_name": te})
@@ -539,7 +674,7 @@ def _is_oom(text: str) -> bool:
 
 def child_main(cfg_path: Path) -> None:
     cfg = json.loads(cfg_path.read_text())
-    res: dict[str, Any] = {k: cfg[k] for k in ("impl", "mode", "limit")}
+    res: dict[str, Any] = {k: cfg[k] for k in ("impl", "mode", "limit", "steps")}
     res["status"] = "error"
     lines: list[str] = []
 
@@ -811,7 +946,8 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
 
 
 def table(results: list[dict]) -> str:
-    head = ("impl", "mode", "limit", "dyn", "s/image", "each image s", "TE s", "sample s", "decode s", "alloc GiB",
+    head = ("impl", "mode", "limit", "dyn", "s/image", "each image s", "TE s", "sample s", "step s", "decode s",
+            "alloc GiB",
             "reserved GiB", "alloc all", "used+ GiB", "first s", "status")
     rows = [head]
     for r in results:
@@ -819,7 +955,9 @@ def table(results: list[dict]) -> str:
         dyn = {True: "on", False: "off"}.get(r.get("dynamic_vram"), "–")
         rows.append((r["impl"], r["mode"], r["limit"] if r["limit"] == "resident" else f"{r['limit']} GiB", dyn,
                      _fmt(r.get("s_per_image")), "/".join(_fmt(t) for t in r.get("times_s", [])) or "–",
-                     _fmt(n.get("encode")), _fmt(n.get("sample")), _fmt(n.get("decode")),
+                     _fmt(n.get("encode")), _fmt(n.get("sample")),
+                     _fmt(n["sample"] / r["steps"], ".3f") if "sample" in n and r.get("steps") else "–",
+                     _fmt(n.get("decode")),
                      _fmt(r.get("peak_alloc_warm_gib")), _fmt(r.get("peak_reserved_warm_gib")),
                      _fmt(r.get("peak_alloc_all_gib")), _fmt(r.get("device_used_growth_gib")),
                      _fmt(r.get("first_run_s"), ".1f"), r.get("status", "?")))
@@ -869,7 +1007,8 @@ def parent_main(args: argparse.Namespace) -> None:
 
     # 1. model files (a subprocess: the parent never holds a CUDA context, which would eat into the limits)
     w_out, w_log = work_root / "writer.json", work_root / "writer.log"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--writer-out", str(w_out), "--models-dir", str(models_dir)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--writer-out", str(w_out), "--models-dir", str(models_dir),
+           "--gguf", ",".join(dict.fromkeys(GGUF_IMPLS[c[0]] for c in configs if c[0] in GGUF_IMPLS))]
     rc, dt = _run_child(cmd + (["--smoke"] if args.smoke else []), w_log, max(60.0, args.budget - 60))
     combined.write(f"===== writer (rc {rc}, {dt:.1f} s)\n{_tail(w_log, 60)}\n")
     if rc != 0 or not w_out.is_file():
@@ -959,7 +1098,8 @@ def _default_comfy_dir() -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--impls", default=",".join(DEFAULT_IMPLS), help="ours,native[,ours_fp8,native_fp8]")
+    ap.add_argument("--impls", default=",".join(DEFAULT_IMPLS),
+                    help="ours,native[,ours_fp8,native_fp8,ours_q8_0,ours_q5_k_m,ours_q4_k_m]")
     ap.add_argument("--modes", default=",".join(DEFAULT_MODES),
                     help="default,lowvram (ComfyUI's --lowvram)[,nodynamic (--disable-dynamic-vram, ComfyUI >= 0.18.2)]")
     ap.add_argument("--limits", default=",".join(LIMITS), help="VRAM limits in GiB, or resident (no limit)")
@@ -985,6 +1125,7 @@ def main() -> None:
                     help="hide packages the GPU machine lacks (default: on with --smoke)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--writer-out", help=argparse.SUPPRESS)
+    ap.add_argument("--gguf", help=argparse.SUPPRESS)  # the writer: GGUF mixes to write
     args = ap.parse_args()
     if args.child:
         return child_main(Path(args.child))

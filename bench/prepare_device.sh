@@ -7,7 +7,8 @@
 #                       .git, tests, the API nodes and the tokenizers of other models (ComfyUI's Z-Image path
 #                       and this pack only need comfy/text_encoders/qwen25_tokenizer).
 #   .whl/               wheels of what ComfyUI imports at start-up and the GPU machine lacks (KINDS.md's list):
-#                       torchsde 0.2.6 (comfy.k_diffusion.sampling imports it) and its dependency trampoline.
+#                       torchsde 0.2.6 (comfy.k_diffusion.sampling imports it) and its dependency trampoline;
+#                       gguf 0.19.0 (the GGUF reader of zimage_core; pure Python, needs numpy and pyyaml).
 #                       PyAV (`av`, ~35 MB with FFmpeg) is NOT carried: bench_lowvram.py puts a stand-in on the
 #                       path when `import av` fails (only ComfyUI's video/audio helpers use it).
 #                       Everything else ComfyUI imports at boot is on the machine (aiohttp, yarl, pyyaml, Pillow,
@@ -32,11 +33,11 @@ cd "$ROOT"
 VERSION="${1:-0.3.75}"
 case "$VERSION" in
   0.3.75) SRC="${ZIMAGE_COMFYUI_DIR:-$ROOT/.comfyui/ComfyUI}"; DST=.device/comfy_src; WHL=.whl
-          WHEELS=(torchsde==0.2.6 trampoline==0.1.2 diffusers==0.42.1 importlib_metadata==10.2.0) ;;
+          WHEELS=(torchsde==0.2.6 trampoline==0.1.2 diffusers==0.42.1 importlib_metadata==10.2.0 gguf==0.19.0) ;;
   0.28.0) SRC="${ZIMAGE_COMFYUI_DIR:-$ROOT/.comfyui/ComfyUI-0.28.0}"; DST=.device/comfy_src-0.28.0; WHL=.whl-0.28.0
           WHEELS=(torchsde==0.2.6 trampoline==0.1.2 comfy-aimdo==0.4.10 comfy-kitchen==0.2.22 simpleeval==1.0.8
                   blake3==1.0.11 SQLAlchemy==2.1.9 pydantic==2.14.4 pydantic_core==2.50.5 annotated_types==0.8.0
-                  typing_inspection==0.4.5 typing_extensions==4.16.0) ;;
+                  typing_inspection==0.4.5 typing_extensions==4.16.0 gguf==0.19.0) ;;
   *) echo "prepare_device.sh: unknown ComfyUI version '$VERSION' (0.3.75 or 0.28.0)" >&2; exit 2 ;;
 esac
 [ -f "$SRC/execution.py" ] || { echo "no ComfyUI at $SRC: run scripts/setup.sh $VERSION first" >&2; exit 1; }

@@ -15,8 +15,10 @@ import comfy.ops
 import comfy.sd
 import torch
 
+from ..zimage_core.accel.streaming import HostPinner
 from .core_model import load_options
 from .errors import load_explained
+from .gguf import GGUFLayerLoader, gguf_operations, gguf_patcher_class
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,31 @@ class ZImageClipModel(torch.nn.Module):
         # Set by ZImageCLIP.load_model: the GPU to stream the weights through for the next encode,
         # when they stay on the CPU because the GPU has no room for them.
         self.stream_device: torch.device | None = None
+        self._pinner: HostPinner | None = None
+
+    def pin_host_weights(self) -> None:
+        """From now on, whenever the weights are (or come back) in CPU memory, page-lock them in the background:
+        a later streamed encode then copies them at once instead of pinning 7.3 GiB inside the prompt."""
+        if self._pinner is None:
+            self._pinner = HostPinner(self)
+        self._pinner.start()
+
+    def wait_host_weights(self) -> None:
+        """Called before anything moves or reads the weights: a background pin still running finishes first."""
+        if self._pinner is not None:
+            self._pinner.wait()
+            if self._pinner.error is not None:
+                log.warning("Z-Image text encoder: cannot page-lock its CPU weights (%s); streaming pins them per "
+                            "encode instead.", self._pinner.error)
+                self._pinner = None  # do not try again on every offload
+
+    def _apply(self, fn, recurse=True):
+        # Every whole-model move (`.to(device)` by ComfyUI's patcher, on load and offload) passes here.
+        self.wait_host_weights()
+        out = super()._apply(fn, recurse)
+        if self._pinner is not None:
+            self._pinner.start()  # back in CPU memory (an offload): pin while the diffusion model samples
+        return out
 
     def reset_clip_options(self) -> None:
         pass
@@ -105,6 +132,7 @@ class ZImageClipModel(torch.nn.Module):
             raise ValueError("Z-Image text encoder: these tokens come from another model's tokenizer. Encode the "
                              "prompt with the CLIP from ZImageTextEncoderLoader (or CLIPLoader type lumina2).")
         ids = [t[0] for chunk in chunks for t in chunk]
+        self.wait_host_weights()
         (features,) = self._encode(ids)
         cond = features.unsqueeze(0).to(mm.intermediate_device(), torch.float32)
         mask = torch.ones(cond.shape[:2], dtype=torch.long, device=cond.device)
@@ -147,6 +175,7 @@ class ZImageCLIP(comfy.sd.CLIP):
         device = patcher.load_device
         to_move = patcher.model_size() - patcher.loaded_size()
         model = self.cond_stage_model
+        model.wait_host_weights()
         model.stream_device = None
         if mm.is_device_cpu(device) or to_move <= 0:
             return super().load_model(*args, **kwargs)  # nothing to move
@@ -193,9 +222,15 @@ def load_zimage_clip(path: str) -> comfy.sd.CLIP:
     offload_device = mm.text_encoder_offload_device()
     # Stored as the file has it (fp8 files dequantized to bf16), computed as ComfyUI computes it: manual_cast
     # layers cast each weight to the compute dtype per call, as native CLIPLoader's do.
+    from ..zimage_core.checkpoint.gguf import is_gguf
+
+    operations, layer_loader = comfy.ops.manual_cast, None
+    if is_gguf(path):  # block-quantised weights stay quantised, dequantised per layer per call (nodes.gguf)
+        operations = gguf_operations(comfy.ops.manual_cast)
+        layer_loader = GGUFLayerLoader(operations, torch.float32)
     encoder = load_explained(
-        lambda: load_text_encoder(path, device=offload_device, operations=comfy.ops.manual_cast,
-                                  compute_dtype=text_encoder_compute_dtype(load_device),
+        lambda: load_text_encoder(path, device=offload_device, operations=operations,
+                                  compute_dtype=text_encoder_compute_dtype(load_device), layer_loader=layer_loader,
                                   **load_options()),
         path,
         "the Qwen3-4B text encoder of Z-Image (qwen_3_4b.safetensors)",
@@ -203,5 +238,22 @@ def load_zimage_clip(path: str) -> comfy.sd.CLIP:
     encoder.model.eval().requires_grad_(False)
     options = {"load_device": load_device, "offload_device": offload_device, "initial_device": offload_device,
                "dtype": encoder.dtype}
-    return ZImageCLIP(target=_Target(encoder), model_options=options)
+    clip = ZImageCLIP(target=_Target(encoder), model_options=options)
+    if layer_loader is not None:  # LoRA patches on quantised weights: applied to the dequantised weight
+        clip.patcher.__class__ = gguf_patcher_class(type(clip.patcher))
+    if _pin_host(load_device, offload_device, clip.patcher.model_size()):
+        clip.cond_stage_model.pin_host_weights()
+    return clip
+
+
+def _pin_host(load_device: torch.device, offload_device: torch.device, size: int) -> bool:
+    """Page-lock the encoder's CPU weights (in the background) when a GPU may stream them: the load device is a
+    CUDA GPU, the weights live in CPU memory between prompts, and the host has room to spare for it."""
+    if load_device.type != "cuda" or offload_device.type != "cpu":
+        return False
+    try:
+        import psutil
+        return psutil.virtual_memory().available > 2 * size
+    except Exception:  # noqa: BLE001 - psutil missing or unreadable: do not pin blind
+        return False
 

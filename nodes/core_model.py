@@ -22,8 +22,9 @@ import comfy.supported_models
 import torch
 
 from ..zimage_core.transformer import ZImageTransformer
-from .comfy_compat import CorePatcher, archive_model_dtypes, set_quant_config
+from .comfy_compat import ClassicPatcher, CorePatcher, archive_model_dtypes, set_quant_config
 from .errors import load_explained
+from .gguf import GGUFLayerLoader, GGUFPatching, gguf_operations
 from .memory import ZImageBaseModel, make_patcher
 from .model_call import BLOCK_CALL_KEY, OMNI_REFERENCE_KEY, ZImageDiffusionModel
 from .precision import (
@@ -75,10 +76,13 @@ def _unet_config(model: ZImageTransformer) -> dict:
 
 def load_zimage_model(path: str, weight_dtype: str) -> comfy.model_patcher.ModelPatcher:
     """A core MODEL (ModelPatcher over model_base.Lumina2) whose diffusion model is zimage_core's."""
+    from ..zimage_core.checkpoint.gguf import is_gguf
     from ..zimage_core.transformer import load_transformer, transformer_quant_layers
 
     load_device = mm.get_torch_device()
     offload_device = mm.unet_offload_device()
+    if is_gguf(path):
+        return _load_gguf_model(path, weight_dtype, load_device, offload_device)
     compute = compute_dtype_for(load_device)
     storage = WEIGHT_DTYPES[weight_dtype]
     fp8_attention = storage == "fp8_matmul_attention"
@@ -114,9 +118,38 @@ def load_zimage_model(path: str, weight_dtype: str) -> comfy.model_patcher.Model
     return as_core_model(diffusion_model, storage, manual_cast, load_device, offload_device, quant_layers)
 
 
+def _load_gguf_model(path: str, weight_dtype: str, load_device: torch.device,
+                     offload_device: torch.device) -> comfy.model_patcher.ModelPatcher:
+    """A GGUF transformer (ComfyUI-GGUF's layout): block-quantised weights stay quantised in memory and are
+    dequantised per layer per call (nodes.gguf); the file's float tensors are stored in the compute dtype
+    (or the weight_dtype asked for), and computed as ComfyUI computes that storage on this device."""
+    from ..zimage_core.transformer import load_transformer
+
+    storage = WEIGHT_DTYPES[weight_dtype]
+    if storage not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(f"ZImageModelLoader: {path} is a GGUF file, quantised already; weight_dtype "
+                         f"{weight_dtype!r} does not apply to it. Choose weight_dtype 'default' (or bf16/fp16).")
+    storage = storage or compute_dtype_for(load_device)
+    manual_cast = manual_cast_for(storage, load_device)
+    ops = gguf_operations(operations_for(model_config_for({}), storage, manual_cast, load_device))
+    diffusion_model = load_explained(
+        lambda: load_transformer(path, dtype=storage, device=offload_device, operations=ops,
+                                 model_class=ZImageDiffusionModel, layer_loader=GGUFLayerLoader(ops, storage),
+                                 **load_options()), path, WHAT, FIX)
+    diffusion_model.eval().requires_grad_(False)
+    if manual_cast is not None:
+        diffusion_model.compute_dtype = manual_cast
+    log.info("Z-Image model %s: GGUF, float tensors %s, compute %s, load device %s", path, storage,
+             manual_cast or storage, load_device)
+    # The classic patcher, as ComfyUI-GGUF's: dynamic VRAM streams only comfy.ops' own weight formats.
+    return as_core_model(diffusion_model, storage, manual_cast, load_device, offload_device,
+                         patcher=(ClassicPatcher, (GGUFPatching,)))
+
+
 def as_core_model(diffusion_model: ZImageDiffusionModel, weight_dtype: torch.dtype, manual_cast: torch.dtype | None,
                   load_device: torch.device, offload_device: torch.device,
-                  quant_layers: dict[str, dict] | None = None) -> comfy.model_patcher.ModelPatcher:
+                  quant_layers: dict[str, dict] | None = None,
+                  patcher: tuple[type | None, tuple[type, ...]] = (None, ())) -> comfy.model_patcher.ModelPatcher:
     """Wrap a built ZImageDiffusionModel as a core MODEL: model_base.Lumina2 with supported_models.ZImage
     (marked mixed precision, as ComfyUI's detection marks it, for a comfy_quant file's layers)."""
     model_config = comfy.supported_models.ZImage(_unet_config(diffusion_model))
@@ -126,7 +159,7 @@ def as_core_model(diffusion_model: ZImageDiffusionModel, weight_dtype: torch.dty
     model = ZImageBaseModel(model_config)
     model.diffusion_model = diffusion_model
     archive_model_dtypes(model.diffusion_model)
-    return make_patcher(model, load_device, offload_device)
+    return make_patcher(model, load_device, offload_device, *patcher)
 
 
 def is_zimage_model(model: Any) -> bool:

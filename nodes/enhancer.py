@@ -119,6 +119,7 @@ class ZImagePromptEnhancer:
         lm = CausalLM.from_encoder(encoder, tail.model, compute_dtype=text_encoder_compute_dtype(
             patcher.load_device, generating_from=encoder.dtype))
         prompt = prompt_ids(encoder.tokenizer, text, mode)  # instruction + idea: sized before loading
+        getattr(clip.cond_stage_model, "wait_host_weights", lambda: None)()  # a background pin finishes first
         mm.load_models_gpu([patcher, tail], memory_required=lm.memory_required(len(prompt[0]) + int(max_new_tokens)))
         pbar = comfy.utils.ProgressBar(max_new_tokens)
 

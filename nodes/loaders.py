@@ -10,6 +10,7 @@ from ..zimage_core.checkpoint import model_fingerprint
 from .core_clip import load_zimage_clip
 from .core_model import WEIGHT_DTYPES, load_zimage_model
 from .core_vae import load_zimage_vae
+from .gguf import GGUF_FOLDERS, GGUF_SUFFIX
 
 NODE_CATEGORY = "Z-Image/loaders"
 
@@ -26,8 +27,28 @@ def _diffusers_components(component: str) -> list[str]:
     return found
 
 
+def _gguf_roots(folder: str) -> list[str]:
+    """The folders .gguf files are listed from: ComfyUI's folder, and ComfyUI-GGUF's name for it where registered."""
+    roots = list(folder_paths.get_folder_paths(folder))
+    gguf_folder = GGUF_FOLDERS.get(folder)
+    if gguf_folder in folder_paths.folder_names_and_paths:
+        roots += [r for r in folder_paths.get_folder_paths(gguf_folder) if r not in roots]
+    return roots
+
+
+def _gguf_files(folder: str) -> list[str]:
+    """The .gguf files under a model folder (ComfyUI's own listing leaves them out: not a torch extension)."""
+    found: set[str] = set()
+    for root in _gguf_roots(folder):
+        if os.path.isdir(root):
+            files, _ = folder_paths.recursive_search(root, excluded_dir_names=[".git"])
+            found.update(folder_paths.filter_files_extensions(files, {GGUF_SUFFIX}))
+    return sorted(found)
+
+
 def _choices(folder: str, component: str) -> list[str]:
-    return folder_paths.get_filename_list(folder) + _diffusers_components(component)
+    listed = folder_paths.get_filename_list(folder)
+    return listed + [f for f in _gguf_files(folder) if f not in listed] + _diffusers_components(component)
 
 
 def _changed_by(folder: str, component: str, input_name: str):
@@ -49,6 +70,11 @@ def _resolve(folder: str, component: str, name: str) -> str:
             path = os.path.join(root, name)
             if os.path.isdir(path):
                 return path
+    if name.lower().endswith(GGUF_SUFFIX):
+        for root in _gguf_roots(folder):
+            path = os.path.join(root, os.path.relpath(os.path.join("/", name), "/"))
+            if os.path.isfile(path):
+                return path
     return folder_paths.get_full_path_or_raise(folder, name)
 
 
@@ -68,7 +94,8 @@ class ZImageModelLoader:
             # display_name: the label the frontend shows (a short one leaves room for the file name).
             "model_name": (_choices("diffusion_models", "transformer"),
                            {"display_name": "model", "tooltip": "The transformer file in models/diffusion_models "
-                                       "(z_image_turbo_bf16.safetensors), or <pipeline>/transformer of a "
+                                       "(z_image_turbo_bf16.safetensors, or a GGUF such as "
+                                       "z_image_turbo-Q8_0.gguf), or <pipeline>/transformer of a "
                                        "diffusers download in models/diffusers."}),
             "weight_dtype": (list(WEIGHT_DTYPES), {
                 "default": "default",
@@ -101,7 +128,8 @@ class ZImageTextEncoderLoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "text_encoder_name": (_choices("text_encoders", "text_encoder"),
-                                  {"display_name": "text_encoder", "tooltip": "The Qwen3-4B file in models/text_encoders (qwen_3_4b.safetensors), "
+                                  {"display_name": "text_encoder", "tooltip": "The Qwen3-4B file in models/text_encoders (qwen_3_4b.safetensors, or a "
+                                              "Qwen3-4B GGUF such as Qwen3-4B-Q8_0.gguf), "
                                               "or <pipeline>/text_encoder of a diffusers download in "
                                               "models/diffusers (its tokenizer/ is used)."}),
         }}

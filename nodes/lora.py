@@ -27,7 +27,11 @@ FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def _shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    for name, m in module.named_modules():  # GGUF layers store bytes: the weight's own shape (nodes/gguf.py)
+        if getattr(m, "gguf_type", None) is not None:
+            shapes[f"{name}.weight" if name else "weight"] = tuple(m.gguf_shape)
+    return shapes
 
 
 def _fp8_note(model, targets) -> str | None:

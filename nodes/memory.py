@@ -97,16 +97,18 @@ class _PartialLoading:
         return super().partially_load(device_to, extra_memory, force_patch_weights=force_patch_weights)
 
 
-_PATCHERS: dict[type, type] = {}
+_PATCHERS: dict[tuple, type] = {}
 
 
-def patcher_class() -> type:
-    """Our patcher: ComfyUI's current core patcher class with the partial-loading policy above."""
-    base = core_patcher_class()
-    if base not in _PATCHERS:
-        _PATCHERS[base] = type("ZImageModelPatcher", (_PartialLoading, base), {})
-    return _PATCHERS[base]
+def patcher_class(base: type | None = None, mixins: tuple[type, ...] = ()) -> type:
+    """Our patcher: ComfyUI's current core patcher class (or `base`) with the partial-loading policy above and
+    `mixins` (e.g. GGUF's run-time LoRA patches)."""
+    base = base or core_patcher_class()
+    if (base, mixins) not in _PATCHERS:
+        _PATCHERS[(base, mixins)] = type("ZImageModelPatcher", (*mixins, _PartialLoading, base), {})
+    return _PATCHERS[(base, mixins)]
 
 
-def make_patcher(model: Any, load_device: torch.device, offload_device: torch.device) -> Any:
-    return patcher_class()(model, load_device=load_device, offload_device=offload_device)
+def make_patcher(model: Any, load_device: torch.device, offload_device: torch.device, base: type | None = None,
+                 mixins: tuple[type, ...] = ()) -> Any:
+    return patcher_class(base, mixins)(model, load_device=load_device, offload_device=offload_device)

@@ -287,8 +287,9 @@ def expose_models(chosen: dict, stage_dir: Path) -> dict[str, str]:
             if current and os.path.realpath(current) == os.path.realpath(path):
                 names[nid] = found.name
                 continue
-            if path.suffix != ".safetensors":
-                raise UsageError(f"{role.option} {found.requested}: not a .safetensors file (only those are loaded)")
+            if path.suffix not in (".safetensors", ".gguf"):
+                raise UsageError(f"{role.option} {found.requested}: not a .safetensors or .gguf file (only those "
+                                 "are loaded)")
             link, name = stage_dir / role.folder / path.name, path.name
         link.parent.mkdir(parents=True, exist_ok=True)
         if link.is_symlink() and os.path.realpath(link) != os.path.realpath(path):
@@ -303,7 +304,7 @@ def expose_models(chosen: dict, stage_dir: Path) -> dict[str, str]:
 def use_demo_models(chosen: dict, models_dir: Path) -> dict[str, str]:
     import folder_paths
 
-    from zimage_core.demo_weights import write_demo_models
+    from zimage_core.demo_weights import DEMO_GGUF_FILES, write_demo_gguf_models, write_demo_models
 
     demo_dir = ROOT / "demo_models"
     wanted = ", ".join(dict.fromkeys(f"{f.requested} ({f.role.folder}/)" for _, f in chosen.values()))
@@ -316,7 +317,13 @@ def use_demo_models(chosen: dict, models_dir: Path) -> dict[str, str]:
     names = write_demo_models(demo_dir)
     for folder in names:
         folder_paths.add_model_folder_path(folder, str(demo_dir / folder), is_default=True)
-    return {nid: names[role.folder] for nid, (role, _) in chosen.items()}
+    out = {nid: names[role.folder] for nid, (role, _) in chosen.items()}
+    gguf_nodes = {nid for nid, (role, f) in chosen.items() if f.requested.lower().endswith(".gguf")
+                  and role.folder in DEMO_GGUF_FILES}
+    if gguf_nodes:  # the workflow names GGUF files: the demo models as GGUF too
+        gguf_names = write_demo_gguf_models(demo_dir)
+        out.update({nid: gguf_names[chosen[nid][0].folder] for nid in gguf_nodes})
+    return out
 
 
 def use_demo_pictures(prompt: dict, input_dir: Path) -> None:

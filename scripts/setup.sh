@@ -89,6 +89,27 @@ def __getattr__(name):
 PY
 }
 
+# The venv of one copied ComfyUI (0.18.1, 0.28.0): its requirements and the pack's, installed again only when
+# the copy (`src_hash`) or the requirements change. Extra arguments name further install steps (functions).
+comfy_venv() {
+  local version="$1" venv="$2" comfy="$3" src_hash="$4" step stamp; shift 4
+  make_venv "$venv"
+  stamp="$venv/.zimage-setup-$( (echo "$src_hash"; cat "$ROOT/requirements.txt" "$ROOT/requirements-test.txt") \
+         | md5sum | cut -c1-12)"
+  if [ ! -f "$stamp" ]; then
+    log "installing ComfyUI $version's and the pack's Python packages into $venv"
+    # One resolver run for ComfyUI's requirements and the pack's, so they cannot disagree.
+    pip_in "$venv" install -c "$venv/constraints.txt" -r "$comfy/requirements-cpu.txt" requests \
+      -r "$ROOT/requirements.txt" -r "$ROOT/requirements-test.txt"
+    install_torchvision "$venv"
+    for step in "$@"; do "$step" "$venv"; done
+    rm -f "$venv"/.zimage-setup-*
+    touch "$stamp"
+  fi
+  log "ready: ComfyUI $version venv=$venv comfyui=$comfy"
+}
+
+
 if wants 0.3.75; then
   make_venv "$VENV"
   stamp="$VENV/.zimage-setup-$(cat "$ROOT/requirements.txt" "$ROOT/requirements-test.txt" "$ROOT/scripts/setup.sh" \
@@ -141,19 +162,7 @@ if wants 0.18.1; then
     mv "$COMFY_0181.tmp" "$COMFY_0181"
     echo "$src_hash" > "$COMFY_0181/.installed"
   fi
-  make_venv "$VENV_0181"
-  stamp="$VENV_0181/.zimage-setup-$( (echo "$src_hash"; cat "$ROOT/requirements.txt" "$ROOT/requirements-test.txt") \
-         | md5sum | cut -c1-12)"
-  if [ ! -f "$stamp" ]; then
-    log "installing ComfyUI 0.18.1's and the pack's Python packages into $VENV_0181"
-    # One resolver run for ComfyUI's requirements and the pack's, so they cannot disagree.
-    pip_in "$VENV_0181" install -c "$VENV_0181/constraints.txt" -r "$COMFY_0181/requirements-cpu.txt" requests \
-      -r "$ROOT/requirements.txt" -r "$ROOT/requirements-test.txt"
-    install_torchvision "$VENV_0181"
-    rm -f "$VENV_0181"/.zimage-setup-*
-    touch "$stamp"
-  fi
-  log "ready: ComfyUI 0.18.1 venv=$VENV_0181 comfyui=$COMFY_0181"
+  comfy_venv 0.18.1 "$VENV_0181" "$COMFY_0181" "$src_hash"
 fi
 
 if wants 0.28.0; then
@@ -175,17 +184,5 @@ if wants 0.28.0; then
     cpu_requirements "$COMFY_0280"
     echo "$src_hash" > "$COMFY_0280/.installed"
   fi
-  make_venv "$VENV_0280"
-  stamp="$VENV_0280/.zimage-setup-$( (echo "$src_hash"; cat "$ROOT/requirements.txt" "$ROOT/requirements-test.txt") \
-         | md5sum | cut -c1-12)"
-  if [ ! -f "$stamp" ]; then
-    log "installing ComfyUI 0.28.0's and the pack's Python packages into $VENV_0280"
-    pip_in "$VENV_0280" install -c "$VENV_0280/constraints.txt" -r "$COMFY_0280/requirements-cpu.txt" requests \
-      -r "$ROOT/requirements.txt" -r "$ROOT/requirements-test.txt"
-    install_torchvision "$VENV_0280"
-    install_torchaudio_standin "$VENV_0280"
-    rm -f "$VENV_0280"/.zimage-setup-*
-    touch "$stamp"
-  fi
-  log "ready: ComfyUI 0.28.0 venv=$VENV_0280 comfyui=$COMFY_0280"
+  comfy_venv 0.28.0 "$VENV_0280" "$COMFY_0280" "$src_hash" install_torchaudio_standin
 fi

@@ -46,6 +46,7 @@ TWO_LORAS = WORKFLOWS / "z_image_turbo_two_loras.json"
 BASE_T2I = WORKFLOWS / "z_image_base_text_to_image.json"
 BASE_DISTILL_LORA = WORKFLOWS / "z_image_base_distill_lora.json"
 OMNI_EDIT = WORKFLOWS / "z_image_omni_reference_edit.json"
+GGUF_T2I = WORKFLOWS / "z_image_turbo_gguf.json"
 SOURCE_IMAGE = "zimage_test_source.png"
 LOADER_INPUTS = {
     "ZImageModelLoader": ("model_name", "diffusion_models"),

@@ -35,7 +35,7 @@ from tests.comfy_harness import (
     require_comfyui,
     session_dir,
 )
-from zimage_core.demo_weights import DEMO_FILES
+from zimage_core.demo_weights import DEMO_FILES, DEMO_GGUF_FILES
 
 MAIN = ROOT / "scripts" / "run_workflow.py"
 # 51 steps: more than 50, where the step lines once thinned out to every tenth.
@@ -505,6 +505,11 @@ def test_demo_mode_runs_every_shipped_workflow(workflow):
     for loader in ("ZImageLoraLoader", "LoraLoaderModelOnly"):
         if loader in kinds:
             assert files[loader] == DEMO_FILES["loras"]
+    named = {n["inputs"][k] for n in embedded.values() for k in ("model_name", "text_encoder_name")
+             if k in n["inputs"]}
+    if any(str(v).endswith(".gguf") for n in json.loads(workflow.read_text())["nodes"]
+           for v in n.get("widgets_values") or []):  # a GGUF workflow runs on the demo models as GGUF files
+        assert named == set(DEMO_GGUF_FILES.values()), named
     assert job.leftovers() == []
 
 

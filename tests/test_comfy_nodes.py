@@ -15,6 +15,7 @@ from tests.comfy_harness import (
     CONTROLNET_CANNY,
     CONTROLNET_INPAINT,
     ENHANCED_PROMPT,
+    GGUF_T2I,
     IMG2IMG,
     INPAINT,
     LORA_CORE,
@@ -140,4 +141,4 @@ def test_workflows_are_in_the_folder_comfyui_template_browser_reads():
     assert WORKFLOWS.name == "workflows"
     assert names == sorted([T2I.stem, IMG2IMG.stem, INPAINT.stem, BATCH.stem, LORA_CORE.stem, ENHANCED_PROMPT.stem,
                             CONTROLNET_CANNY.stem, CONTROLNET_INPAINT.stem, TWO_LORAS.stem, BASE_T2I.stem,
-                            BASE_DISTILL_LORA.stem, OMNI_EDIT.stem])
+                            BASE_DISTILL_LORA.stem, OMNI_EDIT.stem, GGUF_T2I.stem])

@@ -38,6 +38,12 @@ DEMO_FILES = {
     # A LoRA over every transformer block, in the key names both ComfyUI's LoraLoader and ours read.
     "loras": "zimage_demo_random_lora.safetensors",
 }
+# The demo transformer and text encoder as GGUF (Q8_0, ComfyUI-GGUF's and llama.cpp's layouts), for workflows
+# that name GGUF files.
+DEMO_GGUF_FILES = {
+    "diffusion_models": "zimage_demo_random_dit-Q8_0.gguf",
+    "text_encoders": "zimage_demo_random_qwen3-Q8_0.gguf",
+}
 QWEN3_VOCAB = 151936
 TEXT_HIDDEN = 32
 
@@ -151,6 +157,34 @@ def write_demo_models(models_dir: str | os.PathLike, *, prefix: str = "model.dif
     if not _is_current(lora):
         write_random_lora(lora, DEMO_TRANSFORMER, scale=0.5, seed=3)
     return dict(DEMO_FILES)
+
+
+def write_demo_gguf_models(models_dir: str | os.PathLike) -> dict[str, str]:
+    """Write the GGUF demo files (DEMO_GGUF_FILES: the demo transformer and text encoder, Q8_0) into
+    `models_dir/<folder>/`, each skipped when already there. Returns {ComfyUI folder name: file name}."""
+    from .checkpoint.gguf import GGUFCheckpoint, llama_cpp_name_from_hf, open_gguf, write_gguf
+
+    root = Path(models_dir)
+    note = {"zimage.demo_version": DEMO_VERSION, "general.description": "RANDOM demo weights; images are noise"}
+
+    def current(path: Path) -> bool:
+        try:
+            ckpt: GGUFCheckpoint = open_gguf(path, "a demo file")
+        except Exception:  # noqa: BLE001 - any unreadable file is rewritten
+            return False
+        return ckpt.fields.get("zimage.demo_version") == DEMO_VERSION
+
+    dit = root / "diffusion_models" / DEMO_GGUF_FILES["diffusion_models"]
+    if not current(dit):
+        write_gguf(dit, demo_transformer_state_dict(), "lumina2", note)
+    te = root / "text_encoders" / DEMO_GGUF_FILES["text_encoders"]
+    if not current(te):
+        state = demo_text_encoder_state_dict()
+        hidden, layers = state["model.embed_tokens.weight"].shape[1], 1 + max(
+            int(k.split(".")[2]) for k in state if k.startswith("model.layers."))
+        write_gguf(te, {llama_cpp_name_from_hf(k): v for k, v in state.items()}, "qwen3",
+                   {**note, "qwen3.embedding_length": hidden, "qwen3.block_count": layers})
+    return dict(DEMO_GGUF_FILES)
 
 
 def write_random_transformer(path: str | os.PathLike, config: TransformerConfig, *, seed: int = 0,

@@ -6,7 +6,7 @@ from .compile import CompiledBlockCall, compile_blocks, is_compile_failure, unco
 from .compile_cache import CompileCache
 from .fp8 import FP8, FP8_MAX, Fp8Linear, fp8_matmul_supported, quantize_fp8
 from .prefetch import WeightPrefetcher, prefetch_offloaded
-from .streaming import BlockStreamer
+from .streaming import BlockStreamer, HostPinner
 
 __all__ = [
     "BlockStreamer",
@@ -15,6 +15,7 @@ __all__ = [
     "FP8",
     "FP8_MAX",
     "Fp8Linear",
+    "HostPinner",
     "compile_blocks",
     "fp8_matmul_supported",
     "is_compile_failure",

@@ -21,6 +21,9 @@ FP8_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8
 SCALE_SUFFIXES = ("weight_scale", "scale_weight")
 # Side tensors of a ComfyUI mixed-precision ("comfy_quant") layer that its own layer class reads with the weight.
 QUANT_SIDE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale")
+# The quantisation "format" of a GGUF file's block-quantised weights (Q8_0, Q4_K, ...: `Checkpoint.block_quant`),
+# as layer loaders name the formats they keep quantised.
+GGUF_FORMAT = "gguf"
 
 
 def quant_layers(ckpt: Checkpoint) -> dict[str, str]:
@@ -70,6 +73,9 @@ def quant_configs(ckpt: Checkpoint, prefix: str = "") -> dict[str, dict]:
             conf = conf if isinstance(conf, dict) else {"format": conf}
             if isinstance(name, str) and isinstance(conf.get("format"), str):
                 out[name[len(prefix):] if prefix and name.startswith(prefix) else name] = conf
+    for key, qtype in ckpt.block_quant.items():  # GGUF: each block-quantised weight's layer
+        if key.startswith(prefix) and (layer := _layer(key)) is not None:
+            out[layer[len(prefix):]] = {"format": GGUF_FORMAT, "type": qtype}
     for key in ckpt.infos:
         if key.startswith(prefix) and key.endswith(".comfy_quant"):
             layer = key[: -len(".comfy_quant")]
@@ -97,6 +103,8 @@ def stored_dtype(ckpt: Checkpoint, key: str, layers: dict[str, str], what: str, 
     quantization metadata describes. Anything else that is not floating point is refused, as is a
     non-float scale, except weights of a quantization format in `keep_formats` (layers that load their
     own quantized weights, e.g. ComfyUI's INT8/NVFP4 ones), which keep their container dtype."""
+    if key in ckpt.block_quant:  # GGUF: kept as its bytes by layers that read it, else dequantised to float32
+        return ckpt.dtype(key) if GGUF_FORMAT in keep_formats else torch.float32
     dtype = ckpt.dtype(key)
     layer = _layer(key)
     if dtype in (torch.uint8, torch.int8) and layer is not None:
@@ -123,6 +131,8 @@ def dequantize(ckpt: Checkpoint, key: str, stored: torch.dtype, device: torch.de
     """Read one tensor whose `stored_dtype` the caller checked; fp8 weights become float32 times their
     scale. A non-fp8 result may still be the file's memory: the caller passes it through `Checkpoint.owned`.
     """
+    if (tensor := ckpt.dequantized(key, device)) is not None:  # GGUF block quantisation
+        return tensor
     tensor = ckpt.view(key)
     if tensor.dtype != stored:
         tensor = tensor.view(stored)  # fp8 bytes in a uint8/int8 container

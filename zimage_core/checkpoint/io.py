@@ -245,10 +245,18 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         # keeps the whole file mapped (its pages would count as resident memory on top of the copies).
         self._maps: list[tuple[weakref.ref, int, int]] = []
 
+    FILE_KIND = "a safetensors checkpoint"  # for messages
+    # Block-quantised tensors (GGUF's Q8_0, Q4_K, ...): key -> type name. None in safetensors files.
+    block_quant: dict[str, str] = {}
+
+    def dequantized(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """A block-quantised tensor in float32 on `device`; None for every other tensor (see GGUFCheckpoint)."""
+        return None
+
     def _open(self, file: Path) -> _OpenFile:
         handle = self._files.get(file)
         if handle is None:
-            handle = self._files[file] = _OpenFile(file, "a safetensors checkpoint")
+            handle = self._files[file] = _OpenFile(file, self.FILE_KIND)
         return handle
 
     def _map(self, handle: _OpenFile, info: TensorInfo) -> torch.Tensor:
@@ -262,7 +270,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
             else:  # Windows
                 mapping = _mmap.mmap(handle.fd, info.end - start, offset=start, access=_mmap.ACCESS_READ)
         except (OSError, ValueError) as e:
-            raise CheckpointError(info.file, "a safetensors checkpoint", f"a file that cannot be memory-mapped "
+            raise CheckpointError(info.file, self.FILE_KIND, f"a file that cannot be memory-mapped "
                                   f"({e})", "Load it with mmap disabled.") from None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "non-writable buffer": intended, nothing writes it
@@ -276,23 +284,29 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         (never write into it) and valid only while the file is unchanged: pass anything you keep
         through `owned`."""
         info = self.infos[key]
+        if info.end == info.begin:
+            return torch.empty(info.shape, dtype=info.dtype)
+        raw = self._bytes(info)
+        if self.mmap and info.begin % _ITEMSIZE[info.dtype]:
+            raw = raw.clone()  # misaligned for a typed view (legal but unusual): copy it
+        return raw.view(info.dtype).reshape(info.shape)
+
+    def _bytes(self, info: TensorInfo) -> torch.Tensor:
+        """A tensor's bytes (uint8, 1-D): a view of the file's memory with mmap, else read into memory."""
         nbytes = info.end - info.begin
         if nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
+            return torch.empty(0, dtype=torch.uint8)
         handle = self._open(info.file)
         # A file truncated since its header was read: an error here instead of a SIGBUS in the copy.
         if os.fstat(handle.fd).st_size < info.end:
-            raise CheckpointError(info.file, "a safetensors checkpoint", "a file that is shorter than its "
+            raise CheckpointError(info.file, self.FILE_KIND, "a file that is shorter than its "
                                   "header says (it changed or was truncated while loading)",
                                   "Wait until the file is completely written, then load it again.")
         if self.mmap:
-            raw = self._map(handle, info)
-            if info.begin % _ITEMSIZE[info.dtype]:
-                raw = raw.clone()  # misaligned for a typed view (legal but unusual): copy it
-        else:
-            raw = torch.empty(nbytes, dtype=torch.uint8)
-            _read_exact(handle.fd, info.begin, memoryview(raw.numpy()), info.file, "a safetensors checkpoint")
-        return raw.view(info.dtype).reshape(info.shape)
+            return self._map(handle, info)[:nbytes]
+        raw = torch.empty(nbytes, dtype=torch.uint8)
+        _read_exact(handle.fd, info.begin, memoryview(raw.numpy()), info.file, self.FILE_KIND)
+        return raw
 
     def owned(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` itself, or a copy if its memory is part of a memory-mapped file of this checkpoint."""
@@ -344,7 +358,8 @@ class Checkpoint(Mapping[str, torch.Tensor]):
 
 
 def open_checkpoint(path: str | os.PathLike, what: str, *, mmap: bool = True) -> Checkpoint:
-    """Open a `.safetensors` file or a diffusers component folder (e.g. `transformer/`).
+    """Open a `.safetensors` file, a `.gguf` file (a `GGUFCheckpoint`) or a diffusers component folder
+    (e.g. `transformer/`).
 
     A folder may hold one `*.safetensors` file or shards listed in a `*.safetensors.index.json`;
     its `config.json`, if present, is returned as `Checkpoint.config` (it must be a JSON object).
@@ -368,6 +383,10 @@ def open_checkpoint(path: str | os.PathLike, what: str, *, mmap: bool = True) ->
                 raise CheckpointError(cfg, "a JSON model config (an object of settings)",
                                       f"a JSON {type(config).__name__}")
     else:
+        from .gguf import is_gguf, open_gguf  # a GGUF file: by its name, or its magic whatever its name
+
+        if is_gguf(path):
+            return open_gguf(path, what, mmap=mmap)
         files = [path]
     infos: dict[str, TensorInfo] = {}
     metadata: dict[str, str] = {}

@@ -13,9 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint.dequant import quant_layers, stored_dtype
+from ..checkpoint.dequant import GGUF_FORMAT, quant_layers, stored_dtype
+from ..checkpoint.gguf import GGUFCheckpoint, describe_architecture, hf_name_from_llama_cpp
 from ..checkpoint.io import Checkpoint, open_checkpoint
-from ..checkpoint.materialise import read_joined, set_param
+from ..checkpoint.materialise import LayerLoader, read_joined, set_param
 from ..checks import (
     checkpoint_errors,
     numbered_blocks,
@@ -52,7 +53,8 @@ _SHAPE_LIMITS = {
 def load_text_encoder(path: str | os.PathLike, *, tokenizer: QwenTokenizer | str | os.PathLike | None = None,
                       dtype: torch.dtype | None = None, device: torch.device | str = "cpu", mmap: bool = True,
                       check_interrupt: Callable[[], None] | None = None,
-                      operations: Any = None, compute_dtype: torch.dtype | None = None) -> ZImageTextEncoder:
+                      operations: Any = None, compute_dtype: torch.dtype | None = None,
+                      layer_loader: LayerLoader | None = None) -> ZImageTextEncoder:
     """Load a Qwen3 text encoder for Z-Image from local files.
 
     `tokenizer`: a loaded `QwenTokenizer`, a tokenizer path, or None to search (see `load_tokenizer`,
@@ -67,13 +69,16 @@ def load_text_encoder(path: str | os.PathLike, *, tokenizer: QwenTokenizer | str
     raises propagates and the partly loaded model is freed.
     `operations`: a namespace whose `Linear` / `Embedding` subclass torch's (e.g. ComfyUI's `comfy.ops`);
     the model's layers take those classes, so a host that casts or streams such layers can split it.
+    `layer_loader`: layers of `operations` that keep a GGUF file's block-quantised weights as they are (see
+    `LayerLoader`, format "gguf"); without it they are dequantised into `dtype`.
     """
     dtype = checked_dtype(dtype, "load_text_encoder: dtype")
     compute_dtype = checked_dtype(compute_dtype, "load_text_encoder: compute_dtype")
     path = Path(path)
     if path.is_dir() and not any(path.glob("*.safetensors")) and (path / "text_encoder").is_dir():
         path = path / "text_encoder"  # the root of a diffusers layout
-    with open_checkpoint(path, WHAT, mmap=mmap) as ckpt:
+    with open_checkpoint(path, WHAT, mmap=mmap) as opened:
+        ckpt = _from_gguf(opened) if isinstance(opened, GGUFCheckpoint) else opened
         prefix = _find_prefix(ckpt)
         config = _infer_config(ckpt, prefix)
         if not isinstance(tokenizer, QwenTokenizer):
@@ -81,13 +86,47 @@ def load_text_encoder(path: str | os.PathLike, *, tokenizer: QwenTokenizer | str
                 else load_tokenizer(search_near=path)
         if dtype is None:
             stored = ckpt.dtype(prefix + "embed_tokens.weight")
+            if ckpt.block_quant:  # GGUF: the float tensors' dtype (the largest one's)
+                floats = [i for k, i in ckpt.infos.items() if k not in ckpt.block_quant]
+                stored = max(floats, key=lambda i: i.end - i.begin).dtype if floats else torch.bfloat16
             dtype = stored if stored in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
-        model = _build(ckpt, prefix, config, dtype, torch.device(device), check_interrupt)
+        model = _build(ckpt, prefix, config, dtype, torch.device(device), check_interrupt,
+                       operations if layer_loader is not None else None, layer_loader)
     if operations is None and compute_dtype not in (None, dtype):
         operations = manual_cast
-    if operations is not None:
+    if operations is not None and layer_loader is None:
         _use_operations(model, operations)
     return ZImageTextEncoder(model, tokenizer, path=str(path), compute_dtype=compute_dtype)
+
+
+# Other Qwen3 sizes, by (hidden size, layers), named when a file is one of them: Z-Image needs Qwen3-4B's
+# 2560-wide features. (Other shapes load as Qwen3 models, as from safetensors; the sampler checks the width.)
+_OTHER_QWEN3 = {(1024, 28): "Qwen3-0.6B", (2048, 28): "Qwen3-1.7B", (4096, 36): "Qwen3-8B",
+                (5120, 40): "Qwen3-14B", (5120, 64): "Qwen3-32B"}
+
+
+def _from_gguf(ckpt: GGUFCheckpoint) -> GGUFCheckpoint:
+    """A llama.cpp Qwen3 GGUF with Hugging Face key names (`blk.0.attn_q.weight` ->
+    `model.layers.0.self_attn.q_proj.weight`), its RoPE theta and RMSNorm eps from the metadata; another
+    architecture (or another Qwen3 size) is refused by its metadata."""
+    if ckpt.architecture != "qwen3":
+        fix = ("This is a diffusion model: load it with the Z-Image model loader." if ckpt.architecture == "lumina2"
+               else FIX + " GGUF text encoders must be Qwen3-4B GGUFs (general.architecture 'qwen3').")
+        raise CheckpointError(ckpt.path, f"{WHAT} (GGUF architecture 'qwen3')", describe_architecture(ckpt), fix)
+    hidden, layers = ckpt.fields.get("qwen3.embedding_length"), ckpt.fields.get("qwen3.block_count")
+    if (hidden, layers) in _OTHER_QWEN3:
+        raise CheckpointError(ckpt.path, WHAT, f"{_OTHER_QWEN3[(hidden, layers)]} (hidden size {hidden}, {layers} "
+                              "layers)", "Z-Image needs Qwen3-4B (hidden size 2560): choose a Qwen3-4B GGUF.")
+    out = ckpt.renamed(hf_name_from_llama_cpp)
+    out.config = {k: v for k, v in (("rope_theta", ckpt.fields.get("qwen3.rope.freq_base")),
+                                     ("rms_norm_eps", ckpt.fields.get("qwen3.attention.layer_norm_rms_epsilon")))
+                  if v is not None}
+    with checkpoint_errors(ckpt.path, WHAT, FIX):
+        n = numbered_blocks(out.infos, "model.layers.", "layers", max_count=MAX_LAYERS) if layers is not None else None
+    if n is not None and n != layers:
+        raise CheckpointError(ckpt.path, f"{WHAT} with qwen3.block_count = {layers} layers", f"{n} layers of tensors",
+                              "The download is incomplete or damaged: download the file again.")
+    return out
 
 
 def _find_prefix(ckpt: Checkpoint) -> str:
@@ -219,7 +258,8 @@ def _rope_settings(ckpt: Checkpoint) -> tuple[float, float]:
 
 
 def _build(ckpt: Checkpoint, prefix: str, config, dtype: torch.dtype, device: torch.device,
-           check_interrupt: Callable[[], None] | None = None) -> nn.Module:
+           check_interrupt: Callable[[], None] | None = None, operations: Any = None,
+           layer_loader: LayerLoader | None = None) -> nn.Module:
     from transformers import Qwen3Model
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
@@ -231,7 +271,9 @@ def _build(ckpt: Checkpoint, prefix: str, config, dtype: torch.dtype, device: to
     if missing:
         raise CheckpointError(ckpt.path, WHAT, f"{len(missing)} missing tensor(s), e.g. {', '.join(missing[:3])}",
                               "The file is incomplete or not a Qwen3 model. " + FIX)
-    assign(ckpt, {prefix + name: (model, name) for name, _ in params}, dtype, device, check_interrupt)
+    if operations is not None:
+        _use_operations(model, operations)  # before loading: layers that keep quantised weights read them
+    assign(ckpt, {prefix + name: (model, name) for name, _ in params}, dtype, device, check_interrupt, layer_loader)
     # RoPE frequencies are computed, not stored: build them for real outside the meta context.
     model.rotary_emb = Qwen3RotaryEmbedding(config=config).to(device)
     model.eval()
@@ -239,9 +281,10 @@ def _build(ckpt: Checkpoint, prefix: str, config, dtype: torch.dtype, device: to
 
 
 def assign(ckpt: Checkpoint, targets: dict[str, tuple[nn.Module, str]], dtype: torch.dtype, device: torch.device,
-           check_interrupt: Callable[[], None] | None = None) -> None:
+           check_interrupt: Callable[[], None] | None = None, layer_loader: LayerLoader | None = None) -> None:
     """Set each target parameter (module, dotted name) from the file's tensor `key`. Shapes and stored
-    formats of every tensor are known from the header: all are checked before any is read."""
+    formats of every tensor are known from the header: all are checked before any is read. A GGUF
+    block-quantised weight of a layer that `layer_loader` handles is given to that layer as it is stored."""
     layers = quant_layers(ckpt)
     stored: dict[str, torch.dtype] = {}
     for key, (module, name) in targets.items():
@@ -253,4 +296,13 @@ def assign(ckpt: Checkpoint, targets: dict[str, tuple[nn.Module, str]], dtype: t
     for key, (module, name) in targets.items():
         if check_interrupt is not None:
             check_interrupt()
+        owner_name, _, param = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        if (layer_loader is not None and param == "weight" and key in ckpt.block_quant
+                and layer_loader.handles(owner)):
+            raw = ckpt.owned(ckpt.view(key).to(device))
+            with checkpoint_errors(ckpt.path, WHAT, FIX):
+                layer_loader.load(owner, owner_name, {"weight": raw},
+                                  {"format": GGUF_FORMAT, "type": ckpt.block_quant[key]}, device)
+            continue
         set_param(ckpt, module, name, read_joined(ckpt, (key,), stored, device), dtype=dtype, device=device)

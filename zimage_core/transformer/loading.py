@@ -21,12 +21,14 @@ import torch
 from ..checkpoint.dequant import (
     FP8_DTYPES,
     FP8_FORMATS,
+    GGUF_FORMAT,
     QUANT_SIDE_SUFFIXES,
     SCALE_SUFFIXES,
     quant_configs,
     quant_layers,
     stored_dtype,
 )
+from ..checkpoint.gguf import GGUFCheckpoint, describe_architecture
 from ..checkpoint.io import Checkpoint, open_checkpoint
 from ..checkpoint.kinds import is_controlnet_checkpoint
 from ..checkpoint.materialise import LayerLoader, read_joined, set_param
@@ -305,8 +307,26 @@ def transformer_quant_layers(path: str | os.PathLike) -> dict[str, dict]:
     "layers.0.attention.qkv" -> {"format": "float8_e4m3fn"}); empty for plain, fp8 and scaled_fp8 files
     and diffusers folders. Reads the header only."""
     with open_checkpoint(_transformer_folder(path), WHAT) as ckpt:
+        check_gguf_architecture(ckpt)
         fmt = detect_transformer_format(ckpt.infos, ckpt.path)
-        return quant_configs(ckpt, fmt.prefix) if fmt.kind == "comfy" else {}
+        quant = quant_configs(ckpt, fmt.prefix) if fmt.kind == "comfy" else {}
+        return {k: v for k, v in quant.items() if v.get("format") != GGUF_FORMAT}
+
+
+# GGUF architectures a Z-Image transformer file may declare: ComfyUI-GGUF's converter names Z-Image (a
+# Lumina 2 model to ComfyUI) "lumina2"; files from older tools have none. The tensors decide after that.
+GGUF_ARCHITECTURES = (None, "lumina2")
+
+
+def check_gguf_architecture(ckpt: Checkpoint) -> None:
+    """A GGUF file that says it is another model (FLUX, SDXL, Qwen-Image, a language model, ...) is refused by
+    its metadata, before its tensors are looked at."""
+    if not isinstance(ckpt, GGUFCheckpoint) or ckpt.architecture in GGUF_ARCHITECTURES:
+        return
+    text = ckpt.architecture in ("qwen3", "llama", "qwen2", "qwen2vl", "qwen3vl", "qwen3moe", "t5", "t5encoder")
+    fix = ("This is a text encoder: load Qwen3-4B GGUFs with the Z-Image text encoder loader." if text else
+           "Load a Z-Image-Turbo GGUF (e.g. z_image_turbo-Q8_0.gguf) or z_image_turbo_bf16.safetensors.")
+    raise CheckpointError(ckpt.path, f"{WHAT} (GGUF architecture 'lumina2')", describe_architecture(ckpt), fix)
 
 
 def expected_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
@@ -400,6 +420,7 @@ def load_transformer(path: str | os.PathLike, *, dtype: torch.dtype | None = Non
 def _load(ckpt: Checkpoint, dtype: torch.dtype | None, device: torch.device | str, operations: Any,
           quantize: str | None, check_interrupt: Callable[[], None] | None,
           model_class: type[ZImageTransformer], layer_loader: LayerLoader | None = None) -> ZImageTransformer:
+    check_gguf_architecture(ckpt)
     shapes = _shapes_of(ckpt)
     fmt = detect_transformer_format(shapes, ckpt.path)
     plan = _plan(shapes, fmt)
@@ -429,7 +450,7 @@ def _load(ckpt: Checkpoint, dtype: torch.dtype | None, device: torch.device | st
     quant = quant_configs(ckpt, fmt.prefix) if keep else {}
     # Packed 4-bit weights (uint8, e.g. NVFP4) have their own shapes; their layers check them.
     packed = {k for k in expected if k.endswith(".weight") and ckpt.dtype(plan[k][0]) == torch.uint8
-              and quant.get(k[: -len(".weight")], {}).get("format") in keep - set(FP8_FORMATS)}
+              and quant.get(k[: -len(".weight")], {}).get("format") in keep - {*FP8_FORMATS, GGUF_FORMAT}}
     wrong = [(k, expected[k], names[k]) for k in expected if tuple(names[k]) != expected[k] and k not in packed]
     if wrong:
         k, want, got = wrong[0]
@@ -442,6 +463,8 @@ def _load(ckpt: Checkpoint, dtype: torch.dtype | None, device: torch.device | st
     stored = {src: stored_dtype(ckpt, src, layers, WHAT, _FIX_DOWNLOAD, keep) for name in expected
               for src in plan[name]}
 
+    if dtype is None and ckpt.block_quant:
+        dtype = torch.bfloat16  # GGUF weights dequantised at load: stored as the model computes
     if dtype is None:
         dtype = _storage_dtype(stored, plan)
         if dtype in FP8_DTYPES:
