@@ -22,6 +22,7 @@ import comfy.model_management as mm
 import comfy.patcher_extension
 import torch
 
+from ..zimage_core.checkpoint.gguf_quants import dequantize
 from ..zimage_core.constants import VAE_FACTOR
 from ..zimage_core.parallel.workers import MODES, ModelSpec, WorkerGroup
 from ..zimage_core.transformer import TransformerConfig, ZImageTransformer
@@ -80,10 +81,15 @@ def _unsupported_layers(dm: ZImageDiffusionModel) -> list[str]:
 
 def _weights(patches: dict, dm: ZImageDiffusionModel, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """The weights the workers hold: each in `dtype`, with the MODEL's weight patches (LoRA) applied the way
-    ComfyUI's ModelPatcher applies them (float32 `calculate_weight`)."""
+    ComfyUI's ModelPatcher applies them (float32 `calculate_weight`); a GGUF layer's bytes dequantised first."""
     import comfy.lora
 
+    modules = dict(dm.named_modules())
     for name, tensor in dm.state_dict().items():
+        owner, _, leaf = name.rpartition(".")
+        layer = modules.get(owner)
+        if leaf == "weight" and getattr(layer, "gguf_type", None):
+            tensor = dequantize(tensor, layer.gguf_type, layer.gguf_shape, torch.float32)
         key = f"diffusion_model.{name}"
         if key in patches:
             tensor = comfy.lora.calculate_weight(patches[key], tensor.to(torch.float32, copy=True), key)
@@ -171,7 +177,7 @@ def parallel_model(model: Any, devices: list[str], mode: str, timeout_s: float) 
         raise ValueError(f"{NODE}: this model has quantized layers ({odd[0]}, ...: fp8 matmul or a comfy_quant "
                          "file) that the GPU workers cannot hold yet. Load it with weight_dtype default, bf16 or "
                          "fp8_e4m3fn.")
-    dtype = dm.dtype  # the workers hold the weights in the compute dtype (fp8 storage: bf16 on each GPU)
+    dtype = dm.dtype  # the workers hold the weights in the compute dtype (fp8 storage, GGUF: bf16 on each GPU)
     patches = dict(model.patches)
     group = WorkerGroup(devices, ModelSpec(_config_dict(dm.config), str(dtype),
                                            fp8_attention=any(getattr(b.attention, "fp8_attention", False)

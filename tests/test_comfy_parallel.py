@@ -11,6 +11,7 @@ import torch
 
 from tests.comfy_harness import (
     CONTROLNET_CANNY,
+    GGUF_T2I,
     T2I,
     TWO_LORAS,
     add_save_latent,
@@ -102,3 +103,11 @@ def test_controlnet_patch_runs_on_the_workers_data_parallel():
     assert float((got - expected).abs().max()) <= 1e-4
     no_control = demo_prompt(CONTROLNET_CANNY, seed=7, batch_size=2, ZImageControlNetApply__strength=0.0, **SIZE)
     assert float((_latent(no_control) - expected).abs().max()) > 1e-3
+
+
+def test_gguf_model_runs_on_the_workers():
+    """A GGUF transformer (block-quantised bytes in ComfyUI's layers): the workers get it dequantised."""
+    plain = demo_prompt(GGUF_T2I, seed=8, **SIZE)
+    expected = _latent(plain)
+    prompt, _ = _with_parallel(plain, gpus="cpu,cpu", mode="sequence")
+    assert float((_latent(prompt) - expected).abs().max()) <= 1e-4
