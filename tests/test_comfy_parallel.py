@@ -107,7 +107,10 @@ def test_controlnet_patch_runs_on_the_workers_data_parallel():
 
 def test_gguf_model_runs_on_the_workers():
     """A GGUF transformer (block-quantised bytes in ComfyUI's layers): the workers get it dequantised."""
-    plain = demo_prompt(GGUF_T2I, seed=8, **SIZE)
+    from zimage_core.demo_weights import DEMO_GGUF_FILES, write_demo_gguf_models
+
+    write_demo_gguf_models(comfy().models_dir)
+    plain = demo_prompt(GGUF_T2I, seed=8, ZImageModelLoader__model_name=DEMO_GGUF_FILES["diffusion_models"], **SIZE)
     expected = _latent(plain)
     prompt, _ = _with_parallel(plain, gpus="cpu,cpu", mode="sequence")
     assert float((_latent(prompt) - expected).abs().max()) <= 1e-4
