@@ -243,8 +243,10 @@ class WorkerGroup:
             except queue.Full:
                 continue
 
-    def _check_alive(self) -> None:
+    def _check_alive(self, unreported_only: bool = False) -> None:
         dead = [(rank, p.exitcode) for rank, p in enumerate(self._procs) if not p.is_alive()]
+        if unreported_only:
+            dead = [d for d in dead if d[1] != REPORTED_EXIT]
         if not dead:
             return
         # A worker that reported its error exits with REPORTED_EXIT; one that died otherwise (killed, crashed)
@@ -274,7 +276,7 @@ class WorkerGroup:
             if message[0] == "error":
                 _, rank, text = message
                 time.sleep(1.0)  # a rank that died is the cause of its peers' collective errors: name it first
-                self._check_alive()
+                self._check_alive(unreported_only=True)
                 raise ParallelError(f"Z-Image parallel: the worker on {self.devices[rank]} (rank {rank}) "
                                     f"failed: {text} The workers are stopped; the next prompt starts them again.")
             if message[0] != kind or (step is not None and message[1] != step):
