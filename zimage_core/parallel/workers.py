@@ -245,17 +245,35 @@ class WorkerGroup:
 
     def _check_alive(self, unreported_only: bool = False) -> None:
         dead = [(rank, p.exitcode) for rank, p in enumerate(self._procs) if not p.is_alive()]
-        if unreported_only:
-            dead = [d for d in dead if d[1] != REPORTED_EXIT]
-        if not dead:
+        unreported = [d for d in dead if d[1] != REPORTED_EXIT]
+        if not (unreported if unreported_only else dead):
             return
-        # A worker that reported its error exits with REPORTED_EXIT; one that died otherwise (killed, crashed)
-        # is the cause of its peers' collective errors: name it first.
-        rank, code = next((d for d in dead if d[1] != REPORTED_EXIT), dead[0])
+        if not unreported:  # every dead worker sent its error first: that error says what happened
+            report = self._reported_error()
+            if report is not None:
+                raise report
+        # A worker that died without a report (killed, crashed) is the cause of its peers' collective errors.
+        rank, code = (unreported or dead)[0]
         raise ParallelError(
             f"Z-Image parallel: the worker on {self.devices[rank]} (rank {rank}) exited (code {code}). "
             "The workers are stopped; queue the prompt again to restart them, or remove the "
             "ZImageParallel node to run on one GPU.")
+
+    def _reported_error(self) -> ParallelError | None:
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            try:
+                message = self._results.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if message[0] == "error":
+                return self._error(message)
+        return None
+
+    def _error(self, message: tuple) -> ParallelError:
+        _, rank, text = message
+        return ParallelError(f"Z-Image parallel: the worker on {self.devices[rank]} (rank {rank}) failed: {text} "
+                             "The workers are stopped; the next prompt starts them again.")
 
     def _wait(self, kind: str, count: int, check_interrupt: Callable[[], None] | None, timeout_s: float,
               step: int | None = None) -> list[Any]:
@@ -274,11 +292,9 @@ class WorkerGroup:
                         f"{timeout_s:.0f} s; they are stopped. Queue the prompt again to restart them.") from None
                 continue
             if message[0] == "error":
-                _, rank, text = message
                 time.sleep(1.0)  # a rank that died is the cause of its peers' collective errors: name it first
                 self._check_alive(unreported_only=True)
-                raise ParallelError(f"Z-Image parallel: the worker on {self.devices[rank]} (rank {rank}) "
-                                    f"failed: {text} The workers are stopped; the next prompt starts them again.")
+                raise self._error(message)
             if message[0] != kind or (step is not None and message[1] != step):
                 continue  # e.g. the result of a step that Cancel abandoned
             got.append(message[-1])
@@ -365,7 +381,10 @@ def _receive_weights(rank: int, requests: Any, module: torch.nn.Module, device: 
             raise KeyError(f"unexpected weight {name!r}")
         dest = params[name]
         if rank == 0:
-            dest.data.copy_(_unpack(message[2], device))
+            value = _unpack(message[2], device)
+            if value.shape != dest.shape:
+                raise ValueError(f"weight {name} has shape {tuple(value.shape)}, the model {tuple(dest.shape)}")
+            dest.data.copy_(value)
         dist.broadcast(dest.data, src=0)
         loaded.add(name)
     missing = sorted(set(params) - loaded)
