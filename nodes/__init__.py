@@ -9,6 +9,7 @@ from .latent import ZImageEmptyLatent
 from .loaders import ZImageModelLoader, ZImageTextEncoderLoader, ZImageVAELoader
 from .lora import ZImageLoraLoader
 from .omni import ZImageOmniReference
+from .parallel import ZImageParallel
 from .sampling import ZImageCFGOptions, ZImageImg2ImgSampler, ZImageTurboSampler
 from .vae import ZImageVAEDecode, ZImageVAEEncode
 from .variety import ZImageSeedVariety
@@ -34,6 +35,7 @@ NODE_CLASS_MAPPINGS = {
     "ZImageControlNetLoader": ZImageControlNetLoader,
     "ZImageControlNetApply": ZImageControlNetApply,
     "ZImageOmniReference": ZImageOmniReference,
+    "ZImageParallel": ZImageParallel,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -57,4 +59,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageControlNetLoader": "Z-Image ControlNet Loader (Fun Union)",
     "ZImageControlNetApply": "Z-Image ControlNet Apply",
     "ZImageOmniReference": "Z-Image Omni Reference Layout",
+    "ZImageParallel": "Z-Image Parallel (several GPUs)",
 }

@@ -31,7 +31,7 @@ NODE_IDS = ["ZImageModelLoader", "ZImageTextEncoderLoader", "ZImageVAELoader", "
             "ZImageEmptyLatent", "ZImageTurboSampler", "ZImageImg2ImgSampler", "ZImageVAEEncode",
             "ZImageVAEDecode", "ZImageCompileModel", "ZImageCompileVAE", "ZImageInpaintMask",
             "ZImageInpaintComposite", "ZImagePromptEnhancer", "ZImageControlNetLoader", "ZImageControlNetApply",
-            "ZImageSeedVariety", "ZImageLoraLoader", "ZImageCFGOptions"]
+            "ZImageSeedVariety", "ZImageLoraLoader", "ZImageCFGOptions", "ZImageParallel"]
 EXPECTED_INPUTS = {
     "ZImageModelLoader": {"model_name", "weight_dtype"},
     "ZImageTextEncoderLoader": {"text_encoder_name"},
@@ -55,6 +55,7 @@ EXPECTED_INPUTS = {
     "ZImageControlNetApply": {"model", "controlnet", "vae", "strength", "start_percent", "end_percent", "reference",
                               "image", "inpaint_image", "mask"},
     "ZImageLoraLoader": {"model", "lora_name", "strength_model", "clip", "strength_clip"},
+    "ZImageParallel": {"model", "gpus", "mode", "timeout_s"},
 }
 
 

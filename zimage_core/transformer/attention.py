@@ -52,7 +52,12 @@ def use_backend(backend: AttentionBackend | None) -> Iterator[None]:
         _installed = previous
 
 
+def backend_for(fp8_attention: bool = False) -> AttentionBackend:
+    """The backend a block's attention runs on now: the installed one, else fp8 or SDPA by the block's flag
+    (a sequence-parallel exchange wraps this one: zimage_core.parallel)."""
+    return _installed or (fp8 if fp8_attention else sdpa)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
               fp8_attention: bool = False) -> torch.Tensor:
-    backend = _installed or (fp8 if fp8_attention else sdpa)
-    return backend(q, k, v, mask)
+    return backend_for(fp8_attention)(q, k, v, mask)
