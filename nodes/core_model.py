@@ -25,7 +25,7 @@ from ..zimage_core.transformer import ZImageTransformer
 from .comfy_compat import CorePatcher, archive_model_dtypes, set_quant_config
 from .errors import load_explained
 from .memory import ZImageBaseModel, make_patcher
-from .model_call import BLOCK_CALL_KEY, OMNI_REFERENCE_KEY, ZImageDiffusionModel
+from .model_call import BLOCK_CALL_KEY, OMNI_REFERENCE_KEY, ZImageDiffusionModel, use_step_graphs
 from .precision import (
     COMPUTE_DTYPES,
     WEIGHT_DTYPES,
@@ -126,7 +126,9 @@ def as_core_model(diffusion_model: ZImageDiffusionModel, weight_dtype: torch.dty
     model = ZImageBaseModel(model_config)
     model.diffusion_model = diffusion_model
     archive_model_dtypes(model.diffusion_model)
-    return make_patcher(model, load_device, offload_device)
+    patcher = make_patcher(model, load_device, offload_device)
+    use_step_graphs(patcher, load_device)
+    return patcher
 
 
 def is_zimage_model(model: Any) -> bool:

@@ -283,6 +283,7 @@ class ZImageTransformer(nn.Module):
         self._compiled_blocks: list[nn.Module] = []
         self._compile_cache: Any = None
         self.streamer: Any = None
+        self.cuda_graphs: Any = None  # zimage_core.accel.graphs.StepGraphs once use_cuda_graphs() is called
 
     @property
     def omni(self) -> bool:
@@ -325,6 +326,14 @@ class ZImageTransformer(nn.Module):
         kernel on Ada/Hopper/Blackwell GPUs, an emulation of its rounding elsewhere. Off by default."""
         for b in self.blocks():
             b.attention.fp8_attention = bool(enabled)
+
+    def use_cuda_graphs(self, enabled: bool = True, max_graphs: int = 2) -> None:
+        """Replay each fixed-shape forward as one CUDA graph (zimage_core.accel.graphs: the eager path with the
+        host out of the loop; the first call at a shape runs eagerly, the second captures). Falls back to the
+        eager forward wherever a graph cannot hold (hooks, compiled blocks, offloaded weights, CPU); replaced
+        weights are noticed and the graphs captured again. `enabled=False` drops the graphs."""
+        from ..accel.graphs import StepGraphs
+        self.cuda_graphs = StepGraphs(max_graphs) if enabled else None
 
     def quantize_fp8(self) -> int:
         """Store the block matmul weights (qkv, out, w1, w2, w3) as float8_e4m3fn with per-row scales
@@ -402,8 +411,24 @@ class ZImageTransformer(nn.Module):
         `image_pos` (scale_y, shift_y, scale_x, shift_x) of the image RoPE positions; `omni` reference
         images; `runner` to run the blocks (default: a BlockRunner with `block_call` and `hooks`).
         """
+        if self.cuda_graphs is not None and hooks is None and block_call is None and omni is None:
+            out = self._graphed(x, sigma, cap_feats, image_pos or IMAGE_POS_IDENTITY, runner)
+            if out is not None:
+                return out
         runner = runner or self.runner(block_call, hooks)
         return runner.execute(lambda r: self._forward(x, sigma, cap_feats, r, image_pos or IMAGE_POS_IDENTITY, omni))
+
+    def _graphed(self, x: Any, sigma: Any, cap_feats: Any, image_pos: tuple[float, float, float, float],
+                 runner: BlockRunner | None) -> torch.Tensor | None:
+        """The forward through a CUDA graph (accel.graphs), or None to run it eagerly."""
+        from ..accel.graphs import plain_runner
+        if not plain_runner(runner):
+            return None
+        self._check_latents(x, "latent")
+
+        def plain(xs: torch.Tensor, ss: torch.Tensor, cs: list[torch.Tensor]) -> torch.Tensor:
+            return BlockRunner().execute(lambda r: self._forward(xs, ss, cs, r, image_pos, None))
+        return self.cuda_graphs.run(self, x, sigma, cap_feats, image_pos, plain)
 
     def _check_latents(self, x: Any, what: str) -> tuple[int, int]:
         cfg = self.config
