@@ -25,6 +25,7 @@ from ..accel import kernels
 from ..checks import real_number, whole_number, whole_numbers
 from ..constants import LATENT_CHANNELS, PATCH_SIZE, TEXT_WIDTH, VAE_FACTOR
 from .attention import attention
+from .attention import default as default_attention
 from .runner import BlockCall, BlockHooks, BlockRunner, Modulation, Timesteps, TokenTimesteps
 from .sequence import IMAGE_POS_IDENTITY, STYLES, ImageInput, SequenceLayout, build_layout
 
@@ -411,6 +412,7 @@ class ZImageTransformer(nn.Module):
         `image_pos` (scale_y, shift_y, scale_x, shift_x) of the image RoPE positions; `omni` reference
         images; `runner` to run the blocks (default: a BlockRunner with `block_call` and `hooks`).
         """
+        default_attention()  # picked (and logged) here, outside any compiled block
         if self.cuda_graphs is not None and hooks is None and block_call is None and omni is None:
             out = self._graphed(x, sigma, cap_feats, image_pos or IMAGE_POS_IDENTITY, runner)
             if out is not None:
