@@ -147,8 +147,8 @@ class FeedForward(nn.Module):
         self.w2 = ops.Linear(cfg.ffn_hidden, cfg.dim, bias=False, **dd)
         self.w3 = ops.Linear(cfg.dim, cfg.ffn_hidden, bias=False, **dd)
 
-    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
-        return self.w2(kernels.silu_mul(self.w1(x), self.w3(x), fused))
+    def forward(self, x: torch.Tensor, fused: bool = False, quant: bool = False) -> torch.Tensor:
+        return self.w2(kernels.silu_mul(self.w1(x), self.w3(x), fused, quant))
 
 
 class TransformerBlock(nn.Module):
@@ -161,6 +161,9 @@ class TransformerBlock(nn.Module):
     """
 
     fused_kernels = True
+    # The fused kernels also quantise the fp8 matmuls' inputs (qkv, w1/w3, w2: accel.fp8.Fp8Act); set by
+    # ZImageTransformer.fuse_fp8_activations on blocks whose matmuls are Fp8Linear.
+    fp8_act_quant = False
 
     def __init__(self, cfg: TransformerConfig, ops: Any, dd: dict[str, Any], modulation: bool) -> None:
         super().__init__()
@@ -183,9 +186,10 @@ class TransformerBlock(nn.Module):
             scale_msa, gate_msa, scale_mlp, gate_mlp = _per_token(self.adaLN_modulation, c, 4)
         # x += tanh(gate_msa) * norm2(attn(norm1(x) * (1 + scale_msa))); the FFN likewise (no gates or
         # scales without modulation). The attention residual also yields the FFN's modulated input.
-        h = self.attention(kernels.norm_modulate(x, self.attention_norm1, scale_msa, fused), rope, mask, fused)
-        x, h = kernels.gated_residual(x, h, self.attention_norm2, gate_msa, fused, self.ffn_norm1, scale_mlp)
-        return kernels.gated_residual(x, self.feed_forward(h, fused), self.ffn_norm2, gate_mlp, fused)[0]
+        quant = fused and self.fp8_act_quant
+        h = self.attention(kernels.norm_modulate(x, self.attention_norm1, scale_msa, fused, quant), rope, mask, fused)
+        x, h = kernels.gated_residual(x, h, self.attention_norm2, gate_msa, fused, self.ffn_norm1, scale_mlp, quant)
+        return kernels.gated_residual(x, self.feed_forward(h, fused, quant), self.ffn_norm2, gate_mlp, fused)[0]
 
 
 def _per_token(linear: nn.Module, c: Timesteps, chunks: int) -> list[torch.Tensor]:
@@ -335,6 +339,19 @@ class ZImageTransformer(nn.Module):
         weights are noticed and the graphs captured again. `enabled=False` drops the graphs."""
         from ..accel.graphs import StepGraphs
         self.cuda_graphs = StepGraphs(max_graphs) if enabled else None
+
+    def fuse_fp8_activations(self, enabled: bool = True) -> int:
+        """Let the fused kernels hand the fp8 matmuls their inputs already quantised (per token, e4m3): the
+        attention input norm·modulate (qkv), the FFN input (w1 and w3, quantised once for both) and SiLU·mul (w2).
+        Only blocks whose qkv, w1, w2 and w3 are Fp8Linear (quantize_fp8); returns how many blocks."""
+        from ..accel.fp8 import Fp8Linear
+        count = 0
+        for b in self.blocks():
+            ok = all(isinstance(m, Fp8Linear) for m in (b.attention.qkv, b.feed_forward.w1, b.feed_forward.w2,
+                                                        b.feed_forward.w3))
+            b.fp8_act_quant = bool(enabled and ok)
+            count += b.fp8_act_quant
+        return count
 
     def quantize_fp8(self) -> int:
         """Store the block matmul weights (qkv, out, w1, w2, w3) as float8_e4m3fn with per-row scales
