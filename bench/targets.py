@@ -51,6 +51,10 @@ def fmt(v, unit: str = "", digits: int = 1) -> str:
     return f"{v}{unit}"
 
 
+def sci(v) -> str:
+    return "–" if v is None else f"{v:.2e}"
+
+
 def ratio(a, b) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
@@ -255,8 +259,8 @@ def build21(results, nodes) -> str:
         out.append(table(arows, ["backend", "available", "ms", "vs SDPA", "rel. err vs fp32", "vs its emulation",
                                  "note"]))
     grows = [[r["impl"], str(r.get("captures")), fmt(r.get("eager_step_ms")), fmt(r.get("graph_step_ms")),
-              fmt(r.get("speedup"), "×", 3), fmt(r.get("capture_call_ms")), fmt(r.get("replay_vs_eager_max_abs"), "", 2),
-              fmt(r.get("replay_other_inputs_vs_eager_max_abs"), "", 2), fmt(r.get("recaptured_after_weight_swap"))]
+              fmt(r.get("speedup"), "×", 3), fmt(r.get("capture_call_ms")), sci(r.get("replay_vs_eager_max_abs")),
+              sci(r.get("replay_other_inputs_vs_eager_max_abs")), fmt(r.get("recaptured_after_weight_swap"))]
              for r in results if r.get("what") == "graph_check"]
     if grows:
         out.append("\n### Whole-step CUDA graphs (replay against the eager step on the same inputs)\n")
