@@ -4,7 +4,7 @@
 #   bash bench/prepare_device.sh            # .device/comfy_src (ComfyUI 0.3.75) and .whl/ (diffusers 0.42.1, ...)
 #   .whl-h21/: nvidia-cudnn-frontend 1.14.1 (1.8 MB; the cuDNN fp8 attention backend), see RESULTS.md
 #
-#   run(command="bash bench/run_issue21_device.sh", carry=[".device", ".whl", ".whl-h21"], timeout_s=600)
+#   run(command="bash bench/run_issue21_device.sh", carry=[".device/comfy_src", ".whl", ".whl-h21"], timeout_s=600)
 #
 # Three processes, each with its own time limit, each writing its JSON under $OUT after every stage:
 #  A. bench.py (1024², batch 1): kernel correctness (fused kernels, fused fp8 quantisation, fp8 attention),
