@@ -157,6 +157,15 @@ def main() -> None:
         tag = "graph" if graphs else "eager"
         for name, fn in ((f"node_8step_{tag}", node_sample), (f"core_8step_{tag}", core_sample)):
             res[name + "_first_ms"], res[name + "_ms"] = _timed(fn, args.reps)
+    # graphs kept between sampling runs (ZIMAGE_CUDA_GRAPHS=keep): no capture per run
+    use_graphs(True)
+    graphs_mod = sys.modules[type(dit.cuda_graphs).__module__]
+    graphs_mod.KEEP = True
+    try:
+        res["node_8step_graph_keep_first_ms"], res["node_8step_graph_keep_ms"] = _timed(node_sample, args.reps)
+    finally:
+        graphs_mod.KEEP = False
+        dit.cuda_graphs.clear()
     use_graphs(False)
     res["node_vs_core_latent_maxabs"] = float((node_sample()["samples"] - denormalize_latents(core_sample())).abs().max())
     use_graphs(True)

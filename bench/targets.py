@@ -241,6 +241,9 @@ def build21(results, nodes) -> str:
     rows.append(["8 steps through the nodes (graphs) vs zimage_core eager (ms)", fmt(ng), fmt(ce8),
                  fmt(ratio(ng, ce8), "×", 3), "≤ 1.03×", verdict(None if ng is None or ce8 is None else ng / ce8 <= 1.03)])
     rows.append(["  nodes eager / core eager / core graphs (ms)", fmt(ne_), fmt(ce8), fmt(cg), "", ""])
+    nk = nodes.get("node_8step_graph_keep_ms")
+    rows.append(["  nodes, graphs kept between runs (ZIMAGE_CUDA_GRAPHS=keep) (ms)", fmt(nk), fmt(ce8),
+                 fmt(ratio(nk, ce8), "×", 3), "≤ 1.03×", verdict(None if nk is None or ce8 is None else nk / ce8 <= 1.03)])
     nc = nodes.get("node_8step_compiled_ms")
     rows.append(["compile node vs graphs, 8 steps through the nodes (ms)", fmt(nc), fmt(ng), fmt(ratio(ng, nc), "×", 3),
                  "keep the compile node only if faster", "" if nc is None or ng is None else

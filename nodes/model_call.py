@@ -29,11 +29,13 @@ GRAPHS_KEY = "zimage_cuda_graphs"
 
 
 def _release_graphs(executor, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - ComfyUI wrapper
+    from ..zimage_core.accel import graphs
+
     try:
         return executor(*args, **kwargs)
     finally:
         model = executor.class_obj.model_patcher.get_model_object("diffusion_model")
-        if getattr(model, "cuda_graphs", None) is not None:
+        if getattr(model, "cuda_graphs", None) is not None and not graphs.KEEP:
             model.cuda_graphs.clear()  # a graph holds its step's activation memory: not past the sampler
 
 

@@ -177,3 +177,22 @@ def test_cuda_graph_steps_through_comfyuis_sampler_are_freed_when_sampling_ends(
     assert (dit.cuda_graphs.captures, dit.cuda_graphs.replays) == (1, 2)
     assert cleared[-1] == 1 and len(dit.cuda_graphs) == 0  # one graph held until the run ended
     assert torch.equal(out, reference)
+
+
+def test_cuda_graphs_kept_between_runs_when_asked(monkeypatch):
+    """ZIMAGE_CUDA_GRAPHS=keep: the second sampling run at the same shape replays from its first step."""
+    import sys
+
+    from tests.test_graphs import EmulatedCapture
+
+    model = _load("default")
+    dit = model.model.diffusion_model
+    model_call = sys.modules[type(dit).__module__]
+    model_call.use_step_graphs(model, torch.device("cuda"))
+    dit.cuda_graphs.capturer = EmulatedCapture()
+    monkeypatch.setattr(sys.modules[type(dit.cuda_graphs).__module__], "KEEP", True)
+    first = _sample(model, steps=4)
+    assert (dit.cuda_graphs.captures, dit.cuda_graphs.replays, len(dit.cuda_graphs)) == (1, 2, 1)
+    second = _sample(model, steps=4)
+    assert (dit.cuda_graphs.captures, dit.cuda_graphs.replays) == (1, 6)
+    assert torch.equal(first, second)

@@ -37,8 +37,12 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-# ZIMAGE_CUDA_GRAPHS=0 in the environment: the nodes leave graphs off (zimage_core callers opt in themselves).
-ENABLED = os.environ.get("ZIMAGE_CUDA_GRAPHS", "1").lower() not in ("0", "false", "off", "no")
+# ZIMAGE_CUDA_GRAPHS in the environment, for the nodes (zimage_core callers opt in themselves): 0 = off;
+# "keep" = keep each model's graphs between sampling runs (no capture per run, but their activation memory stays
+# allocated while the model is idle, unseen by ComfyUI's memory planning); anything else = on, freed after each run.
+_MODE = os.environ.get("ZIMAGE_CUDA_GRAPHS", "1").strip().lower()
+ENABLED = _MODE not in ("0", "false", "off", "no")
+KEEP = _MODE == "keep"
 
 
 def _weights_key(model: nn.Module) -> tuple:
