@@ -295,10 +295,23 @@ class Impls:
         return run
 
     def _build_dit_comfy(self, variant: str):
+        """variant: "" (bf16, comfy.ops.disable_weight_init), "fp8fast" (ComfyUI's `fp8_e4m3fn_fast`: every
+        weight stored as float8_e4m3fn, fp8 matmuls through comfy.ops.fp8_ops with unit scales, as UNETLoader
+        builds it), "compile" (torch.compile of the whole model); combinable with "+"."""
         import_comfy()
         import comfy.ops
         from comfy.ldm.lumina.model import NextDiT
-        if "comfy" not in self.__dict__.setdefault("_mods", {}):
+        opts = set(variant.split("+")) - {""}
+        fp8 = "fp8fast" in opts
+        key = "comfy_fp8fast" if fp8 else "comfy"
+        if key not in self.__dict__.setdefault("_mods", {}):
+            dtype = torch.float8_e4m3fn if fp8 else DT
+            if fp8:  # what comfy.model_base picks for UNETLoader's fp8_e4m3fn_fast on this device
+                ops = comfy.ops.pick_operations(dtype, DT, load_device=torch.device(DEV), fp8_optimizations=True)
+                log(f"  comfy fp8_e4m3fn_fast: operations {getattr(ops, '__name__', ops)}")
+                ENV["comfy_fp8fast_ops"] = getattr(ops, "__name__", str(ops))
+            else:
+                ops = comfy.ops.disable_weight_init
             with torch.device("meta"):
                 m = NextDiT(patch_size=DIT["patch_size"], in_channels=DIT["in_channels"], dim=DIT["dim"],
                             n_layers=DIT["n_layers"],
@@ -307,15 +320,18 @@ class Impls:
                             norm_eps=DIT["norm_eps"], qk_norm=True, cap_feat_dim=DIT["cap_feat_dim"],
                             axes_dims=list(DIT["axes_dims"]), axes_lens=list(DIT["axes_lens"]),
                             rope_theta=DIT["rope_theta"], z_image_modulation=True, time_scale=1000.0,
-                            pad_tokens_multiple=F.SEQ_MULTIPLE, image_model="lumina2", device="meta", dtype=DT,
-                            operations=comfy.ops.disable_weight_init)
+                            pad_tokens_multiple=F.SEQ_MULTIPLE, image_model="lumina2", device="meta", dtype=dtype,
+                            operations=ops)
             sd = dict(self.dit_sd)
             sd["norm_final.weight"] = torch.ones(DIT["dim"], dtype=DT, device=DEV)  # stray, unused
-            load_assign(m, sd, "comfy NextDiT")
+            if fp8:  # UNETLoader copies the file's bf16 values into the fp8 parameters (round to nearest)
+                meta = dict(m.named_parameters())
+                sd = {k: v.to(meta[k].dtype) if k in meta else v for k, v in sd.items()}
+            load_assign(m, sd, f"comfy NextDiT{' fp8_e4m3fn_fast' if fp8 else ''}")
             m.eval().requires_grad_(False)
-            self._mods["comfy"] = m
-        m = self._mods["comfy"]
-        mod = torch.compile(m) if variant == "compile" else m
+            self._mods[key] = m
+        m = self._mods[key]
+        mod = torch.compile(m) if "compile" in opts else m
 
         def run(x, sigma, caps):
             ctx = torch.nn.utils.rnn.pad_sequence(caps, batch_first=True) if len(caps) > 1 else caps[0].unsqueeze(0)
@@ -337,22 +353,58 @@ class Impls:
 
     def _build_dit_ours(self, variant: str):
         """variant: "" (eager, fused Triton kernels where available), "compile" (regional), "fp8",
-        "fp8attn" (fp8 attention), "nofuse" (eager without the fused kernels); combinable with "+"."""
+        "fp8attn" (fp8 attention), "nofuse" (eager without the fused kernels), "graph" (whole-step CUDA
+        graphs, accel.graphs), "fp8q" (fp8 with the activation quantisation fused into the producing
+        kernels), "attn=<backend>" (an attention backend of zimage_core.accel.attention_backends);
+        combinable with "+"."""
         opts = set(variant.split("+")) - {""}
         m = self.new_ours()
         m.fused_kernels = "nofuse" not in opts
         if "fp8" in opts:
             t0 = time.perf_counter()
-            n = m.quantize_fp8()
+            shared = self.__dict__.get("_fp8_sd")
+            if shared is None:
+                n = m.quantize_fp8()
+                self._fp8_sd = {k: v for k, v in m.state_dict(keep_vars=True).items() if v.dtype == torch.float8_e4m3fn
+                                or k.endswith("weight_scale")}
+            else:  # every fp8 variant shares one set of fp8 weights (6 GB each otherwise)
+                from zimage_core.accel.fp8 import Fp8Linear, fp8_matmul_supported
+                n = 0
+                for name, mod in list(m.named_modules()):
+                    for cname, child in list(mod.named_children()):
+                        full = f"{name}.{cname}" if name else cname
+                        if f"{full}.weight" in shared:
+                            lin = Fp8Linear.__new__(Fp8Linear)
+                            torch.nn.Module.__init__(lin)
+                            lin.weight = shared[f"{full}.weight"]
+                            lin.register_buffer("weight_scale", shared[f"{full}.weight_scale"])
+                            lin.in_features, lin.out_features = child.in_features, child.out_features
+                            lin.use_scaled_mm = fp8_matmul_supported(lin.weight.device)
+                            setattr(mod, cname, lin)
+                            n += 1
             sync()
             log(f"  fp8: {n} linears quantized in {time.perf_counter() - t0:.2f} s")
         if "fp8attn" in opts:
             m.set_fp8_attention(True)
+        if "fp8q" in opts:
+            n = m.fuse_fp8_activations()
+            log(f"  fp8q: activation quantisation fused into the producing kernels in {n} blocks")
         if "compile" in opts:
             m.compile_blocks(cache_dir=self.args.compile_cache or None)
+        if "graph" in opts:
+            m.use_cuda_graphs()
+        backend = next((o.split("=", 1)[1] for o in opts if o.startswith("attn=")), None)
         self.__dict__.setdefault("_mods", {})["ours+" + variant if variant else "ours"] = m
 
         def run(x, sigma, caps):
+            if backend is not None:  # as the process default (ZIMAGE_ATTENTION would make it): graphs may hold it
+                from zimage_core.accel import attention_backends as ab
+                from zimage_core.transformer import attention as seam
+                previous, seam._default = seam._default, ab.get(backend)
+                try:
+                    return m(x, sigma, caps)
+                finally:
+                    seam._default = previous
             return m(x, sigma, caps)
         run.model = m  # type: ignore[attr-defined]
         return run
@@ -639,7 +691,15 @@ def cfg_denoise(fn, x0: torch.Tensor, caps, neg_caps, sigmas, guidance: float) -
     return x
 
 
-def dit_impls(args) -> list[str]:
+def dit_impls(args, stage: str = "") -> list[str]:
+    """The DiT variants to run: `--impl-list` exactly when given (in its order), else built from --impls,
+    --compile, --fp8, ... and --extra. `stage` "e2e" / "profile": only those in --e2e-impls / --profile-impls
+    when given."""
+    keep = {"e2e": args.e2e_impls, "profile": args.profile_impls, "e2e_base": args.e2e_base_impls}.get(stage) or []
+    if args.impl_list:
+        return [i for i in args.impl_list if not keep or i in keep]
+    if keep:
+        return keep
     out = []
     for impl in args.impls:
         if not (args.compiled_only and impl in args.compile):
@@ -654,6 +714,14 @@ def dit_impls(args) -> list[str]:
                 out.append("ours+fp8" + tail)
             if args.fp8_attn:
                 out.append("ours+fp8+fp8attn" + tail)
+        if impl == "comfy" and args.native_fp8:
+            if not (args.compiled_only and impl in args.compile):
+                out.append("comfy+fp8fast")
+            if impl in args.compile:
+                out.append("comfy+fp8fast+compile")
+    for impl in args.extra:
+        if impl not in out:
+            out.append(impl)
     return out
 
 
@@ -843,7 +911,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.inference_mode()
 def stage_e2e(args, zi: Impls) -> None:
     """Prompt -> 8 steps -> image, all weights resident; per impl (compiled variants if asked)."""
-    for impl in dit_impls(args):
+    for impl in dit_impls(args, "e2e"):
         base = impl.split("+")[0]
         for size in args.sizes:
             for batch in args.batch:
@@ -865,7 +933,7 @@ NEGATIVE = "low resolution, low quality, deformed limbs, blurry"
 
 def stage_e2e_base(args, zi: Impls) -> None:
     """Z-Image Base end to end: prompt + negative prompt -> 30 CFG steps (a batch of 2 per step) -> image."""
-    for impl in dit_impls(args):
+    for impl in dit_impls(args, "e2e_base"):
         base = impl.split("+")[0]
         for size in args.sizes:
             for batch in args.batch:
@@ -1140,10 +1208,13 @@ def stage_profile(args, zi: Impls) -> None:
     size = args.sizes[0]
     x, caps, _ = make_inputs(zi, size, 1)
     sig = torch.full((1,), 0.75, device=DEV)
-    for impl in dit_impls(args):
-        fn = zi.get_dit(impl)
-        record(impl, "profile", size, 1, None, **_profile(f"{impl} step {size}^2",
-                                                          lambda fn=fn: fn(x, sig, caps)))
+    for impl in dit_impls(args, "profile"):
+        try:
+            fn = zi.get_dit(impl)
+            record(impl, "profile", size, 1, None, **_profile(f"{impl} step {size}^2",
+                                                              lambda fn=fn: fn(x, sig, caps)))
+        except Exception as e:  # noqa: BLE001
+            note(f"profile {impl} failed: {e!r}"[:300])
     if args.profile_vae:
         lat = torch.randn(F.latent_shape(size), generator=torch.Generator().manual_seed(3)).to(DEV, DT)
         for impl in ["ours+" + v if v else "ours" for v in args.profile_vae.split(",")] + ["diffusers"]:
@@ -1172,13 +1243,16 @@ def stage_warmup(args, zi: Impls) -> None:
         enc = zi.get_te("ours").encoder
         vae = zi.get_vae("ours+" + args.e2e_vae if args.e2e_vae else "ours")
     t0 = time.perf_counter()
-    import importlib
-    importlib.import_module("torch._dynamo")
-    importlib.import_module("torch._inductor.config")
+    if args.warmup_impl == "compile":  # the eager paths never import the compiler
+        import importlib
+        importlib.import_module("torch._dynamo")
+        importlib.import_module("torch._inductor.config")
     t_import = time.perf_counter() - t0
     t0 = time.perf_counter()
     m = zi.new_ours()
-    ok = m.compile_blocks(cache_dir=cache_dir)
+    ok = m.compile_blocks(cache_dir=cache_dir) if args.warmup_impl == "compile" else False
+    if args.warmup_impl == "graph":
+        m.use_cuda_graphs()
     t_wrap = time.perf_counter() - t0
     if args.first_image:
         from zimage_core.sampling import sample_text_to_image
@@ -1201,7 +1275,9 @@ def stage_warmup(args, zi: Impls) -> None:
         t_save = time.perf_counter() - t0
     second, _ = first_call(call)
     times = time_ms(call, 3 if args.first_image else 5, warmup=0)
-    record("ours+compile", what, size, 1, times, cache=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"),
+    impl = {"compile": "ours+compile", "eager": "ours", "graph": "ours+graph"}[args.warmup_impl]
+    record(impl, what, size, 1, times, cache=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"),
+           triton_cache=os.environ.get("TRITON_CACHE_DIR", "default"),
            compile_cache=cache_dir or "", cache_files_before=cache_files, compiled=ok, import_s=t_import,
            wrap_s=t_wrap, first_call_s=first / 1e3, save_s=t_save, second_call_ms=second,
            total_first_s=t_import + t_wrap + first / 1e3)
@@ -1304,6 +1380,44 @@ def stage_kernels(args, zi: Impls) -> None:
     a, b = rnd(1, n, ffn, std=2.0), rnd(1, n, ffn, std=2.0)
     check("silu_mul", lambda: kernels.silu_mul(a, b, True), lambda: kernels.silu_mul(a, b, False),
           lambda: torch.nn.functional.silu(a.double()) * b.double())
+
+    # fp8 activation quantisation fused into the producers (fuse_fp8_activations): e4m3 codes x row scales
+    # against float64 math; timed against the fused bf16 kernel followed by Fp8Linear's own quantisation.
+    from zimage_core.accel.fp8 import FP8_MAX
+
+    def torch_quant(t):
+        t2 = t.reshape(-1, t.shape[-1])
+        s = (t2.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp_(min=1e-12)
+        return (t2.float() / s).to(torch.float8_e4m3fn), s
+
+    def quant_check(name, fused_q, unfused, exact):
+        try:
+            _quant_check(name, fused_q, unfused, exact)
+        except Exception as e:  # noqa: BLE001 - the rest of the kernel check still runs
+            note(f"kernels: {name} failed: {e!r}"[:300])
+            traceback.print_exc()
+
+    def _quant_check(name, fused_q, unfused, exact):
+        act = fused_q()
+        e = exact().reshape(-1, act.shape[-1])
+        deq = act.data.double().reshape(e.shape) * act.scale.double()
+        ref_codes, ref_s = torch_quant(unfused())
+        ref_deq = ref_codes.double() * ref_s.double()
+        fq_ms = statistics.median(time_ms(fused_q, reps, warm))
+        un_ms = statistics.median(time_ms(lambda: torch_quant(unfused()), reps, warm))
+        record("kernel", name, size, 1, None, fused_vs_fp64_max_rel=(deq - e).abs().max().item() / e.abs().max().item(),
+               ref_vs_fp64_max_rel=(ref_deq - e).abs().max().item() / e.abs().max().item(),
+               fused_vs_ref_max_rel=(deq - ref_deq).abs().max().item() / ref_deq.abs().max().item(),
+               codes_equal_frac=(act.data.reshape(e.shape).float() == ref_codes.float()).float().mean().item(),
+               fused_ms=fq_ms, ref_ms=un_ms, speedup=un_ms / fq_ms, finite=bool(torch.isfinite(deq).all()))
+    x, y = rnd(1, n, d), rnd(1, n, d, std=4.0)
+    quant_check("norm_modulate→fp8", lambda: kernels.norm_modulate(x, n1, scale, True, True),
+                lambda: kernels.norm_modulate(x, n1, scale, True), lambda: rms64(x, n1) * (1 + scale.double()))
+    quant_check("gated_residual→next fp8", lambda: kernels.gated_residual(x, y, n2, gate, True, n3, scale2, True)[1],
+                lambda: kernels.gated_residual(x, y, n2, gate, True, n3, scale2)[1],
+                lambda: rms64(kernels.gated_residual(x, y, n2, gate, True, n3, scale2)[0], n3) * (1 + scale2.double()))
+    quant_check("silu_mul→fp8", lambda: kernels.silu_mul(a, b, True, True), lambda: kernels.silu_mul(a, b, True),
+                lambda: torch.nn.functional.silu(a.double()) * b.double())
     x = y = a = b = work = None
 
     # fp8 attention on realistic q/k (normed, rotated) and v
@@ -1330,7 +1444,147 @@ def stage_kernels(args, zi: Impls) -> None:
     record("kernel", "fp8_attention", size, 1, None, **rec)
 
 
-STAGES = {"e2e_base": stage_e2e_base, "kernels": stage_kernels, "warmup": stage_warmup, "env": stage_env, "dit": stage_dit, "te": stage_te, "vae": stage_vae, "parity": stage_parity,
+@torch.inference_mode()
+def stage_fp8err(args, zi: Impls) -> None:
+    """8-step error of every fp8 variant against bf16, side by side: ours' fp8 (per-row weight scales, per-token
+    activation scales) and ComfyUI's fp8_e4m3fn_fast (unit scales). The same noise, caption features and Euler
+    loop (euler_denoise: fp32 latents, bf16 model input) for every impl; each fp8 impl is compared with its own
+    bf16 impl and with ours bf16, in latents and in pixels (ours' VAE)."""
+    size = args.parity_size if args.parity_size in args.sizes else args.sizes[0]
+    _, caps, _ = make_inputs(zi, size, 1, seed=5)
+    noise = torch.randn(F.latent_shape(size), generator=torch.Generator().manual_seed(11)).to(DEV)
+    # eager variants only: a graph replays the eager kernels, and compiled fp8 rounds as eager fp8 does
+    impls = [i for i in dit_impls(args) if "fp8" in i and "compile" not in i and "graph" not in i]
+    refs = {"ours": "ours", "comfy": "comfy"}
+    lat: dict[str, torch.Tensor] = {}
+    for impl in [*refs.values(), *impls]:
+        if impl in lat or (impl == "comfy" and "comfy" not in args.impls):
+            continue
+        try:
+            lat[impl] = euler_denoise(zi.get_dit(impl), noise, caps[:1], TURBO_SIGMAS_8)
+        except Exception as e:  # noqa: BLE001
+            note(f"fp8err: {impl} failed: {e!r}"[:300])
+            traceback.print_exc()
+    if "ours" not in lat:
+        return
+    vae = zi.get_vae("ours+" + args.e2e_vae if args.e2e_vae else "ours")
+    img = {i: vae(v.to(DT)).float() for i, v in lat.items()}
+
+    def errs(a: str, b: str) -> dict[str, float]:
+        mse = ((img[a] - img[b]) ** 2).mean()
+        return {"latent_rel_err": _rel(lat[a], lat[b]), "pixel_rel_err": _rel(img[a], img[b]),
+                "pixel_mean_abs": (img[a] - img[b]).abs().mean().item(),
+                "psnr_db": (10 * torch.log10(1.0 / mse)).item() if mse > 0 else float("inf")}
+    if "comfy" in lat:
+        record("comfy", "bf16_vs_ours_bf16_8step", size, 1, None, **errs("comfy", "ours"))
+    for impl in impls:
+        if impl not in lat:
+            continue
+        own = refs[impl.split("+")[0]]
+        extra = {f"vs_ours_{k}": v for k, v in errs(impl, "ours").items()}
+        record(impl, "fp8_vs_bf16_8step", size, 1, None, reference=own, finite=bool(torch.isfinite(lat[impl]).all()),
+               **(errs(impl, own) if own in lat else {}), **extra)
+
+
+@torch.inference_mode()
+def stage_graphs(args, zi: Impls) -> None:
+    """GPU check of the whole-step CUDA graphs: for ours (bf16) and ours+fp8, a graph replay against the eager
+    step on the same inputs (the replay must give the eager bits), capture time, replay vs eager step time, and
+    a replaced weight (what a LoRA patch does) being noticed."""
+    size = args.sizes[0]
+    x, caps, _ = make_inputs(zi, size, 1)
+    sig = torch.full((1,), 0.75, device=DEV)
+    x2, caps2, _ = make_inputs(zi, size, 1, seed=9)
+    for base in ("ours", "ours+fp8"):
+        try:
+            eager = zi.get_dit(base).model
+            g_impl = base + "+graph"
+            m = zi.get_dit(g_impl).model
+            want, want2 = eager(x, sig, caps).float(), eager(x2, sig * 0.5, caps2).float()
+            m.cuda_graphs.clear()
+            step = lambda m=m: m(x, sig, caps)  # noqa: E731
+            first_ms, _ = first_call(step)  # eager
+            capture_ms, out_c = first_call(step)  # warm-up on the side stream + capture
+            out1 = m(x, sig, caps).float()  # replay
+            out2 = m(x2, sig * 0.5, caps2).float()  # replay, other inputs
+            eager_ms = statistics.median(time_ms(lambda e=eager: e(x, sig, caps), args.reps, 2))
+            graph_ms = statistics.median(time_ms(step, args.reps, 2))
+            g = m.cuda_graphs
+            rec = {"captures": g.captures, "replays": g.replays, "first_call_ms": first_ms,
+                   "capture_call_ms": capture_ms, "eager_step_ms": eager_ms, "graph_step_ms": graph_ms,
+                   "speedup": eager_ms / graph_ms,
+                   "replay_vs_eager_max_abs": (out1 - want).abs().max().item(),
+                   "replay_other_inputs_vs_eager_max_abs": (out2 - want2).abs().max().item(),
+                   "capture_call_vs_eager_max_abs": (out_c.float() - want).abs().max().item()}
+            # a replaced Parameter (ComfyUI's LoRA patching, a reload) must be noticed: capture again
+            blk = m.layers[0].feed_forward
+            old = blk.w2.weight
+            blk.w2.weight = torch.nn.Parameter(old.detach().clone(), requires_grad=False)
+            before = g.captures
+            for _ in range(3):
+                out3 = m(x, sig, caps).float()
+            rec.update(recaptured_after_weight_swap=g.captures == before + 1,
+                       after_swap_vs_eager_max_abs=(out3 - want).abs().max().item())
+            blk.w2.weight = old
+            record(g_impl, "graph_check", size, 1, None, **rec)
+        except Exception as e:  # noqa: BLE001
+            note(f"graphs: {base} failed: {e!r}"[:300])
+            traceback.print_exc()
+
+
+@torch.inference_mode()
+def stage_attn(args, zi: Impls) -> None:
+    """Attention backends (zimage_core.accel.attention_backends) on the main blocks' shape at the first size:
+    time per call and error against fp32 SDPA on realistic q/k (RMS-normed and rotated) and v, next to cuDNN
+    bf16 (the default). A backend whose package is missing is a row saying so."""
+    from zimage_core.accel import attention_backends as ab
+    from zimage_core.accel import kernels
+    from zimage_core.transformer.model import RMSNorm
+    size = args.sizes[0]
+    cap = int(zi.prompt_ids([PROMPT])[0].numel())
+    n = F.padded(F.image_tokens(size)) + F.padded(cap)
+    h, hd = DIT["n_heads"], DIT_CONFIG.head_dim
+    g = torch.Generator(device=DEV).manual_seed(1)
+    qkv = (torch.randn(1, n, 3, h, hd, device=DEV, generator=g) * 2).to(DT)
+    norms = []
+    for _ in range(2):
+        m = RMSNorm(hd, 1e-5, dtype=DT, device=DEV)
+        m.weight.copy_((1 + 0.1 * torch.randn(hd, device=DEV, generator=g)).to(DT))
+        norms.append(m)
+    ang = torch.rand(1, n, 1, hd // 2, device=DEV, generator=g, dtype=torch.float64) * 100
+    c, si = ang.cos(), ang.sin()
+    rope = torch.stack([torch.stack([c, -si], -1), torch.stack([si, c], -1)], -2).to(DT)
+    q, k, v = kernels.qk_norm_rope(qkv, norms[0], norms[1], rope, False)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    exact = ab.sdpa(q.float(), k.float(), v.float(), None)
+    fl = 4 * n * n * hd * h
+    reps, warm = (2, 1) if TINY else (20, 3)
+    base_ms = None
+    ENV["attention_backends"] = ab.available()
+    ENV["attention_default"] = ab.default_name()
+    for name in ab.NAMES:
+        try:
+            fn = ab.get(name)
+        except ImportError as e:
+            record("attn", name, size, 1, None, available=False, why=str(e)[:200])
+            continue
+        try:
+            out = fn(q, k, v, None)
+            ms = statistics.median(time_ms(lambda fn=fn: fn(q, k, v, None), reps, warm))
+            base_ms = ms if name == "sdpa" else base_ms
+            rec = {"available": True, "ms": ms, "tflops": fl / ms / 1e9, "rel_vs_fp32": _rel(out, exact),
+                   "finite": bool(torch.isfinite(out).all()), "shape": [1, n, h, hd]}
+            if base_ms:
+                rec["speedup_vs_sdpa"] = base_ms / ms
+            if name == "cudnn_fp8":
+                rec["rel_vs_emulation"] = _rel(out, ab.cudnn_fp8_reference(q, k, v))
+            record("attn", name, size, 1, None, **rec)
+        except Exception as e:  # noqa: BLE001
+            record("attn", name, size, 1, None, available=True, failed=repr(e)[:300])
+            traceback.print_exc()
+
+
+STAGES = {"fp8err": stage_fp8err, "graphs": stage_graphs, "attn": stage_attn, "e2e_base": stage_e2e_base, "kernels": stage_kernels, "warmup": stage_warmup, "env": stage_env, "dit": stage_dit, "te": stage_te, "vae": stage_vae, "parity": stage_parity,
           "e2e": stage_e2e, "profile": stage_profile, "vaetiled": stage_vaetiled, "mem": stage_mem}
 
 
@@ -1373,6 +1627,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fp8", action="store_true", help="also time ours with fp8 weights")
     ap.add_argument("--fp8-attn", action="store_true", help="also time ours with fp8 weights + fp8 attention")
     ap.add_argument("--nofuse", action="store_true", help="also time ours eager without the fused Triton kernels")
+    ap.add_argument("--native-fp8", action="store_true",
+                    help="also time ComfyUI's own fp8_e4m3fn_fast (comfy+fp8fast, compiled too if comfy is compiled)")
+    ap.add_argument("--impl-list", default="", help="exactly these DiT variants, in this order (overrides "
+                    "--impls/--compile/--fp8/--extra for the DiT stages)")
+    ap.add_argument("--e2e-impls", default="", help="only these variants in the e2e stage")
+    ap.add_argument("--profile-impls", default="", help="only these variants in the profile stage")
+    ap.add_argument("--e2e-base-impls", default="", help="only these variants in the e2e_base stage")
+    ap.add_argument("--warmup-impl", default="compile", choices=["compile", "eager", "graph"],
+                    help="warmup stage: ours compiled (default), eager, or eager with whole-step CUDA graphs")
+    ap.add_argument("--extra", default="", help="more DiT variants by name, e.g. ours+graph,ours+fp8+graph,"
+                    "ours+fp8+fp8q,ours+attn=cudnn_fp8 (see Impls._build_dit_ours / _build_dit_comfy)")
     ap.add_argument("--compile-cache", default="", help="folder for ours' compile artifacts (CompileCache)")
     ap.add_argument("--first-image", action="store_true",
                     help="warmup stage: time the whole first image (encode + 8 steps + decode), not one step")
@@ -1395,6 +1660,11 @@ def main(argv: list[str] | None = None) -> None:
     args.batch = [int(s) for s in args.batch.split(",") if s]
     args.mem_modes = [s for s in args.mem_modes.split(",") if s]
     args.vae_variants = [s for s in args.vae_variants.split(",") if s]
+    args.extra = [s for s in args.extra.split(",") if s]
+    args.impl_list = [s for s in args.impl_list.split(",") if s]
+    args.e2e_impls = [s for s in args.e2e_impls.split(",") if s]
+    args.profile_impls = [s for s in args.profile_impls.split(",") if s]
+    args.e2e_base_impls = [s for s in args.e2e_base_impls.split(",") if s]
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     zi = Impls(args)

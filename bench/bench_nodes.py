@@ -75,12 +75,23 @@ class _CoreCall:
         return ZImageTransformer.forward(self.dit, x, sigma, cap_feats)
 
 
+def core_dit_eager(core_sample, use_graphs):
+    """core_sample() with graphs off (the reference latents), graphs back on afterwards."""
+    use_graphs(False)
+    try:
+        return core_sample()
+    finally:
+        use_graphs(True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU (checks the script runs)")
+    ap.add_argument("--no-vae", action="store_true", help="skip the VAE decode timings")
+    ap.add_argument("--no-compile", action="store_true", help="skip ZImageCompileModel / ZImageCompileVAE")
     args = ap.parse_args()
     import_comfy()
     import comfy.model_management as mm
@@ -129,15 +140,69 @@ def main() -> None:
 
     # zimage_core's own call convention on the same weights (ZImageTransformer.forward, not NextDiT's).
     core_dit = _CoreCall(dit)
+    res["graphs_default_on"] = dit.cuda_graphs is not None  # the loaders turn them on for CUDA load devices
+    graphs_on = dit.cuda_graphs
+
+    def use_graphs(on: bool) -> None:
+        if on:
+            dit.use_cuda_graphs()
+        else:
+            dit.cuda_graphs = None
+
     raw = node_sample()
-    for name, fn in (("node_8step_eager", node_sample), ("core_8step_eager", core_sample)):
-        res[name + "_first_ms"], res[name + "_ms"] = _timed(fn, args.reps)
+    # eager = no CUDA graphs (the figures of issue 12); graph = whole-step graphs (the nodes free them at the end
+    # of each sampling run, so every node run captures again; the core call keeps its graph between runs)
+    for graphs in (False, True):
+        use_graphs(graphs)
+        tag = "graph" if graphs else "eager"
+        for name, fn in ((f"node_8step_{tag}", node_sample), (f"core_8step_{tag}", core_sample)):
+            res[name + "_first_ms"], res[name + "_ms"] = _timed(fn, args.reps)
+    # graphs kept between sampling runs (ZIMAGE_CUDA_GRAPHS=keep): no capture per run
+    use_graphs(True)
+    graphs_mod = sys.modules[type(dit.cuda_graphs).__module__]
+    graphs_mod.KEEP = True
+    try:
+        res["node_8step_graph_keep_first_ms"], res["node_8step_graph_keep_ms"] = _timed(node_sample, args.reps)
+    finally:
+        graphs_mod.KEEP = False
+        dit.cuda_graphs.clear()
+    use_graphs(False)
     res["node_vs_core_latent_maxabs"] = float((node_sample()["samples"] - denormalize_latents(core_sample())).abs().max())
-    res["vae_decode_node_nchw_first_ms"], res["vae_decode_node_nchw_ms"] = _timed(lambda: decoder.decode(vae, raw), 5)
-    (model,) = node_classes["ZImageCompileModel"]().compile(model)
-    res["node_8step_compiled_first_ms"], res["node_8step_compiled_ms"] = _timed(node_sample, args.reps)
-    (vae,) = node_classes["ZImageCompileVAE"]().compile(vae)
-    res["vae_decode_node_fused_first_ms"], res["vae_decode_node_fused_ms"] = _timed(lambda: decoder.decode(vae, raw), 5)
+    use_graphs(True)
+    res["node_graph_vs_core_eager_latent_maxabs"] = float(
+        (node_sample()["samples"] - denormalize_latents(core_dit_eager(core_sample, use_graphs))).abs().max())
+    res["node_graph_over_core_eager"] = res["node_8step_graph_ms"] / res["core_8step_eager_ms"]
+    res["node_eager_over_core_eager"] = res["node_8step_eager_ms"] / res["core_8step_eager_ms"]
+    res["node_graph_over_core_graph"] = res["node_8step_graph_ms"] / res["core_8step_graph_ms"]
+    if torch.cuda.is_available():  # where the host waits for the GPU inside one node run (sync debug mode)
+        import warnings
+        use_graphs(True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                node_sample()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        where: dict[str, int] = {}
+        for w in caught:
+            if "synchroniz" in str(w.message):
+                key = f"{Path(w.filename).name}:{w.lineno}"
+                where[key] = where.get(key, 0) + 1
+        res["node_run_syncs"] = dict(sorted(where.items(), key=lambda kv: -kv[1])[:12])
+    dit.cuda_graphs = graphs_on
+    if not args.no_vae:
+        res["vae_decode_node_nchw_first_ms"], res["vae_decode_node_nchw_ms"] = _timed(lambda: decoder.decode(vae, raw), 5)
+    if not args.no_compile:
+        (cmodel,) = node_classes["ZImageCompileModel"]().compile(model)
+
+        def compiled_sample():
+            return sampler.sample(cmodel, cond, latent, 0, 8, 3.0, 0.0)[0]
+        res["node_8step_compiled_first_ms"], res["node_8step_compiled_ms"] = _timed(compiled_sample, args.reps)
+        if not args.no_vae:
+            (vae,) = node_classes["ZImageCompileVAE"]().compile(vae)
+            res["vae_decode_node_fused_first_ms"], res["vae_decode_node_fused_ms"] = _timed(
+                lambda: decoder.decode(vae, raw), 5)
     if torch.cuda.is_available():
         res["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / 2**30
     print(json.dumps(res, indent=1))

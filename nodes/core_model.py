@@ -26,7 +26,7 @@ from .comfy_compat import ClassicPatcher, CorePatcher, archive_model_dtypes, set
 from .errors import load_explained
 from .gguf import GGUFLayerLoader, GGUFPatching, gguf_operations
 from .memory import ZImageBaseModel, make_patcher
-from .model_call import BLOCK_CALL_KEY, OMNI_REFERENCE_KEY, ZImageDiffusionModel
+from .model_call import BLOCK_CALL_KEY, OMNI_REFERENCE_KEY, ZImageDiffusionModel, use_step_graphs
 from .precision import (
     COMPUTE_DTYPES,
     WEIGHT_DTYPES,
@@ -159,7 +159,10 @@ def as_core_model(diffusion_model: ZImageDiffusionModel, weight_dtype: torch.dty
     model = ZImageBaseModel(model_config)
     model.diffusion_model = diffusion_model
     archive_model_dtypes(model.diffusion_model)
-    return make_patcher(model, load_device, offload_device, *patcher)
+    result = make_patcher(model, load_device, offload_device, *patcher)
+    if patcher == (None, ()):  # GGUF layers dequantise (and patch) per call: they stay eager
+        use_step_graphs(result, load_device)
+    return result
 
 
 def is_zimage_model(model: Any) -> bool:

@@ -25,6 +25,31 @@ log = logging.getLogger("ComfyUI-ZImage")
 BLOCK_CALL_KEY = "zimage_block_call"
 # transformer_options key of the Omni layout to follow: "comfyui" (default, as ComfyUI's own model) or "diffusers".
 OMNI_REFERENCE_KEY = "zimage_omni_reference"
+# OUTER_SAMPLE wrapper key: frees the transformer's CUDA graphs when a sampling run ends.
+GRAPHS_KEY = "zimage_cuda_graphs"
+
+
+def _release_graphs(executor, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - ComfyUI wrapper
+    from ..zimage_core.accel import graphs
+
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        model = executor.class_obj.model_patcher.get_model_object("diffusion_model")
+        if getattr(model, "cuda_graphs", None) is not None and not graphs.KEEP:
+            model.cuda_graphs.clear()  # a graph holds its step's activation memory: not past the sampler
+
+
+def use_step_graphs(patcher: Any, load_device: torch.device) -> None:
+    """Replay each denoising step as a CUDA graph (zimage_core.accel.graphs) on a CUDA load device, unless
+    ZIMAGE_CUDA_GRAPHS=0; the graphs are freed when each sampling run ends. Steps that cannot be captured
+    (ControlNet patches, compiled blocks, offloaded or per-call cast weights, attention overrides) run as before."""
+    from ..zimage_core.accel import graphs
+
+    if not graphs.ENABLED or torch.device(load_device).type != "cuda":
+        return
+    patcher.get_model_object("diffusion_model").use_cuda_graphs()
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, GRAPHS_KEY, _release_graphs)
 
 
 class _ComfyBlockPatches:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import comfy.patcher_extension
 import comfy.sample
@@ -89,21 +90,46 @@ def model_compute_dtype(model) -> torch.dtype:
 
 
 def _finite_callback(model, steps: int, node: str):
-    """ComfyUI's preview/progress callback, plus a stop with a clear message when latents become NaN/inf."""
+    """ComfyUI's preview/progress callback, plus a stop with a clear message when latents become NaN/inf.
+
+    Each step's check is read one step later (or by `finish()` after the last step): reading it at once would
+    make the host wait for the GPU at every step, and the GPU then waits for the host's next launches."""
     preview = latent_preview.prepare_callback(model, steps)
+    pending: list[tuple[int, int, torch.Tensor, Any]] = []
+
+    def fail(step: int, total_steps: int) -> None:
+        dtype = model_compute_dtype(model)
+        raise SamplingError(f"{node}: the latents became NaN/inf at step {step + 1} of {total_steps} with the "
+                            f"model computing in {str(dtype).replace('torch.', '')}. "
+                            + non_finite_advice(dtype, "set on_nan to recompute_fp32")
+                            + (" Load the model with weight_dtype default or bf16 (both compute in bf16), or set "
+                               "on_nan to recompute_fp32." if dtype == torch.float16 else ""))
+
+    def finish() -> None:
+        while pending:
+            step, total_steps, ok, done = pending.pop(0)
+            if done is not None:
+                done.synchronize()
+            if not bool(ok):
+                pending.clear()
+                fail(step, total_steps)
 
     def callback(step, x0, x, total_steps):
         # ComfyUI calls back before applying step `step`: its denoised x0 comes from this step's model
         # output (x only shows it one step later, and never for the last step).
-        if not (torch.isfinite(x0).all() and torch.isfinite(x).all()):
-            dtype = model_compute_dtype(model)
-            raise SamplingError(f"{node}: the latents became NaN/inf at step {step + 1} of {total_steps} with the "
-                                f"model computing in {str(dtype).replace('torch.', '')}. "
-                                + non_finite_advice(dtype, "set on_nan to recompute_fp32")
-                                + (" Load the model with weight_dtype default or bf16 (both compute in bf16), or set "
-                                   "on_nan to recompute_fp32." if dtype == torch.float16 else ""))
+        finish()  # the previous step's check, long done on the GPU by now
+        ok = torch.isfinite(x0).all() & torch.isfinite(x).all()
+        done = None
+        if ok.is_cuda:
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(ok, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            ok = host
+        pending.append((step, total_steps, ok, done))
         preview(step, x0, x, total_steps)
 
+    callback.finish = finish  # type: ignore[attr-defined]
     return callback
 
 
@@ -236,10 +262,12 @@ def sample(model, positive, negative, latent: dict, seed: int, sigmas: torch.Ten
         return ({**latent, "samples": latent["samples"].clone()},)
     noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
     steps = len(sigmas) - 1
+    callback = _finite_callback(model, steps, node)
     out = comfy.sample.sample_custom(
         model, noise, cfg, comfy.samplers.sampler_object("euler"), sigmas, positive, negative, samples,
-        noise_mask=latent.get("noise_mask"), callback=_finite_callback(model, steps, node),
+        noise_mask=latent.get("noise_mask"), callback=callback,
         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    callback.finish()  # the last step's check
     return ({**latent, "samples": out},)
 
 

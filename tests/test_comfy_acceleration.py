@@ -152,3 +152,47 @@ def test_loras_patch_fp8_fast_weights_through_their_row_scales():
     assert _rel(plain, reference) > 3 * _rel(patched, reference)  # the LoRA was applied, not lost
     comfy_module("comfy.model_management").unload_all_models()
     assert torch.equal(_sample(fp8), plain)  # unpatching restores the stored fp8 weights
+
+
+def test_cuda_graph_steps_through_comfyuis_sampler_are_freed_when_sampling_ends():
+    """On a CUDA load device the loader turns on whole-step CUDA graphs; through ComfyUI's own sampler loop the
+    first step runs eagerly, the second is captured, the rest replay, the image is unchanged, and an
+    OUTER_SAMPLE wrapper frees the graphs (their activation memory) when the run ends. The CPU has no CUDA
+    graphs: an emulated capture (tests/test_graphs.py) stands in for the recording."""
+    import sys
+
+    from tests.test_graphs import EmulatedCapture
+
+    reference = _sample(_load("default"), steps=4)
+    model = _load("default")
+    dit = model.model.diffusion_model
+    assert dit.cuda_graphs is None  # CPU load device: off
+    model_call = sys.modules[type(dit).__module__]
+    model_call.use_step_graphs(model, torch.device("cuda"))
+    dit.cuda_graphs.capturer = EmulatedCapture()
+    cleared = []
+    clear = dit.cuda_graphs.clear
+    dit.cuda_graphs.clear = lambda: (cleared.append(len(dit.cuda_graphs)), clear())[1]
+    out = _sample(model, steps=4)
+    assert (dit.cuda_graphs.captures, dit.cuda_graphs.replays) == (1, 2)
+    assert cleared[-1] == 1 and len(dit.cuda_graphs) == 0  # one graph held until the run ended
+    assert torch.equal(out, reference)
+
+
+def test_cuda_graphs_kept_between_runs_when_asked(monkeypatch):
+    """ZIMAGE_CUDA_GRAPHS=keep: the second sampling run at the same shape replays from its first step."""
+    import sys
+
+    from tests.test_graphs import EmulatedCapture
+
+    model = _load("default")
+    dit = model.model.diffusion_model
+    model_call = sys.modules[type(dit).__module__]
+    model_call.use_step_graphs(model, torch.device("cuda"))
+    dit.cuda_graphs.capturer = EmulatedCapture()
+    monkeypatch.setattr(sys.modules[type(dit.cuda_graphs).__module__], "KEEP", True)
+    first = _sample(model, steps=4)
+    assert (dit.cuda_graphs.captures, dit.cuda_graphs.replays, len(dit.cuda_graphs)) == (1, 2, 1)
+    second = _sample(model, steps=4)
+    assert (dit.cuda_graphs.captures, dit.cuda_graphs.replays) == (1, 6)
+    assert torch.equal(first, second)

@@ -48,15 +48,15 @@ def parts():
     return model, cond, latent
 
 
-def _poisoned(model, seen: list):
-    """A clone whose first main block outputs NaN at BAD_STEP when it runs in reduced precision."""
+def _poisoned(model, seen: list, at: int = BAD_STEP):
+    """A clone whose first main block outputs NaN at step `at` when it runs in reduced precision."""
 
     def inject(args):
         options = args["transformer_options"]
         step = step_of(float(options["sigmas"][0]), options["sample_sigmas"])
         if args["block_index"] == 0:
             seen.append((step, args["img"].dtype))
-            if step == BAD_STEP and args["img"].dtype != torch.float32:
+            if step == at and args["img"].dtype != torch.float32:
                 return {"img": torch.full_like(args["img"], float("nan"))}
         return {}
 
@@ -79,6 +79,15 @@ def test_default_mode_stops_with_a_clear_error_naming_the_step(parts):
     assert type(err.value).__name__ == "SamplingError"
     assert (BAD_STEP, torch.bfloat16) in seen, "the patch did not run in bf16: the test proves nothing"
     assert _nodes()["ZImageTurboSampler"].INPUT_TYPES()["optional"]["on_nan"][1]["default"] == "error"
+
+
+def test_a_nan_at_the_last_step_is_reported_too(parts):
+    """Each step's check is read one step later (no GPU sync per step): the last step's is read after sampling."""
+    model, cond, latent = parts
+    seen = []
+    with pytest.raises(Exception, match=f"step {STEPS} of {STEPS}"):
+        _sample(_poisoned(model, seen, at=STEPS - 1), cond, latent)
+    assert (STEPS - 1, torch.bfloat16) in seen
 
 
 def test_recovery_mode_recomputes_the_step_in_fp32_and_continues(parts, caplog):

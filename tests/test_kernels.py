@@ -197,6 +197,24 @@ def test_triton_kernels_keep_v_and_clamp_fp16(interpreted):
     assert interpreted["residual_nogate_next_is_none"] == 1.0
 
 
+@pytest.mark.parametrize("name", ["norm_quant", "gated_quant", "silu_quant"])
+def test_triton_kernels_quantise_for_the_fp8_matmul(interpreted, name):
+    """norm·modulate, the FFN input and SiLU·mul written as e4m3 codes with one scale per row: the scale is
+    max|row| / 448 of the exact values, the codes are the exact values rounded to e4m3 (GPU bench: max error)."""
+    assert interpreted[name + "_scale_rel"] < 1e-6
+    assert interpreted[name + "_is_fp8"] == 1.0
+    assert interpreted[name + "_fp8_within_1ulp"] > 0.97
+    assert interpreted["gated_quant_out_ulps"] <= 1.5  # the residual itself is unchanged
+
+
+def test_fused_fp8_activations_in_the_whole_transformer(interpreted):
+    # every block of the tiny model has fp8 matmuls; its output stays as close to fp32 as fp8 weights with
+    # activations quantised by Fp8Linear (the interpreter's cruder e4m3 rounding costs a little)
+    assert interpreted["fp8q_blocks"] == 4.0
+    assert interpreted["fp8q_vs_fp8_rel"] < 0.05
+    assert interpreted["fp8q_vs_fp32_rel"] < 2 * interpreted["fp8_vs_fp32_rel"]
+
+
 def test_triton_fp8_attention(interpreted):
     # The flash algorithm on given fp8 inputs equals SDPA on their dequantized values (bf16 output).
     assert interpreted["attn_kernel_bf16p_rel"] < 1e-2

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,19 @@ log = logging.getLogger(__name__)
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 
+
+
+class Fp8Act(NamedTuple):
+    """An activation already quantised for `Fp8Linear` by the kernel that produced it (accel.kernels with
+    `quant`): e4m3 values (rows, K), one float32 scale per row (rows, 1), the activation's shape and dtype."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def dequantized(self) -> torch.Tensor:
+        return (self.data.float().reshape(-1, self.shape[-1]) * self.scale).reshape(self.shape).to(self.dtype)
 
 
 def fp8_matmul_supported(device: torch.device) -> bool:
@@ -68,7 +81,13 @@ class Fp8Linear(nn.Module):
             self.weight = nn.Parameter(stored, requires_grad=False)
         return None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Act) -> torch.Tensor:
+        if isinstance(x, Fp8Act):  # quantised by the producing kernel: straight to the fp8 matmul
+            if not (self.use_scaled_mm and x.data.is_cuda):
+                return F.linear(x.dequantized(), self.dequantized(x.dtype))
+            y = torch._scaled_mm(x.data.reshape(-1, x.shape[-1]), self.weight.t(), scale_a=x.scale,
+                                 scale_b=self.weight_scale, out_dtype=x.dtype)
+            return y.reshape(*x.shape[:-1], self.out_features)
         if not (self.use_scaled_mm and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)):
             return F.linear(x, self.dequantized(x.dtype))
         shape = x.shape

@@ -101,10 +101,20 @@ def _rows_ok(x: torch.Tensor, *per_batch: torch.Tensor | None) -> bool:
 # the block's steps
 # ---------------------------------------------------------------------------------------------
 
-def norm_modulate(x: torch.Tensor, norm: Any, scale: torch.Tensor | None, fused: bool) -> torch.Tensor:
-    """`norm(x) * (1 + scale)` (just `norm(x)` without scale); norm is an RMSNorm (weight, eps)."""
+def _fp8_act(out: Any, like: torch.Tensor) -> Any:
+    from .fp8 import Fp8Act
+    data, scale = out
+    return Fp8Act(data, scale, tuple(like.shape), like.dtype)
+
+
+def norm_modulate(x: torch.Tensor, norm: Any, scale: torch.Tensor | None, fused: bool,
+                  quant: bool = False) -> Any:
+    """`norm(x) * (1 + scale)` (just `norm(x)` without scale); norm is an RMSNorm (weight, eps). With `quant`
+    (fused path only) the result comes quantised for an fp8 matmul (`accel.fp8.Fp8Act`)."""
     if fused and ENABLED and _rows_ok(x, scale) and _no_grad_params(norm.weight, scale):
         try:
+            if quant:
+                return _fp8_act(triton_kernels().rms_norm_modulate(x, _w(norm, x), scale, norm.eps, True), x)
             return triton_kernels().rms_norm_modulate(x, _w(norm, x), scale, norm.eps)
         except Exception as exc:
             if not triton_failure(exc):
@@ -115,17 +125,20 @@ def norm_modulate(x: torch.Tensor, norm: Any, scale: torch.Tensor | None, fused:
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, norm: Any, gate: torch.Tensor | None, fused: bool,
-                   next_norm: Any = None, next_scale: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   next_norm: Any = None, next_scale: torch.Tensor | None = None, quant: bool = False
+                   ) -> tuple[torch.Tensor, Any]:
     """`x + tanh(gate) * norm(clamp_fp16(y))` (`x + norm(..)` without gate) and, when `next_norm` is
-    given, also the next sub-block's input `norm_modulate(new x, next_norm, next_scale)`."""
+    given, also the next sub-block's input `norm_modulate(new x, next_norm, next_scale)` (quantised for an
+    fp8 matmul with `quant`, on the fused path)."""
     if (fused and ENABLED and y.shape == x.shape and y.dtype == x.dtype and _rows_ok(x, gate, next_scale)
             and (next_norm is not None or next_scale is None)
             and _no_grad_params(y, norm.weight, gate, next_scale)
             and (next_norm is None or next_norm.eps == norm.eps)):
         try:
-            return triton_kernels().gated_residual(x, y, _w(norm, x), gate, norm.eps,
-                                                   _w(next_norm, x) if next_norm is not None else None, next_scale)
+            out, nxt = triton_kernels().gated_residual(x, y, _w(norm, x), gate, norm.eps,
+                                                       _w(next_norm, x) if next_norm is not None else None,
+                                                       next_scale, quant and next_norm is not None)
+            return out, (_fp8_act(nxt, x) if isinstance(nxt, tuple) else nxt)
         except Exception as exc:
             if not triton_failure(exc):
                 raise
@@ -176,10 +189,12 @@ def qk_norm_rope(qkv: torch.Tensor, q_norm: Any, k_norm: Any, rope: torch.Tensor
     return apply_rope(q_norm(q), rope), apply_rope(k_norm(k), rope), v
 
 
-def silu_mul(a: torch.Tensor, b: torch.Tensor, fused: bool) -> torch.Tensor:
-    """`clamp_fp16(silu(a) * b)`: the SwiGLU product."""
+def silu_mul(a: torch.Tensor, b: torch.Tensor, fused: bool, quant: bool = False) -> Any:
+    """`clamp_fp16(silu(a) * b)`: the SwiGLU product (quantised for an fp8 matmul with `quant`, fused path)."""
     if fused and ENABLED and a.shape == b.shape and a.dtype == b.dtype and _no_grad_params(a, b):
         try:
+            if quant:
+                return _fp8_act(triton_kernels().silu_mul_quant(a, b), a)
             return triton_kernels().silu_mul(a, b)
         except Exception as exc:
             if not triton_failure(exc):

@@ -10,6 +10,7 @@ CPU tests check them.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import triton
@@ -18,6 +19,7 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 FP16_MAX = 65504.0
 FP8_MAX = 448.0
+FP8 = torch.float8_e4m3fn
 
 
 @triton.jit
@@ -36,9 +38,21 @@ def _clamp16(y):
 
 
 @triton.jit
-def _rms_norm_modulate_kernel(X, W, S, Y, D, rows_per_batch, stride_sb, eps,
-                              BLOCK_D: tl.constexpr, HAS_SCALE: tl.constexpr):
-    """Y[r] = rms_norm(X[r]) * W * (1 + S[batch(r)]); one program per row."""
+def _store_row(Y, QS, row, cols, m, y, QUANT: tl.constexpr):
+    """Store one row: as it is (Y's dtype), or with QUANT as e4m3 with its own scale max|y| / 448 (QS[row]),
+    the per-token activation quantisation of the fp8 matmul that reads it."""
+    if QUANT:
+        s = tl.maximum(tl.max(tl.abs(y), axis=0) / 448.0, 1e-12)
+        tl.store(Y + cols, (y / s).to(Y.dtype.element_ty), mask=m)
+        tl.store(QS + row, s)
+    else:
+        tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _rms_norm_modulate_kernel(X, W, S, Y, QS, D, rows_per_batch, stride_sb, eps,
+                              BLOCK_D: tl.constexpr, HAS_SCALE: tl.constexpr, QUANT: tl.constexpr):
+    """Y[r] = rms_norm(X[r]) * W * (1 + S[batch(r)]); one program per row (QUANT: e4m3 + QS[r])."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     m = cols < D
@@ -48,13 +62,13 @@ def _rms_norm_modulate_kernel(X, W, S, Y, D, rows_per_batch, stride_sb, eps,
     if HAS_SCALE:
         b = row // rows_per_batch
         y = y * (1.0 + tl.load(S + b * stride_sb + cols, mask=m, other=0.0).to(tl.float32))
-    tl.store(Y + row * D + cols, y.to(Y.dtype.element_ty), mask=m)
+    _store_row(Y + row * D, QS, row, cols, m, y, QUANT)
 
 
 @triton.jit
-def _gated_residual_kernel(X, Yb, G, W, NW, NS, OUT, NOUT, D, rows_per_batch, stride_gb, stride_nsb, eps,
+def _gated_residual_kernel(X, Yb, G, W, NW, NS, OUT, NOUT, NQS, D, rows_per_batch, stride_gb, stride_nsb, eps,
                            BLOCK_D: tl.constexpr, CLAMP: tl.constexpr, HAS_GATE: tl.constexpr,
-                           HAS_NEXT: tl.constexpr, HAS_NEXT_SCALE: tl.constexpr):
+                           HAS_NEXT: tl.constexpr, HAS_NEXT_SCALE: tl.constexpr, QUANT: tl.constexpr):
     """OUT = X + tanh(G) * rms_norm(clamp(Yb)) * W  (no gate: X + rms_norm(..) * W);
     with HAS_NEXT also NOUT = rms_norm(OUT) * NW (* (1 + NS)): the next sub-block's (modulated) input."""
     row = tl.program_id(0).to(tl.int64)
@@ -77,7 +91,7 @@ def _gated_residual_kernel(X, Yb, G, W, NW, NS, OUT, NOUT, D, rows_per_batch, st
         z = x * r2 * tl.load(NW + cols, mask=m, other=0.0).to(tl.float32)
         if HAS_NEXT_SCALE:
             z = z * (1.0 + tl.load(NS + b * stride_nsb + cols, mask=m, other=0.0).to(tl.float32))
-        tl.store(NOUT + row * D + cols, z.to(NOUT.dtype.element_ty), mask=m)
+        _store_row(NOUT + row * D, NQS, row, cols, m, z, QUANT)
 
 
 @triton.jit
@@ -126,6 +140,20 @@ def _silu_mul_kernel(A, Bm, OUT, numel, BLOCK: tl.constexpr, CLAMP: tl.constexpr
     tl.store(OUT + offs, y.to(OUT.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _silu_mul_quant_kernel(A, Bm, OUT, QS, D, BLOCK_D: tl.constexpr, CLAMP: tl.constexpr):
+    """One row of silu(A) * B, stored in e4m3 with the row's scale (the w2 matmul's input)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    m = cols < D
+    a = tl.load(A + row * D + cols, mask=m, other=0.0).to(tl.float32)
+    b = tl.load(Bm + row * D + cols, mask=m, other=0.0).to(tl.float32)
+    y = a / (1.0 + tl.exp(-a)) * b
+    if CLAMP:
+        y = _clamp16(y)
+    _store_row(OUT + row * D, QS, row, cols, m, y, True)
+
+
 # ---------------------------------------------------------------------------------------------
 # launchers: shapes are checked by the caller (kernels.py); tensors are made contiguous here
 # ---------------------------------------------------------------------------------------------
@@ -145,36 +173,49 @@ def _per_batch(t: torch.Tensor | None, b: int, d: int, like: torch.Tensor) -> tu
     return t, t.stride(0)
 
 
-def rms_norm_modulate(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """x (B, N, D); weight (D,); scale (B, 1, D) or None."""
+def _quant_out(like: torch.Tensor, quant: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output buffer (e4m3 when quantising) and the per-row scales (B*N, 1) float32 (a stand-in otherwise)."""
+    rows = like.numel() // like.shape[-1]
+    if quant:
+        return torch.empty(like.shape, dtype=FP8, device=like.device), torch.empty(rows, 1, device=like.device)
+    return torch.empty_like(like), like
+
+
+def rms_norm_modulate(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, eps: float,
+                      quant: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """x (B, N, D); weight (D,); scale (B, 1, D) or None. With `quant`: (e4m3 (B, N, D), scales (B*N, 1))."""
     x = x.contiguous()
     b, n, d = x.shape
-    y = torch.empty_like(x)
+    y, qs = _quant_out(x, quant)
     block = triton.next_power_of_2(d)
     s, stride_s = _per_batch(scale, b, d, x)
-    _rms_norm_modulate_kernel[(b * n,)](x, weight.contiguous(), s, y, d, n, stride_s, eps, BLOCK_D=block,
-                                        HAS_SCALE=scale is not None, num_warps=_warps(block))
-    return y
+    _rms_norm_modulate_kernel[(b * n,)](x, weight.contiguous(), s, y, qs, d, n, stride_s, eps, BLOCK_D=block,
+                                        HAS_SCALE=scale is not None, QUANT=quant, num_warps=_warps(block))
+    return (y, qs) if quant else y
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None, eps: float,
-                   next_weight: torch.Tensor | None = None, next_scale: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x, y (B, N, D); gate / next_scale (B, 1, D) or None. Returns (x_out, next_input or None)."""
+                   next_weight: torch.Tensor | None = None, next_scale: torch.Tensor | None = None,
+                   quant: bool = False) -> tuple[torch.Tensor, Any]:
+    """x, y (B, N, D); gate / next_scale (B, 1, D) or None. Returns (x_out, next_input or None); with `quant`
+    the next input is (e4m3 (B, N, D), scales (B*N, 1))."""
     x, y = x.contiguous(), y.contiguous()
     b, n, d = x.shape
     out = torch.empty_like(x)
     has_next = next_weight is not None
-    nout = torch.empty_like(x) if has_next else out
+    quant = quant and has_next
+    nout, nqs = _quant_out(x, quant) if has_next else (out, out)
     g, stride_g = _per_batch(gate, b, d, x)
     ns, stride_ns = _per_batch(next_scale, b, d, x)
     nw = next_weight.contiguous() if has_next else weight
     block = triton.next_power_of_2(d)
     _gated_residual_kernel[(b * n,)](
-        x, y, g, weight.contiguous(), nw, ns, out, nout, d, n, stride_g, stride_ns, eps, BLOCK_D=block,
+        x, y, g, weight.contiguous(), nw, ns, out, nout, nqs, d, n, stride_g, stride_ns, eps, BLOCK_D=block,
         CLAMP=y.dtype == torch.float16, HAS_GATE=gate is not None, HAS_NEXT=has_next,
-        HAS_NEXT_SCALE=next_scale is not None, num_warps=_warps(block))
-    return out, (nout if has_next else None)
+        HAS_NEXT_SCALE=next_scale is not None, QUANT=quant, num_warps=_warps(block))
+    if not has_next:
+        return out, None
+    return out, ((nout, nqs) if quant else nout)
 
 
 def qk_norm_rope_(qkv: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, rope: torch.Tensor, eps: float) -> None:
@@ -195,3 +236,14 @@ def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     _silu_mul_kernel[(triton.cdiv(numel, block),)](a, b, out, numel, BLOCK=block, CLAMP=a.dtype == torch.float16,
                                                    num_warps=8)
     return out
+
+
+def silu_mul_quant(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """silu(a) * b for (..., F) a, b: (e4m3 (..., F), per-row scales (rows, 1) float32)."""
+    a, b = a.contiguous(), b.contiguous()
+    d = a.shape[-1]
+    out, qs = _quant_out(a, True)
+    block = triton.next_power_of_2(d)
+    _silu_mul_quant_kernel[(a.numel() // d,)](a, b, out, qs, d, BLOCK_D=block, CLAMP=a.dtype == torch.float16,
+                                               num_warps=_warps(block))
+    return out, qs

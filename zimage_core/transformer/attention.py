@@ -2,7 +2,8 @@
 
 `attention(q, k, v, mask)`: q, k, v (B, N, H, D) after q/k norm and RoPE, an optional boolean key mask
 (B, 1, 1, N) (True = attend); returns (B, N, H * D). The default backend is PyTorch's SDPA (cuDNN or flash
-on the GPU). Another backend can be installed for the calls made inside `with use_backend(fn):` (ComfyUI's
+on the GPU), unless `zimage_core.accel.attention_backends` picks another (its measured table by GPU, or
+ZIMAGE_ATTENTION in the environment; one log line says which runs). Another backend can be installed for the calls made inside `with use_backend(fn):` (ComfyUI's
 nodes install ComfyUI's `optimized_attention_masked`, so its `optimized_attention_override` and
 `--use-*-attention` choices reach this model); fp8 attention (`zimage_core.accel.fp8_attention`) is the
 backend of blocks whose `fp8_attention` flag is on, unless a backend is installed.
@@ -20,6 +21,7 @@ AttentionBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Te
 """`(q, k, v, mask) -> out`: q, k, v (B, N, H, D), mask (B, 1, 1, N) bool or None; out (B, N, H * D)."""
 
 _installed: AttentionBackend | None = None
+_default: AttentionBackend | None = None
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -34,6 +36,15 @@ def fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | 
     from ..accel.fp8_attention import fp8_attention
     b, n = q.shape[:2]
     return fp8_attention(q, k, v, mask).reshape(b, n, -1)
+
+
+def default() -> AttentionBackend:
+    """The process default backend (looked up once: accel.attention_backends.pick_default)."""
+    global _default
+    if _default is None:
+        from ..accel.attention_backends import pick_default
+        _default = pick_default()
+    return _default
 
 
 def installed() -> AttentionBackend | None:
@@ -53,9 +64,10 @@ def use_backend(backend: AttentionBackend | None) -> Iterator[None]:
 
 
 def backend_for(fp8_attention: bool = False) -> AttentionBackend:
-    """The backend a block's attention runs on now: the installed one, else fp8 or SDPA by the block's flag
+    """The backend a block's attention runs on now: the installed one, else fp8 or the process default by the
+    block's flag
     (a sequence-parallel exchange wraps this one: zimage_core.parallel)."""
-    return _installed or (fp8 if fp8_attention else sdpa)
+    return _installed or (fp8 if fp8_attention else _default or default())
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

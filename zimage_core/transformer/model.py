@@ -25,6 +25,7 @@ from ..accel import kernels
 from ..checks import real_number, whole_number, whole_numbers
 from ..constants import LATENT_CHANNELS, PATCH_SIZE, TEXT_WIDTH, VAE_FACTOR
 from .attention import attention
+from .attention import default as default_attention
 from .runner import BlockCall, BlockHooks, BlockRunner, Modulation, Timesteps, TokenTimesteps
 from .sequence import IMAGE_POS_IDENTITY, STYLES, ImageInput, SequenceLayout, build_layout
 
@@ -146,8 +147,8 @@ class FeedForward(nn.Module):
         self.w2 = ops.Linear(cfg.ffn_hidden, cfg.dim, bias=False, **dd)
         self.w3 = ops.Linear(cfg.dim, cfg.ffn_hidden, bias=False, **dd)
 
-    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
-        return self.w2(kernels.silu_mul(self.w1(x), self.w3(x), fused))
+    def forward(self, x: torch.Tensor, fused: bool = False, quant: bool = False) -> torch.Tensor:
+        return self.w2(kernels.silu_mul(self.w1(x), self.w3(x), fused, quant))
 
 
 class TransformerBlock(nn.Module):
@@ -160,6 +161,9 @@ class TransformerBlock(nn.Module):
     """
 
     fused_kernels = True
+    # The fused kernels also quantise the fp8 matmuls' inputs (qkv, w1/w3, w2: accel.fp8.Fp8Act); set by
+    # ZImageTransformer.fuse_fp8_activations on blocks whose matmuls are Fp8Linear.
+    fp8_act_quant = False
 
     def __init__(self, cfg: TransformerConfig, ops: Any, dd: dict[str, Any], modulation: bool) -> None:
         super().__init__()
@@ -182,9 +186,10 @@ class TransformerBlock(nn.Module):
             scale_msa, gate_msa, scale_mlp, gate_mlp = _per_token(self.adaLN_modulation, c, 4)
         # x += tanh(gate_msa) * norm2(attn(norm1(x) * (1 + scale_msa))); the FFN likewise (no gates or
         # scales without modulation). The attention residual also yields the FFN's modulated input.
-        h = self.attention(kernels.norm_modulate(x, self.attention_norm1, scale_msa, fused), rope, mask, fused)
-        x, h = kernels.gated_residual(x, h, self.attention_norm2, gate_msa, fused, self.ffn_norm1, scale_mlp)
-        return kernels.gated_residual(x, self.feed_forward(h, fused), self.ffn_norm2, gate_mlp, fused)[0]
+        quant = fused and self.fp8_act_quant
+        h = self.attention(kernels.norm_modulate(x, self.attention_norm1, scale_msa, fused, quant), rope, mask, fused)
+        x, h = kernels.gated_residual(x, h, self.attention_norm2, gate_msa, fused, self.ffn_norm1, scale_mlp, quant)
+        return kernels.gated_residual(x, self.feed_forward(h, fused, quant), self.ffn_norm2, gate_mlp, fused)[0]
 
 
 def _per_token(linear: nn.Module, c: Timesteps, chunks: int) -> list[torch.Tensor]:
@@ -283,6 +288,7 @@ class ZImageTransformer(nn.Module):
         self._compiled_blocks: list[nn.Module] = []
         self._compile_cache: Any = None
         self.streamer: Any = None
+        self.cuda_graphs: Any = None  # zimage_core.accel.graphs.StepGraphs once use_cuda_graphs() is called
 
     @property
     def omni(self) -> bool:
@@ -325,6 +331,27 @@ class ZImageTransformer(nn.Module):
         kernel on Ada/Hopper/Blackwell GPUs, an emulation of its rounding elsewhere. Off by default."""
         for b in self.blocks():
             b.attention.fp8_attention = bool(enabled)
+
+    def use_cuda_graphs(self, enabled: bool = True, max_graphs: int = 2) -> None:
+        """Replay each fixed-shape forward as one CUDA graph (zimage_core.accel.graphs: the eager path with the
+        host out of the loop; the first call at a shape runs eagerly, the second captures). Falls back to the
+        eager forward wherever a graph cannot hold (hooks, compiled blocks, offloaded weights, CPU); replaced
+        weights are noticed and the graphs captured again. `enabled=False` drops the graphs."""
+        from ..accel.graphs import StepGraphs
+        self.cuda_graphs = StepGraphs(max_graphs) if enabled else None
+
+    def fuse_fp8_activations(self, enabled: bool = True) -> int:
+        """Let the fused kernels hand the fp8 matmuls their inputs already quantised (per token, e4m3): the
+        attention input norm·modulate (qkv), the FFN input (w1 and w3, quantised once for both) and SiLU·mul (w2).
+        Only blocks whose qkv, w1, w2 and w3 are Fp8Linear (quantize_fp8); returns how many blocks."""
+        from ..accel.fp8 import Fp8Linear
+        count = 0
+        for b in self.blocks():
+            ok = all(isinstance(m, Fp8Linear) for m in (b.attention.qkv, b.feed_forward.w1, b.feed_forward.w2,
+                                                        b.feed_forward.w3))
+            b.fp8_act_quant = bool(enabled and ok)
+            count += b.fp8_act_quant
+        return count
 
     def quantize_fp8(self) -> int:
         """Store the block matmul weights (qkv, out, w1, w2, w3) as float8_e4m3fn with per-row scales
@@ -402,8 +429,25 @@ class ZImageTransformer(nn.Module):
         `image_pos` (scale_y, shift_y, scale_x, shift_x) of the image RoPE positions; `omni` reference
         images; `runner` to run the blocks (default: a BlockRunner with `block_call` and `hooks`).
         """
+        default_attention()  # picked (and logged) here, outside any compiled block
+        if self.cuda_graphs is not None and hooks is None and block_call is None and omni is None:
+            out = self._graphed(x, sigma, cap_feats, image_pos or IMAGE_POS_IDENTITY, runner)
+            if out is not None:
+                return out
         runner = runner or self.runner(block_call, hooks)
         return runner.execute(lambda r: self._forward(x, sigma, cap_feats, r, image_pos or IMAGE_POS_IDENTITY, omni))
+
+    def _graphed(self, x: Any, sigma: Any, cap_feats: Any, image_pos: tuple[float, float, float, float],
+                 runner: BlockRunner | None) -> torch.Tensor | None:
+        """The forward through a CUDA graph (accel.graphs), or None to run it eagerly."""
+        from ..accel.graphs import plain_runner
+        if not plain_runner(runner):
+            return None
+        self._check_latents(x, "latent")
+
+        def plain(xs: torch.Tensor, ss: torch.Tensor, cs: list[torch.Tensor]) -> torch.Tensor:
+            return BlockRunner().execute(lambda r: self._forward(xs, ss, cs, r, image_pos, None))
+        return self.cuda_graphs.run(self, x, sigma, cap_feats, image_pos, plain)
 
     def _check_latents(self, x: Any, what: str) -> tuple[int, int]:
         cfg = self.config
