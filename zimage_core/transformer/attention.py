@@ -65,8 +65,7 @@ def use_backend(backend: AttentionBackend | None) -> Iterator[None]:
 
 def backend_for(fp8_attention: bool = False) -> AttentionBackend:
     """The backend a block's attention runs on now: the installed one, else fp8 or the process default by the
-    block's flag
-    (a sequence-parallel exchange wraps this one: zimage_core.parallel)."""
+    block's flag (a sequence-parallel exchange wraps this one: zimage_core.parallel)."""
     return _installed or (fp8 if fp8_attention else _default or default())
 
 
