@@ -154,8 +154,8 @@ def test_loras_patch_fp8_fast_weights_through_their_row_scales():
     assert torch.equal(_sample(fp8), plain)  # unpatching restores the stored fp8 weights
 
 
-def test_cuda_graph_steps_through_comfyuis_sampler_are_freed_when_sampling_ends():
-    """On a CUDA load device the loader turns on whole-step CUDA graphs; through ComfyUI's own sampler loop the
+def test_cuda_graph_steps_through_comfyuis_sampler_are_freed_when_sampling_ends(monkeypatch):
+    """With ZIMAGE_CUDA_GRAPHS=1 (opt-in) on a CUDA load device, the loader turns on whole-step CUDA graphs; through ComfyUI's own sampler loop the
     first step runs eagerly, the second is captured, the rest replay, the image is unchanged, and an
     OUTER_SAMPLE wrapper frees the graphs (their activation memory) when the run ends. The CPU has no CUDA
     graphs: an emulated capture (tests/test_graphs.py) stands in for the recording."""
@@ -168,6 +168,10 @@ def test_cuda_graph_steps_through_comfyuis_sampler_are_freed_when_sampling_ends(
     dit = model.model.diffusion_model
     assert dit.cuda_graphs is None  # CPU load device: off
     model_call = sys.modules[type(dit).__module__]
+    graphs = sys.modules[model_call.__name__.rsplit(".", 2)[0] + ".zimage_core.accel.graphs"]
+    model_call.use_step_graphs(model, torch.device("cuda"))
+    assert dit.cuda_graphs is None  # off unless asked for
+    monkeypatch.setattr(graphs, "ENABLED", True)
     model_call.use_step_graphs(model, torch.device("cuda"))
     dit.cuda_graphs.capturer = EmulatedCapture()
     cleared = []
@@ -188,9 +192,11 @@ def test_cuda_graphs_kept_between_runs_when_asked(monkeypatch):
     model = _load("default")
     dit = model.model.diffusion_model
     model_call = sys.modules[type(dit).__module__]
+    graphs = sys.modules[model_call.__name__.rsplit(".", 2)[0] + ".zimage_core.accel.graphs"]
+    monkeypatch.setattr(graphs, "ENABLED", True)
     model_call.use_step_graphs(model, torch.device("cuda"))
     dit.cuda_graphs.capturer = EmulatedCapture()
-    monkeypatch.setattr(sys.modules[type(dit.cuda_graphs).__module__], "KEEP", True)
+    monkeypatch.setattr(graphs, "KEEP", True)
     first = _sample(model, steps=4)
     assert (dit.cuda_graphs.captures, dit.cuda_graphs.replays, len(dit.cuda_graphs)) == (1, 2, 1)
     second = _sample(model, steps=4)

@@ -37,10 +37,11 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-# ZIMAGE_CUDA_GRAPHS in the environment, for the nodes (zimage_core callers opt in themselves): 0 = off;
-# "keep" = keep each model's graphs between sampling runs (no capture per run, but their activation memory stays
-# allocated while the model is idle, unseen by ComfyUI's memory planning); anything else = on, freed after each run.
-_MODE = os.environ.get("ZIMAGE_CUDA_GRAPHS", "1").strip().lower()
+# ZIMAGE_CUDA_GRAPHS in the environment, for the nodes (zimage_core callers opt in themselves): unset or 0 = off
+# (opt-in until the graphs have been checked on a GPU: bench.py's `graphs` stage); "keep" = on, and each model's
+# graphs kept between sampling runs (no capture per run, but their activation memory stays allocated while the
+# model is idle, unseen by ComfyUI's memory planning); anything else = on, freed after each run.
+_MODE = os.environ.get("ZIMAGE_CUDA_GRAPHS", "0").strip().lower()
 ENABLED = _MODE not in ("0", "false", "off", "no")
 KEEP = _MODE == "keep"
 
