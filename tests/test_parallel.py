@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from tests.transformer_fixtures import diffusers_velocity, max_abs, rel_err
 from zimage_core.parallel import batch_slice, padded_heads, sharded_length
 
 TOL = 1e-5
+REPO = str(Path(__file__).resolve().parents[1])
 
 
 def _free_port() -> int:
@@ -45,8 +48,14 @@ def sharded(tmp_path_factory, reference):
     cn = out / "cn.safetensors"
     pc.controlnet(cn)  # written once, read by every rank
     save_file(reference[3], str(out / "main.safetensors"))
-    mp.spawn(pc.worker, args=(max(pc.GROUPS), _free_port(), str(out), str(out / "main.safetensors"), str(cn)),
-             nprocs=max(pc.GROUPS), join=True)
+    # The workers import this package by name (tests.parallel_cases) from the sys.path they inherit; once a
+    # ComfyUI test has run, ComfyUI's own `tests` package can come first there, so the repository goes first.
+    sys.path.insert(0, REPO)
+    try:
+        mp.spawn(pc.worker, args=(max(pc.GROUPS), _free_port(), str(out), str(out / "main.safetensors"), str(cn)),
+                 nprocs=max(pc.GROUPS), join=True)
+    finally:
+        sys.path.remove(REPO)
     return torch.load(out / "results.pt"), cn
 
 
