@@ -333,8 +333,9 @@ def _template() -> dict | None:
     import json
     from pathlib import Path
 
-    for package in ("comfyui_workflow_templates_media_image", "comfyui_workflow_templates_media_other",
-                    "comfyui_workflow_templates"):
+    # 0.18.1's templates keep the JSON beside the media; later ones (0.28) in comfyui_workflow_templates_json.
+    for package in ("comfyui_workflow_templates_json", "comfyui_workflow_templates_media_image",
+                    "comfyui_workflow_templates_media_other", "comfyui_workflow_templates"):
         spec = importlib.util.find_spec(package)
         for folder in (spec.submodule_search_locations or []) if spec else []:
             path = Path(folder) / "templates" / "image_z_image.json"
@@ -358,11 +359,15 @@ def _template_prompt(template: dict, *, swap: set[str], files: dict[str, str], s
     from scripts.comfy_headless import _widget_slots
 
     classes = comfy_module("nodes").NODE_CLASS_MAPPINGS
-    (instance,) = [n for n in template["nodes"] if n["type"] not in ("MarkdownNote", "Note", "SaveImage")]
-    (graph,) = [g for g in template["definitions"]["subgraphs"] if g["id"] == instance["type"]]
-    proxied = dict(zip([name for owner, name in instance["properties"]["proxyWidgets"]],
-                       instance["widgets_values"], strict=True))
-    proxied.update({"width": size[0], "height": size[1], "steps": steps, **files})
+    subgraphs = {g["id"]: g for g in template["definitions"]["subgraphs"]}
+    (instance,) = [n for n in template["nodes"] if n["type"] in subgraphs]
+    graph = subgraphs[instance["type"]]
+    names = [name for owner, name in instance["properties"]["proxyWidgets"]]
+    values = instance.get("widgets_values") or []
+    # 0.18.1's template keeps the proxied widget values on the instance; 0.28's leaves them on the inner nodes
+    # (and feeds width/height from a ResolutionSelector outside): then the inner values stand.
+    proxied = dict(zip(names, values, strict=True)) if len(values) == len(names) else {}
+    overrides = {"width": size[0], "height": size[1], "steps": steps, **files}
     links = {link["id"]: link for link in graph["links"]}
     prompt: dict[str, dict] = {}
     for node in graph["nodes"]:
@@ -375,7 +380,11 @@ def _template_prompt(template: dict, *, swap: set[str], files: dict[str, str], s
             if link is None:
                 continue
             if link["origin_id"] == -10:  # the subgraph's input: the instance's widget
-                inputs[entry["name"]] = proxied[graph["inputs"][link["origin_slot"]]["name"]]
+                outer = graph["inputs"][link["origin_slot"]]["name"]
+                if entry["name"] in overrides:
+                    inputs[entry["name"]] = overrides[entry["name"]]
+                elif outer in proxied:
+                    inputs[entry["name"]] = proxied[outer]
             else:
                 inputs[entry["name"]] = [f"{instance['id']}:{link['origin_id']}", link["origin_slot"]]
         kind = node["type"]
