@@ -71,10 +71,8 @@ def _forced_sdpa(kind: str) -> Backend:
     return run
 
 
-def _fa4() -> Backend:
-    cute = importlib.import_module("flash_attn.cute")
-    fn = cute.flash_attn_func
-
+def _flash_api(fn) -> Backend:
+    """FlashAttention's (b, s, h, d) function API (FA3 and FA4 share it), SDPA where it cannot run."""
     def run(q, k, v, mask):
         if not _gpu_call(q, mask):
             return sdpa(q, k, v, mask)
@@ -82,18 +80,14 @@ def _fa4() -> Backend:
         out = out[0] if isinstance(out, tuple) else out
         return out.reshape(q.shape[0], q.shape[1], -1)
     return run
+
+
+def _fa4() -> Backend:
+    return _flash_api(importlib.import_module("flash_attn.cute").flash_attn_func)
 
 
 def _fa3() -> Backend:
-    fn = importlib.import_module("flash_attn_interface").flash_attn_func
-
-    def run(q, k, v, mask):
-        if not _gpu_call(q, mask):
-            return sdpa(q, k, v, mask)
-        out = fn(q, k, v, softmax_scale=1.0 / math.sqrt(q.shape[-1]), causal=False)
-        out = out[0] if isinstance(out, tuple) else out
-        return out.reshape(q.shape[0], q.shape[1], -1)
-    return run
+    return _flash_api(importlib.import_module("flash_attn_interface").flash_attn_func)
 
 
 def _flashinfer() -> Backend:
