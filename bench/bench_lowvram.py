@@ -196,21 +196,27 @@ def write_safetensors_streaming(path: Path, shapes: dict[str, tuple[int, ...]], 
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     gen = torch.Generator(device=device).manual_seed(seed)
+    # zimage_core's random-weight rule, tensor by tensor
+    _write_overlapped(path, struct.pack("<Q", len(blob)) + blob,
+                      (F.random_tensor(n, shapes[n], gen, dtype=dtype).reshape(-1).view(torch.uint8) for n in names))
+    return float(offset)
+
+
+def _write_overlapped(path: Path, head: bytes, chunks) -> None:
+    """`head`, then each chunk (uint8 tensors, on any device) copied to the host and written while the next one
+    is produced; at most a few chunks in host memory. Written to a temporary file, renamed when complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f, ThreadPoolExecutor(max_workers=1) as pool:
-        f.write(struct.pack("<Q", len(blob)) + blob)
+        f.write(head)
         pending = []
-        for n in names:
-            t = F.random_tensor(n, shapes[n], gen, dtype=dtype)  # zimage_core's random-weight rule
-            host = t.reshape(-1).view(torch.uint8).cpu().numpy()
-            pending.append(pool.submit(f.write, host))
+        for chunk in chunks:
+            pending.append(pool.submit(f.write, chunk.cpu().numpy()))
             if len(pending) > 2:
                 pending.pop(0).result()
         for p in pending:
             p.result()
     os.replace(tmp, path)
-    return float(offset)
 
 
 def gguf_name(mix: str) -> str:
@@ -296,11 +302,8 @@ def write_gguf_streaming(path: Path, shapes: dict[str, tuple[int, ...]], mix: st
         offset += -(-(math.prod(shapes[n]) // elems * size) // 32) * 32
     head += b"\0" * (-len(head) % 32)
     gen = torch.Generator(device=device).manual_seed(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f, ThreadPoolExecutor(max_workers=1) as pool:
-        f.write(head)
-        pending = []
+
+    def chunks():
         for n in names:
             qtype, shape = types[n], shapes[n]
             if qtype in ("F32", "F16"):
@@ -308,14 +311,9 @@ def write_gguf_streaming(path: Path, shapes: dict[str, tuple[int, ...]], mix: st
                 data = t.reshape(-1).view(torch.uint8)
             else:
                 data = _random_blocks(qtype, shape, 1.0 / math.sqrt(shape[-1]), gen).reshape(-1)
-            pad = -data.numel() % 32
-            host = torch.cat([data, torch.zeros(pad, dtype=torch.uint8, device=data.device)]).cpu().numpy()
-            pending.append(pool.submit(f.write, host))
-            if len(pending) > 2:
-                pending.pop(0).result()
-        for p in pending:
-            p.result()
-    os.replace(tmp, path)
+            yield torch.cat([data, torch.zeros(-data.numel() % 32, dtype=torch.uint8, device=data.device)])
+
+    _write_overlapped(path, head, chunks())
     return float(len(head) + offset)
 
 

@@ -16,6 +16,7 @@ blocks per row of the tensor, for layers that keep them quantised, or dequantise
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from collections.abc import Callable
@@ -275,7 +276,7 @@ def open_gguf(path: str | os.PathLike, what: str, *, mmap: bool = True) -> GGUFC
                                   f"tensor {name[:80]!r} of type {type_name(type_id)}",
                                   "This quantisation is not supported: choose a Q8_0, Q6_K, Q5_K_M, Q4_K_M or "
                                   "Q3_K_M file.")
-        if any(not 1 <= d <= MAX_DIM for d in dims) or _prod(dims) > MAX_DIM:
+        if any(not 1 <= d <= MAX_DIM for d in dims) or math.prod(dims) > MAX_DIM:
             raise CheckpointError(path, f"{what} in GGUF format", f"tensor {name[:80]!r} with dimensions "
                                   f"{list(dims)[:8]}", FIX_DOWNLOAD)
         elems = BLOCK_SIZES[qtype][0]
@@ -287,9 +288,9 @@ def open_gguf(path: str | os.PathLike, what: str, *, mmap: bool = True) -> GGUFC
         if orig is not None:
             if (not isinstance(orig, list) or not 1 <= len(orig) <= 8 or any(
                     isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= MAX_DIM for d in orig)
-                    or _prod(orig) != _prod(dims)):
+                    or math.prod(orig) != math.prod(dims)):
                 raise CheckpointError(path, f"{what} in GGUF format", f"comfy.gguf.orig_shape.{name[:80]} = "
-                                      f"{str(orig)[:80]} for a tensor of {_prod(dims)} values", FIX_DOWNLOAD)
+                                      f"{str(orig)[:80]} for a tensor of {math.prod(dims)} values", FIX_DOWNLOAD)
             if qtype not in FLOAT_TYPES and orig[-1] != dims[0]:
                 raise CheckpointError(path, f"{what} in GGUF format", f"tensor {name[:80]!r}: a {qtype} tensor "
                                       "whose original shape splits its rows", FIX_DOWNLOAD)
@@ -309,13 +310,6 @@ def open_gguf(path: str | os.PathLike, what: str, *, mmap: bool = True) -> GGUFC
     if not infos:
         raise CheckpointError(path, what, "a GGUF file with no tensors", FIX_DOWNLOAD)
     return GGUFCheckpoint(path, infos, block_quant, fields, mmap=mmap)
-
-
-def _prod(values) -> int:
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out
 
 
 # -- key names ----------------------------------------------------------------------------------------
