@@ -187,3 +187,14 @@ def comfy_module(name: str):
 
     comfy()
     return importlib.import_module(name)
+
+
+def patched_weights(patcher) -> dict:
+    """The diffusion model's weights as ComfyUI computes them when it loads this MODEL for sampling (its
+    own load_models_gpu: patches applied), then unloaded again (which restores the weights)."""
+    mm = comfy_module("comfy.model_management")
+    mm.load_models_gpu([patcher], force_full_load=True)
+    try:
+        return {k: v.detach().clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
+    finally:
+        mm.unload_all_models()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
 
-from tests.comfy_harness import comfy, comfy_module
+from tests.comfy_harness import comfy, comfy_module, patched_weights
 from tests.transformer_fixtures import make_diffusers_model, write_comfy_file
 
 FILE = "zimage_base_cfg_tiny.safetensors"
@@ -226,15 +226,6 @@ def _expected_distill_weights(base: dict[str, torch.Tensor], lora: dict[str, tor
     return out
 
 
-def _patched_weights(patcher) -> dict[str, torch.Tensor]:
-    mm = comfy_module("comfy.model_management")
-    mm.load_models_gpu([patcher], force_full_load=True)
-    try:
-        return {k: v.detach().clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
-    finally:
-        mm.unload_all_models()
-
-
 @pytest.fixture(scope="module")
 def distill_loras(base_setup):
     from zimage_core.demo_weights import write_lora
@@ -250,7 +241,7 @@ def distill_loras(base_setup):
 @pytest.mark.parametrize("layout", DISTILL_LAYOUTS)
 def test_fun_distill_lora_loads_in_full_with_its_report(base_setup, distill_loras, layout):
     nodes, model, _, _, _ = base_setup
-    plain = _patched_weights(model)
+    plain = patched_weights(model)
     out = nodes.NODE_CLASS_MAPPINGS["ZImageLoraLoader"]().load(model, distill_loras[layout], 1.0)
     patched, report = out["result"][0], out["result"][2]
     print(report)
@@ -259,7 +250,7 @@ def test_fun_distill_lora_loads_in_full_with_its_report(base_setup, distill_lora
     if layout == "original":
         assert "VideoX-Fun (lora_unet__)" in report
     expected = _expected_distill_weights(plain, fun_distill_lora("original"))
-    got = _patched_weights(patched)
+    got = patched_weights(patched)
     changed = {k for k in plain if not torch.equal(got[k], plain[k])}
     # q/k/v and the feed-forward of all 4 blocks, nothing else
     assert changed == {f"{b}.{m}.weight" for b in _distill_blocks()
@@ -268,7 +259,7 @@ def test_fun_distill_lora_loads_in_full_with_its_report(base_setup, distill_lora
         torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6, msg=f"{layout}: {k}")
     if layout != "original":
         # ComfyUI's own LoraLoaderModelOnly reads the ComfyUI layouts (0.3.75: the fused one only) the same way.
-        theirs = _patched_weights(nodes.LoraLoaderModelOnly().load_lora_model_only(model, distill_loras[layout],
+        theirs = patched_weights(nodes.LoraLoaderModelOnly().load_lora_model_only(model, distill_loras[layout],
                                                                                    1.0)[0])
         if any(not torch.equal(theirs[k], plain[k]) for k in plain):
             for k in plain:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.comfy_harness import comfy, comfy_module
+from tests.comfy_harness import comfy, comfy_module, patched_weights
 from tests.sampling_fixtures import zimage_scheduler
 from tests.transformer_fixtures import make_diffusers_model, write_comfy_file
 from zimage_core.demo_weights import random_lora_state_dict, write_lora
@@ -107,17 +107,6 @@ def _comfy(nodes, model, stem: str, strength: float = 1.0):
     return nodes.LoraLoaderModelOnly().load_lora_model_only(model, _name(stem), strength)[0]
 
 
-def _weights(patcher) -> dict[str, torch.Tensor]:
-    """The diffusion model's weights as ComfyUI computes them when it loads this MODEL for sampling (its
-    own load_models_gpu: patches applied), then unloaded again (which restores the weights)."""
-    mm = comfy_module("comfy.model_management")
-    mm.load_models_gpu([patcher], force_full_load=True)
-    try:
-        return {k: v.detach().clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
-    finally:
-        mm.unload_all_models()
-
-
 def _latent(nodes, model, cond) -> torch.Tensor:
     """ZImageTurboSampler's denoised latent, in the model's latent space (as diffusers returns it)."""
     latent = nodes.NODE_CLASS_MAPPINGS["ZImageEmptyLatent"]().generate(PIXELS, PIXELS, "custom", 1)[0]
@@ -146,26 +135,26 @@ def _changed(weights: dict, base: dict) -> set[str]:
 @pytest.mark.parametrize("stem", sorted(LORAS))
 def test_each_dialect_patches_as_comfyui_loraloader(lora_setup, stem):
     nodes, base, _, _, _ = lora_setup
-    plain = _weights(base)
+    plain = patched_weights(base)
     model, report = _ours(nodes, base, stem)
-    ours = _weights(model)
+    ours = patched_weights(model)
     reads = COMFY_0_18_READS if _comfy_version() >= (0, 18) else COMFY_READS
     twin = stem if stem in reads else TWIN.get(stem, "comfyui")
-    expected = _weights(_comfy(nodes, base, twin))
+    expected = patched_weights(_comfy(nodes, base, twin))
     assert _changed(expected, plain), f"ComfyUI did not apply {twin}"
     if stem == "peft-metadata":  # ComfyUI ignores the metadata's alpha: applied at another strength, if at all
-        theirs = _weights(_comfy(nodes, base, stem))
+        theirs = patched_weights(_comfy(nodes, base, stem))
         assert any(not torch.allclose(theirs[k], ours[k]) for k in plain) or not _changed(theirs, plain)
     elif stem not in reads:  # ComfyUI leaves (part of) this dialect unapplied, e.g. ComfyUI issue 11487 for
         # kohya's split q/k/v: the gap this node fills
-        assert _changed(_weights(_comfy(nodes, base, stem)), plain) < _changed(ours, plain)
+        assert _changed(patched_weights(_comfy(nodes, base, stem)), plain) < _changed(ours, plain)
     assert _changed(ours, plain) == _changed(expected, plain)
     for k in plain:
         torch.testing.assert_close(ours[k], expected[k], rtol=1e-5, atol=1e-6, msg=f"{stem}: {k}")
     assert "not matched: none" in report and "keys matched:" in report
     if stem == "peft-metadata":
         assert "alpha from the file's PEFT metadata (lora_adapter_metadata)" in report and "0.5 x 1 = 0.5" in report
-    assert _weights(base).keys() == plain.keys() and not _changed(_weights(base), plain)  # input unchanged
+    assert patched_weights(base).keys() == plain.keys() and not _changed(patched_weights(base), plain)  # input unchanged
 
 
 def _diffusers_latent(reference, stem: str | None, features: torch.Tensor) -> torch.Tensor:
@@ -210,13 +199,13 @@ def test_strength_zero_is_no_lora_bit_for_bit(lora_setup):
 
 def test_loras_stack_with_each_other_and_with_comfyui_and_unpatch_exactly(lora_setup):
     nodes, base, _, cond, _ = lora_setup
-    plain = _weights(base)
+    plain = patched_weights(base)
     # ComfyUI's loader twice (the reference) = ours twice = ours then ComfyUI's, in any order.
-    expected = _weights(_comfy(nodes, _comfy(nodes, base, "comfyui", 0.7), "lokr", -0.5))
+    expected = patched_weights(_comfy(nodes, _comfy(nodes, base, "comfyui", 0.7), "lokr", -0.5))
     ours_twice = _ours(nodes, _ours(nodes, base, "kohya", 0.7)[0], "lokr", -0.5)[0]
     mixed = _comfy(nodes, _ours(nodes, base, "lokr", -0.5)[0], "comfyui", 0.7)
     for model in (ours_twice, mixed):
-        got = _weights(model)
+        got = patched_weights(model)
         for k in plain:
             torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
     assert len(_changed(expected, plain)) > 0
@@ -292,11 +281,11 @@ def test_report_counts_only_what_comfyui_patches_when_a_module_is_skipped(lora_s
 
     path = _broken_lora("zimage_test_rank_mismatch.safetensors", mismatch)
     try:
-        plain = _weights(base)
+        plain = patched_weights(base)
         out = nodes.NODE_CLASS_MAPPINGS["ZImageLoraLoader"]().load(base, path.name, 1.0)
         model, report = out["result"][0], out["result"][2]
-        changed = _changed(_weights(model), plain)
-        comfy_changed = _changed(_weights(nodes.LoraLoaderModelOnly().load_lora_model_only(base, path.name, 1.0)[0]),
+        changed = _changed(patched_weights(model), plain)
+        comfy_changed = _changed(patched_weights(nodes.LoraLoaderModelOnly().load_lora_model_only(base, path.name, 1.0)[0]),
                                  plain)
         assert changed == comfy_changed and changed
         patched = int(re.search(r"transformer: (\d+) weights patched", report).group(1))
@@ -416,11 +405,11 @@ def test_low_precision_weights_are_patched_within_the_rounding_bound(lora_setup,
     rounding: bf16/fp16 round to nearest; for fp8 the bound the report states: stochastic rounding < one fp8
     step, fp8_e4m3fn_fast round-to-nearest <= half a step of its row scale."""
     nodes, base32, *_ = lora_setup
-    delta = {k: v - p for (k, v), p in zip(_weights(_ours(nodes, base32, "kohya")[0]).items(),
-                                           _weights(base32).values(), strict=True)}
+    delta = {k: v - p for (k, v), p in zip(patched_weights(_ours(nodes, base32, "kohya")[0]).items(),
+                                           patched_weights(base32).values(), strict=True)}
     base = nodes.NODE_CLASS_MAPPINGS["ZImageModelLoader"]().load(FILE, weight_dtype)[0]
     model, report = _ours(nodes, base, "kohya")
-    plain_stored, patched_stored = _weights(base), _weights(model)
+    plain_stored, patched_stored = patched_weights(base), patched_weights(model)
     plain, patched = _real(plain_stored), _real(patched_stored)
     fast = weight_dtype.endswith("fast")
     if weight_dtype.startswith("fp8"):
