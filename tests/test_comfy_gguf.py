@@ -139,22 +139,29 @@ def _llama_name(key: str) -> str:
     return f"blk.{parts[2]}.{_LLAMA['.'.join(parts[3:-1])]}.{parts[-1]}"
 
 
+def _qwen3_twins(stem, lm, quant, fields: dict, seed: int):
+    """`lm` (a tiny Qwen3) written as a llama.cpp-named GGUF file (types from `quant(name, shape)`) and as the
+    safetensors file of the same weights dequantised by the gguf package. Returns both paths, the HF state
+    dict and the types."""
+    sd = {k: v.detach().float().numpy() for k, v in lm.state_dict().items() if k != "lm_head.weight"}
+    llama = {_llama_name(k): v for k, v in sd.items()}
+    types = {k: quant(k, v.shape) for k, v in llama.items()}
+    gguf_path, st_path = stem.with_suffix(".gguf"), stem.with_suffix(".safetensors")
+    ref = write_gguf(gguf_path, llama, types, arch="qwen3", fields=fields, seed=seed)
+    inverse = {_llama_name(k): k for k in sd}
+    save_file({inverse[k]: torch.from_numpy(np.ascontiguousarray(v)) for k, v in ref.items()}, str(st_path))
+    return gguf_path, st_path, sd, types
+
+
 def test_qwen3_gguf_text_encoder_encodes_as_its_dequantised_weights(files):
     nodes = files
     c = comfy()
     folder = c.models_dir / "text_encoders"
     lm = tiny_causal_lm(seed=3)
-    sd = {k: v.detach().float().numpy() for k, v in lm.state_dict().items() if k != "lm_head.weight"}
-    llama = {_llama_name(k): v for k, v in sd.items()}
-    types = {k: q4_k_m_like(k, v.shape) for k, v in llama.items()}
     cfg = lm.config
     fields = {"qwen3.block_count": cfg.num_hidden_layers, "qwen3.embedding_length": cfg.hidden_size,
               "qwen3.rope.freq_base": 1e6, "qwen3.attention.layer_norm_rms_epsilon": 1e-6}
-    gguf_path = folder / "zimage_gguf_test_qwen3.gguf"
-    ref = write_gguf(gguf_path, llama, types, arch="qwen3", fields=fields, seed=4)
-    st_path = folder / "zimage_gguf_test_qwen3.safetensors"
-    inverse = {_llama_name(k): k for k in sd}
-    save_file({inverse[k]: torch.from_numpy(np.ascontiguousarray(v)) for k, v in ref.items()}, str(st_path))
+    gguf_path, st_path, _, types = _qwen3_twins(folder / "zimage_gguf_test_qwen3", lm, q4_k_m_like, fields, seed=4)
     try:
         assert {"Q8_0", "Q6_K"} <= set(types.values())
         loader = nodes.NODE_CLASS_MAPPINGS["ZImageTextEncoderLoader"]()
@@ -183,14 +190,8 @@ def test_text_encoder_lora_on_gguf_equals_lora_on_dequantised(files):
     c = comfy()
     folder = c.models_dir / "text_encoders"
     lm = tiny_causal_lm(seed=6)
-    sd = {k: v.detach().float().numpy() for k, v in lm.state_dict().items() if k != "lm_head.weight"}
-    llama = {_llama_name(k): v for k, v in sd.items()}
     fields = {"qwen3.block_count": lm.config.num_hidden_layers, "qwen3.embedding_length": lm.config.hidden_size}
-    gguf_path, st_path = folder / "zimage_gguf_test_qwen3_lora.gguf", folder / "zimage_gguf_test_qwen3_lora.safetensors"
-    ref = write_gguf(gguf_path, llama, {k: q8_0_mix(k, v.shape) for k, v in llama.items()}, arch="qwen3",
-                     fields=fields, seed=5)
-    inverse = {_llama_name(k): k for k in sd}
-    save_file({inverse[k]: torch.from_numpy(np.ascontiguousarray(v)) for k, v in ref.items()}, str(st_path))
+    gguf_path, st_path, sd, _ = _qwen3_twins(folder / "zimage_gguf_test_qwen3_lora", lm, q8_0_mix, fields, seed=5)
     targets = {k[len("model."):-len(".weight")]: tuple(v.shape) for k, v in sd.items()
                if ".layers." in k and v.ndim == 2}
     lora = write_lora(c.models_dir / "loras" / "zimage_gguf_test_te_lora.safetensors",
