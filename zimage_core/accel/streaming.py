@@ -65,7 +65,6 @@ class HostPinner:
         self._module = module
         self._pin = pin
         self._thread: threading.Thread | None = None
-        self.pinned_bytes = 0
         self.error: BaseException | None = None
 
     def _targets(self) -> list[torch.Tensor]:
@@ -89,9 +88,7 @@ class HostPinner:
             for t in targets:
                 if t.data.device.type != "cpu" or t.data.is_pinned():
                     continue
-                pinned = self._pin(t.data)
-                t.data = pinned
-                self.pinned_bytes += pinned.numel() * pinned.element_size()
+                t.data = self._pin(t.data)
         except BaseException as exc:  # noqa: BLE001 - reported through `error`; the weights stay usable
             self.error = exc
 
